@@ -1,0 +1,113 @@
+"""The connector extension point: subclass `Connector`, register it, yield `Page`s.
+
+A new source kind is one module, `connectors/<kind>.py`::
+
+    @register("acme", label="Acme Forms")
+    class AcmeConnector(Connector["AcmeConnector.Config"]):
+        class Config(ConnectorConfig):
+            token: SecretStr
+
+        streams = frozenset({"contacts"})
+
+        async def pull(self, stream, cursor):
+            ...
+            yield Page(records, next_cursor)
+
+plus `mappings/acme.toml`, which maps its payloads into the canonical model.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field
+
+from crmhub.records import Cursor, Page
+
+if TYPE_CHECKING:
+    from crmhub.settings import Settings
+
+__all__ = ["Connector", "ConnectorConfig", "ConnectorContext", "Stream"]
+
+Stream = Literal["contacts", "activities"]
+
+
+class ConnectorConfig(BaseModel):
+    """Options every connector takes; subclasses add their own.
+
+    Unknown keys are rejected. Secrets are `SecretStr` so they never print. Every field has a
+    `description` so `crmhub connectors list --json` and the UI can render the form.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: str = Field(description="connector kind, e.g. csv, mailbox, hubspot")
+    schedule: str | None = Field(None, description="cron expression for background syncs")
+    mapping: str | None = Field(None, description="override mapping file (TOML)")
+    enabled: bool = Field(True, description="false keeps the table but skips the connector")
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectorContext:
+    """What a connector may use besides its config: its instance name, paths, a shared client."""
+
+    name: str
+    base_dir: Path
+    client: httpx.AsyncClient | None = None
+    settings: Settings | None = None
+    extras: dict[str, Any] | None = None
+
+    def resolve(self, value: str | Path) -> Path:
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else self.base_dir / path
+
+
+ConfigT = TypeVar("ConfigT", bound=ConnectorConfig)
+
+
+class Connector(ABC, Generic[ConfigT]):
+    """Base of every source. Set by `@register`: `kind` and `label`."""
+
+    kind: ClassVar[str]
+    label: ClassVar[str]
+    Config: ClassVar[type[ConnectorConfig]] = ConnectorConfig
+    streams: ClassVar[frozenset[Stream]] = frozenset({"contacts"})
+
+    def __init__(self, config: ConfigT, context: ConnectorContext) -> None:
+        self.config = config
+        self.context = context
+
+    @property
+    def name(self) -> str:
+        return self.context.name
+
+    async def check(self) -> str:
+        """Cheaply prove the source is reachable and the credentials work.
+
+        Returns a one-line human description of what was checked ("3 files, 1,204 rows").
+        Raises `AuthError` for refused credentials, `PermanentError`/`ConfigError` for
+        anything an operator must fix, `TransientError` when trying again later may help.
+        """
+        return "ok"
+
+    @abstractmethod
+    def pull(self, stream: Stream, cursor: Cursor | None) -> AsyncIterator[Page]:
+        """Yield the records of `stream` changed since `cursor`, in pages.
+
+        Contract:
+        - `cursor` is None on a first or full sync, else a value this connector yielded as
+          some page's `next_cursor` earlier; resume right after it.
+        - Each `Page.next_cursor` must be safe to store once that page (and every page before
+          it) is committed: the engine commits records and cursor in one transaction.
+        - Records at the boundary may be yielded again (the store absorbs them); records must
+          never be skipped.
+        - A record that cannot be parsed goes into `Page.rejects`, it does not stop the pull.
+        - Never write to the store, never sleep for retries, never swallow HTTP errors:
+          raise the errors from `crmhub.errors` and let the engine and the queue decide.
+        """
+        raise NotImplementedError

@@ -1,0 +1,197 @@
+"""Settings: one TOML file plus `CRMHUB_*` environment overrides, validated by pydantic.
+
+`load_settings(path)` is the only entry point; nothing is read at import time. Strings may
+refer to the environment as `${NAME}` (or `${NAME:-default}`), which is how secrets stay out of
+the file. Unknown keys are errors that name the key and suggest the closest known one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from crmhub.errors import SettingsError
+
+__all__ = [
+    "DEFAULT_CONFIG",
+    "MatchingSettings",
+    "QueueSettings",
+    "Settings",
+    "StoreSettings",
+    "describe_validation_error",
+    "expand_env",
+    "load_settings",
+]
+
+DEFAULT_CONFIG = "crmhub.toml"
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StoreSettings(_Section):
+    url: str = Field(
+        "sqlite:///crmhub.db",
+        description="SQLAlchemy URL: sqlite:///PATH or postgresql+psycopg://user@host/db",
+    )
+    batch_size: int = Field(2000, ge=1, le=100_000, description="records per committed batch")
+
+
+class QueueSettings(_Section):
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="arq's Redis")
+
+
+class MatchingSettings(_Section):
+    auto_merge: float = Field(0.95, ge=0, le=1, description="merge at or above this probability")
+    review: float = Field(0.80, ge=0, le=1, description="queue for review at or above this")
+    default_region: str = Field("US", description="ISO country for phones without +prefix")
+
+
+class Settings(BaseSettings):
+    """The whole configuration. `connectors` tables are validated per kind later on."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CRMHUB_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    store: StoreSettings = Field(default_factory=StoreSettings)  # type: ignore[arg-type]
+    queue: QueueSettings = Field(default_factory=QueueSettings)  # type: ignore[arg-type]
+    matching: MatchingSettings = Field(default_factory=MatchingSettings)  # type: ignore[arg-type]
+    mappings_dir: Path | None = Field(None, description="extra folder searched for mappings")
+    connectors: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # Where the settings came from; relative paths in connector tables resolve against it.
+    source_path: Path | None = Field(None, exclude=True)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment wins over the file; no dotenv or secrets-dir magic.
+        return (env_settings, init_settings)
+
+    @property
+    def base_dir(self) -> Path:
+        return self.source_path.parent if self.source_path else Path.cwd()
+
+    def resolve_path(self, value: str | Path) -> Path:
+        """A path from config, relative to the config file's folder."""
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else self.base_dir / path
+
+
+def expand_env(value: Any, where: str, file: str) -> Any:
+    """Replace `${NAME}` references in every string of a parsed TOML tree."""
+    if isinstance(value, dict):
+        return {k: expand_env(v, f"{where}.{k}" if where else k, file) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v, f"{where}[{i}]", file) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is not None:
+            return default
+        raise SettingsError(
+            f"{file}: {where} refers to ${{{name}}}, which is not set in the environment. "
+            f"Export {name} (or write ${{{name}:-default}} for a fallback).",
+            file=file,
+            key=where,
+        )
+
+    return _ENV_REF.sub(substitute, value)
+
+
+def describe_validation_error(
+    err: ValidationError, file: str, model: type[BaseModel], prefix: str = ""
+) -> SettingsError:
+    """Turn pydantic's error into one message naming the file, every bad key and a fix."""
+    lines = []
+    keys = []
+    for item in err.errors():
+        loc = [str(p) for p in item["loc"]]
+        key = ".".join([prefix, *loc] if prefix else loc)
+        keys.append(key)
+        if item["type"] == "extra_forbidden":
+            known = _known_keys(model, loc[:-1])
+            hint = difflib.get_close_matches(loc[-1], known, n=1)
+            suggestion = f"; did you mean '{hint[0]}'?" if hint else ""
+            lines.append(f"unknown key '{key}'{suggestion} (known: {', '.join(sorted(known))})")
+        elif item["type"] == "missing":
+            lines.append(f"missing required key '{key}'")
+        else:
+            shown = (
+                ""
+                if "secret" in key or "token" in key or "password" in key
+                else (
+                    f" (got {item.get('input')!r})"
+                    if not isinstance(item.get("input"), dict)
+                    else ""
+                )
+            )
+            lines.append(f"'{key}': {item['msg']}{shown}")
+    return SettingsError(
+        f"{file}: invalid configuration:\n" + "\n".join(f"  - {line}" for line in lines),
+        file=file,
+        keys=keys,
+    )
+
+
+def _known_keys(model: type[BaseModel], path: list[str]) -> list[str]:
+    current: Any = model
+    for part in path:
+        field = getattr(current, "model_fields", {}).get(part)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        current = annotation
+    fields = getattr(current, "model_fields", {})
+    return [name for name, info in fields.items() if not info.exclude]
+
+
+def load_settings(path: str | Path | None = None, *, required: bool = False) -> Settings:
+    """Load settings from `path` (default `$CRMHUB_CONFIG` or ./crmhub.toml).
+
+    A missing default file yields the built-in defaults; a missing named file is an error.
+    """
+    named = path or os.environ.get("CRMHUB_CONFIG")
+    file = Path(named) if named else Path(DEFAULT_CONFIG)
+    data: dict[str, Any] = {}
+    if file.exists():
+        try:
+            data = tomllib.loads(file.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"{file}: not valid TOML: {exc}", file=str(file)) from exc
+        data = expand_env(data, "", str(file))
+    elif named or required:
+        raise SettingsError(
+            f"{file}: config file not found. Create one with `crmhub init` "
+            "or copy config.example.toml.",
+            file=str(file),
+        )
+    try:
+        settings = Settings(**data)
+    except ValidationError as exc:
+        raise describe_validation_error(exc, str(file), Settings) from None
+    settings.source_path = file.resolve() if file.exists() else None
+    return settings
