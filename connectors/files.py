@@ -72,8 +72,13 @@ class FileState:
         # only grew (resume) from one rewritten anywhere (read again). A file cut short by a
         # crash keeps a cheap digest of its head: it resumes only if size and mtime still match.
         digest = _digest(self.path, self.size if done else min(self.size, _HEAD))
-        return {"size": self.size, "mtime_ns": self.mtime_ns, "digest": digest, "pos": pos,
-                "done": done}
+        return {
+            "size": self.size,
+            "mtime_ns": self.mtime_ns,
+            "digest": digest,
+            "pos": pos,
+            "done": done,
+        }
 
 
 def _digest(path: Path, length: int) -> str:

@@ -114,9 +114,10 @@ def _summary_table(results: list[dict], totals: dict[str, int]) -> Table:
             else:
                 cells.append(f"{value:,}")
         table.add_row(label, *cells)
-    table.add_row("state", *[
-        r["state"] if r["state"] == "succeeded" else f"[red]{r['state']}[/]" for r in results
-    ])
+    table.add_row(
+        "state",
+        *[r["state"] if r["state"] == "succeeded" else f"[red]{r['state']}[/]" for r in results],
+    )
     table.add_row("time", *[f"{r['seconds']:.1f}s" if "seconds" in r else "" for r in results])
     table.caption = (
         f"store: {totals['contacts']:,} contacts -> {totals['golden_records']:,} golden records, "

@@ -17,8 +17,12 @@ from tests.conftest import SAMPLES, make_settings
 def demo_connectors(root: Path) -> dict[str, dict]:
     return {
         "leads": {"type": "csv", "path": str(root / "leads.csv")},
-        "mail": {"type": "mailbox", "path": str(root / "mail"),
-                 "owner": ["alex@crmhub-demo.example"], "internal_domains": ["crmhub-demo.example"]},
+        "mail": {
+            "type": "mailbox",
+            "path": str(root / "mail"),
+            "owner": ["alex@crmhub-demo.example"],
+            "internal_domains": ["crmhub-demo.example"],
+        },
         "webforms": {"type": "jsonl", "path": str(root / "forms.jsonl")},
     }
 
@@ -36,12 +40,19 @@ def snapshot(db: Engine) -> dict:
     with db.connect() as conn:
         goldens = {
             r.id: (r.fields, r.merged_into)
-            for r in conn.execute(select(golden_record.c.id, golden_record.c.fields,
-                                         golden_record.c.merged_into))
+            for r in conn.execute(
+                select(golden_record.c.id, golden_record.c.fields, golden_record.c.merged_into)
+            )
         }
         records = sorted(
-            conn.execute(select(source_record.c.source, source_record.c.kind,
-                                source_record.c.external_id, source_record.c.content_hash))
+            conn.execute(
+                select(
+                    source_record.c.source,
+                    source_record.c.kind,
+                    source_record.c.external_id,
+                    source_record.c.content_hash,
+                )
+            )
         )
         return {"goldens": goldens, "records": records, "xref": sorted(iter_xref(conn))}
 
@@ -63,8 +74,12 @@ async def test_demo_sources_merge_people_across_sources(tmp_path, db, store_url)
     # Lead L-1001 (work email), lead L-1021, the mail participant and the web form are one
     # person: the form's phone ties the gmail address to the Acme lead.
     sources = sorted((m["source"], m["external_id"]) for m in detail["members"])
-    assert sources == [("leads", "L-1001"), ("leads", "L-1021"), ("mail", "bob.smith@gmail.com"),
-                       ("webforms", "F-9001")]
+    assert sources == [
+        ("leads", "L-1001"),
+        ("leads", "L-1021"),
+        ("mail", "bob.smith@gmail.com"),
+        ("webforms", "F-9001"),
+    ]
     assert set(detail["fields"]["emails"]) == {"bob.smith@gmail.com", "robert.smith@acme-corp.com"}
     assert detail["lineage"]["job_title"]["external_id"] == "L-1001"
     assert {t["type"] for t in detail["timeline"]} == {"email", "form_submission"}
@@ -89,15 +104,20 @@ async def test_rerun_is_a_no_op(tmp_path, db, store_url):
 
 async def test_changed_row_updates_the_golden_record_and_its_lineage(tmp_path, db, store_url):
     src = tmp_path / "leads.csv"
-    src.write_text("id,email,first_name,last_name,company\n"
-                   "1,ann@example.com,Ann,Lee,Old Co\n2,bo@example.com,Bo,Ng,Other\n",
-                   encoding="utf-8")
-    engine = SyncEngine(make_settings(tmp_path, store_url, {"crm": {"type": "csv",
-                                                                    "path": str(src)}}), db)
+    src.write_text(
+        "id,email,first_name,last_name,company\n"
+        "1,ann@example.com,Ann,Lee,Old Co\n2,bo@example.com,Bo,Ng,Other\n",
+        encoding="utf-8",
+    )
+    engine = SyncEngine(
+        make_settings(tmp_path, store_url, {"crm": {"type": "csv", "path": str(src)}}), db
+    )
     await engine.run("crm")
-    src.write_text("id,email,first_name,last_name,company\n"
-                   "1,ann@example.com,Ann,Lee,New Co\n2,bo@example.com,Bo,Ng,Other\n",
-                   encoding="utf-8")
+    src.write_text(
+        "id,email,first_name,last_name,company\n"
+        "1,ann@example.com,Ann,Lee,New Co\n2,bo@example.com,Bo,Ng,Other\n",
+        encoding="utf-8",
+    )
     result = await engine.run("crm")
     assert (result.counts.changed, result.counts.unchanged, result.counts.new) == (1, 1, 0)
     with db.connect() as conn:
@@ -111,8 +131,9 @@ async def test_new_record_bridging_two_goldens_merges_them_and_old_id_resolves(
 ):
     src = tmp_path / "a.csv"
     src.write_text("id,email,phone\n1,x@example.com,\n2,,+14155550100\n", encoding="utf-8")
-    engine = SyncEngine(make_settings(tmp_path, store_url, {"a": {"type": "csv",
-                                                                  "path": str(src)}}), db)
+    engine = SyncEngine(
+        make_settings(tmp_path, store_url, {"a": {"type": "csv", "path": str(src)}}), db
+    )
     await engine.run("a")
     with db.connect() as conn:
         assert store_totals(conn)["golden_records"] == 2
@@ -140,16 +161,18 @@ async def test_bad_records_are_dead_lettered_and_the_run_goes_on(tmp_path, db, s
         "5,late@example.com,,31/12/1990,Late\n",  # bad date dropped, record kept
         encoding="utf-8",
     )
-    engine = SyncEngine(make_settings(tmp_path, store_url, {"bad": {"type": "csv",
-                                                                    "path": str(src)}}), db)
+    engine = SyncEngine(
+        make_settings(tmp_path, store_url, {"bad": {"type": "csv", "path": str(src)}}), db
+    )
     result = await engine.run("bad")
     assert result.state == "succeeded"
     assert result.counts.new == 3
     assert result.counts.dead_letters == 2
     with db.connect() as conn:
         letters = conn.execute(
-            select(dead_letter.c.scope, dead_letter.c.origin, dead_letter.c.field,
-                   dead_letter.c.reason).order_by(dead_letter.c.origin)
+            select(
+                dead_letter.c.scope, dead_letter.c.origin, dead_letter.c.field, dead_letter.c.reason
+            ).order_by(dead_letter.c.origin)
         ).all()
     reasons = {(r.scope, r.origin, r.field): r.reason for r in letters}
     assert "no identity" in reasons[("record", "bad.csv:4", None)]
@@ -199,8 +222,9 @@ async def test_cursor_commits_with_its_page(tmp_path, db, store_url):
 async def test_appended_rows_are_the_only_ones_read(tmp_path, db, store_url):
     src = tmp_path / "grow.csv"
     src.write_text("id,email\n1,a@example.com\n", encoding="utf-8")
-    engine = SyncEngine(make_settings(tmp_path, store_url, {"g": {"type": "csv",
-                                                                  "path": str(src)}}), db)
+    engine = SyncEngine(
+        make_settings(tmp_path, store_url, {"g": {"type": "csv", "path": str(src)}}), db
+    )
     await engine.run("g")
     with src.open("a", encoding="utf-8") as fh:
         fh.write("2,b@example.com\n")
@@ -212,8 +236,9 @@ async def test_mail_in_two_folders_is_one_activity(tmp_path, db, store_url):
     for folder in ("inbox", "copy"):
         (tmp_path / folder).mkdir()
         shutil.copy(SAMPLES / "mail" / "01-demo-request.eml", tmp_path / folder / "m.eml")
-    cfg = {"mail": {"type": "mailbox", "path": str(tmp_path),
-                    "owner": ["alex@crmhub-demo.example"]}}
+    cfg = {
+        "mail": {"type": "mailbox", "path": str(tmp_path), "owner": ["alex@crmhub-demo.example"]}
+    }
     engine = SyncEngine(make_settings(tmp_path, store_url, cfg), db)
     result = await engine.run("mail")
     assert result.counts.activities == 1
