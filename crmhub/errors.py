@@ -88,6 +88,7 @@ class MappingError(ConfigError):
         problems = problems or []
         full = message if not problems else message + "\n" + "\n".join(f"  - {p}" for p in problems)
         super().__init__(full, path=path, problems=problems)
+        self.problems: list[str] = problems
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_rebuild_mapping, (self.message, self.context))
@@ -98,7 +99,6 @@ def _rebuild_mapping(message: str, context: dict[str, Any]) -> MappingError:
     err.message = message
     err.args = (message,)
     err.context = context
-    err.problems = context.get("problems", [])
     return err
 
 

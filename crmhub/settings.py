@@ -47,7 +47,6 @@ class StoreSettings(_Section):
         "sqlite:///crmhub.db",
         description="SQLAlchemy URL: sqlite:///PATH or postgresql+psycopg://user@host/db",
     )
-    batch_size: int = Field(2000, ge=1, le=100_000, description="records per committed batch")
 
 
 class QueueSettings(_Section):
@@ -67,9 +66,9 @@ class Settings(BaseSettings):
         env_prefix="CRMHUB_", env_nested_delimiter="__", extra="forbid"
     )
 
-    store: StoreSettings = Field(default_factory=StoreSettings)  # type: ignore[arg-type]
-    queue: QueueSettings = Field(default_factory=QueueSettings)  # type: ignore[arg-type]
-    matching: MatchingSettings = Field(default_factory=MatchingSettings)  # type: ignore[arg-type]
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    queue: QueueSettings = Field(default_factory=QueueSettings)
+    matching: MatchingSettings = Field(default_factory=MatchingSettings)
     mappings_dir: Path | None = Field(None, description="extra folder searched for mappings")
     connectors: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # Where the settings came from; relative paths in connector tables resolve against it.

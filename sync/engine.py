@@ -367,7 +367,8 @@ class SyncEngine:
                     one_of(conn, activity_participant.c.record_id, part)
                 )
             )
-        rows, participants = [], []
+        rows: list[dict[str, Any]] = []
+        participants: list[dict[str, Any]] = []
         for s in touched:
             act = Activity.model_validate(s.item.data)
             rows.append(
@@ -416,16 +417,18 @@ class SyncEngine:
                 ).scalars()
             )
         goldens: set[int] = set()
-        for part in chunks(ids):
+        for id_part in chunks(ids):
             conn.execute(
                 source_record.update()
-                .where(one_of(conn, source_record.c.id, part))
+                .where(one_of(conn, source_record.c.id, id_part))
                 .values(deleted=1, staged_at=now)
             )
-            conn.execute(match_key.delete().where(one_of(conn, match_key.c.record_id, part)))
+            conn.execute(match_key.delete().where(one_of(conn, match_key.c.record_id, id_part)))
             goldens.update(
                 conn.execute(
-                    select(membership.c.golden_id).where(one_of(conn, membership.c.record_id, part))
+                    select(membership.c.golden_id).where(
+                        one_of(conn, membership.c.record_id, id_part)
+                    )
                 ).scalars()
             )
         recompute_goldens(conn, goldens, now)

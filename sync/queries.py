@@ -128,7 +128,7 @@ def search_golden(conn: Connection, text: str, *, limit: int = 50) -> list[dict[
         conditions.append(
             and_(match_key.c.key_kind == "phone", match_key.c.key_value.like(f"%{digits[-9:]}"))
         )
-    ids = set()
+    ids: set[int] = set()
     if conditions:
         ids.update(
             conn.execute(

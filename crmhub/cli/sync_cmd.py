@@ -5,9 +5,17 @@ from __future__ import annotations
 import asyncio
 import shutil
 from pathlib import Path
+from typing import Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from crmhub.cli.common import (
@@ -36,11 +44,13 @@ def _bundled(name: str) -> Path:
     raise FileNotFoundError(name)
 
 
-async def _run_all(settings: Settings, names: list[str], full: bool, quiet: bool) -> list[dict]:
+async def _run_all(
+    settings: Settings, names: list[str], full: bool, quiet: bool
+) -> list[dict[str, Any]]:
     from sync.engine import PageReport, SyncEngine
 
     engine = SyncEngine(settings, open_store(settings))
-    results: list[dict] = []
+    results: list[dict[str, Any]] = []
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -55,7 +65,7 @@ async def _run_all(settings: Settings, names: list[str], full: bool, quiet: bool
         for name in names:
             task = progress.add_task(name, total=None, rate=0.0)
 
-            def report(page: PageReport, task: int = task) -> None:
+            def report(page: PageReport, task: TaskID = task) -> None:
                 elapsed = progress.tasks[task].elapsed or 1e-9
                 total = page.total_hint if page.total_hint else None
                 progress.update(
@@ -97,7 +107,7 @@ _ROWS = (
 )
 
 
-def _summary_table(results: list[dict], totals: dict[str, int]) -> Table:
+def _summary_table(results: list[dict[str, Any]], totals: dict[str, int]) -> Table:
     """One column per connector, one row per figure: stays readable in 80 columns."""
     table = Table(title="Sync summary", title_justify="left")
     table.add_column("")
