@@ -1,0 +1,220 @@
+"""Batch path: blocking into candidate pairs, EM training, chain-guarded clustering.
+
+Used by the benchmark and by a full rebuild; the incremental pipeline uses `Matcher.keys` and
+`Matcher.compare` instead. Everything is bounded: a blocking key held by more than `max_block`
+records is skipped and reported (`ClusterResult.capped`), so one email shared by 50,000 records
+costs 50,000 key entries, not 1.25 billion comparisons.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from crmhub.records import Contact
+from dedupe.comparators import Columns, levels_many
+from dedupe.matcher import FellegiSunterMatcher, MatchKey, blocking_keys
+from dedupe.normalize import Prepared, prepare
+from dedupe.scoring import FrequencyTable, Params, default_params, estimate_m, estimate_u, tf_values
+
+__all__ = [
+    "CandidatePairs",
+    "ClusterResult",
+    "candidate_pairs",
+    "cluster",
+    "cluster_prepared",
+    "frequency_table",
+    "train",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class CandidatePairs:
+    """Pairs (ia[k] < ib[k]) sharing at least one blocking key, and the keys that were skipped."""
+
+    ia: npt.NDArray[np.int64]
+    ib: npt.NDArray[np.int64]
+    capped: list[tuple[MatchKey, int]]
+
+
+@dataclass(slots=True)
+class ClusterResult:
+    """Clusters (lists of record indices, singletons included), pairs sent to review, and
+    what blocking skipped. `probabilities` is aligned with `pairs`."""
+
+    clusters: list[list[int]]
+    review: list[tuple[int, int, float]]
+    capped: list[tuple[MatchKey, int]]
+    pairs: CandidatePairs
+    probabilities: npt.NDArray[np.float64] = field(repr=False)
+
+
+def frequency_table(records: Sequence[Prepared]) -> FrequencyTable:
+    """Term frequencies and blocking-key counts of a batch."""
+    table = FrequencyTable(n=len(records))
+    by_kind: dict[str, list[str]] = defaultdict(list)
+    for rec in records:
+        for kind, values in tf_values(rec).items():
+            by_kind[kind].extend(values)
+        for key in blocking_keys(rec):
+            if key.kind not in ("email", "phone"):  # those two are counted as tf values
+                by_kind[key.kind].append(key.value)
+    for kind, seen in by_kind.items():
+        table.add(kind, seen)
+    return table
+
+
+def candidate_pairs(records: Sequence[Prepared], max_block: int = 200) -> CandidatePairs:
+    """Union of all blocking rules' pairs, each pair once, oversized blocks skipped."""
+    blocks: dict[MatchKey, list[int]] = defaultdict(list)
+    for i, rec in enumerate(records):
+        for key in blocking_keys(rec):
+            blocks[key].append(i)
+    capped: list[tuple[MatchKey, int]] = []
+    chunks_a: list[npt.NDArray[np.int64]] = []
+    chunks_b: list[npt.NDArray[np.int64]] = []
+    pair_lists: list[tuple[int, int]] = []
+    for key, members in blocks.items():
+        size = len(members)
+        if size < 2:
+            continue
+        if size > max_block:
+            capped.append((key, size))
+            continue
+        if size == 2:
+            pair_lists.append((members[0], members[1]))
+            continue
+        arr = np.asarray(members, dtype=np.int64)
+        ti, tj = np.triu_indices(size, k=1)
+        chunks_a.append(arr[ti])
+        chunks_b.append(arr[tj])
+    if pair_lists:
+        two = np.asarray(pair_lists, dtype=np.int64)
+        chunks_a.append(two[:, 0])
+        chunks_b.append(two[:, 1])
+    if not chunks_a:
+        empty = np.zeros(0, dtype=np.int64)
+        return CandidatePairs(empty, empty, capped)
+    a, b = np.concatenate(chunks_a), np.concatenate(chunks_b)
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    codes = np.unique(lo * np.int64(len(records)) + hi)
+    n = np.int64(len(records))
+    for key, size in capped:
+        log.warning("blocking key %s:%s held by %d records: skipped", key.kind, key.value, size)
+    return CandidatePairs(codes // n, codes % n, capped)
+
+
+def train(
+    contacts: Sequence[Contact],
+    *,
+    start: Params | None = None,
+    max_block: int = 200,
+    seed: int = 0,
+) -> Params:
+    """Unsupervised parameters from data: u from random pairs, m and prior by EM."""
+    records = [prepare(c) for c in contacts]
+    base = start or default_params()
+    u = estimate_u(records, seed=seed) if len(records) >= 2 else base.u
+    params = Params(prior=base.prior, m=base.m, u=u, trained_on=len(records))
+    pairs = candidate_pairs(records, max_block)
+    if len(pairs.ia) == 0:
+        return params
+    levels = levels_many(Columns.of(records), pairs.ia, pairs.ib)
+    trained = estimate_m(levels, params)
+    trained.trained_on = len(records)
+    return trained
+
+
+class _Clusters:
+    """Union-find with member lists (merging the smaller into the larger)."""
+
+    def __init__(self, n: int) -> None:
+        self.root = list(range(n))
+        self.members: dict[int, list[int]] = {i: [i] for i in range(n)}
+
+    def find(self, x: int) -> int:
+        root = self.root[x]
+        while root != self.root[root]:
+            root = self.root[root]
+        while self.root[x] != root:
+            self.root[x], x = root, self.root[x]
+        return root
+
+    def union(self, a: int, b: int) -> None:
+        if len(self.members[a]) < len(self.members[b]):
+            a, b = b, a
+        for x in self.members[b]:
+            self.root[x] = a
+        self.members[a] += self.members.pop(b)
+
+
+def _link(clusters: _Clusters, adjacency: dict[int, dict[int, float]], ra: int, rb: int) -> float:
+    """Mean probability over the scored pairs between two clusters (average linkage)."""
+    small, other = (ra, rb) if len(clusters.members[ra]) <= len(clusters.members[rb]) else (rb, ra)
+    scores = [
+        p
+        for x in clusters.members[small]
+        for y, p in adjacency.get(x, {}).items()
+        if clusters.find(y) == other
+    ]
+    return sum(scores) / len(scores)
+
+
+def cluster_prepared(
+    records: Sequence[Prepared], matcher: FellegiSunterMatcher, *, max_block: int = 200
+) -> ClusterResult:
+    """Block, score and cluster prepared records with `matcher`'s params and thresholds.
+
+    Chain guard: pairs at or above `auto_merge` are merged strongest first, but two clusters
+    join only if the average probability over all scored pairs between them is at least
+    `review`; a strong link that fails that goes to review instead (one weak link cannot join
+    two groups whose other members disagree).
+    """
+    pairs = candidate_pairs(records, max_block)
+    probs = matcher.probabilities(Columns.of(records), pairs.ia, pairs.ib)
+    order = np.argsort(-probs, kind="stable")
+    strong = order[probs[order] >= matcher.review]
+    adjacency: dict[int, dict[int, float]] = defaultdict(dict)
+    for a, b, p in zip(pairs.ia.tolist(), pairs.ib.tolist(), probs.tolist(), strict=True):
+        adjacency[a][b] = adjacency[b][a] = p
+    clusters = _Clusters(len(records))
+    review: list[tuple[int, int, float]] = []
+    for k in strong:
+        a, b, p = int(pairs.ia[k]), int(pairs.ib[k]), float(probs[k])
+        ra, rb = clusters.find(a), clusters.find(b)
+        if ra == rb:
+            continue
+        if p < matcher.auto_merge:
+            review.append((a, b, p))
+            continue
+        if len(clusters.members[ra]) + len(clusters.members[rb]) > 2 and (
+            _link(clusters, adjacency, ra, rb) < matcher.review
+        ):
+            review.append((a, b, p))
+            continue
+        clusters.union(ra, rb)
+    groups = sorted((sorted(m) for m in clusters.members.values()), key=lambda m: m[0])
+    return ClusterResult(groups, review, pairs.capped, pairs, probs)
+
+
+def cluster(
+    contacts: Sequence[Contact],
+    *,
+    params: Params | None = None,
+    auto_merge: float = 0.95,
+    review: float = 0.80,
+    max_block: int = 200,
+) -> ClusterResult:
+    """Deduplicate a batch: term frequencies from the batch itself, then `cluster_prepared`."""
+    records = [prepare(c) for c in contacts]
+    matcher = FellegiSunterMatcher(
+        params, auto_merge=auto_merge, review=review, frequencies=frequency_table(records)
+    )
+    return cluster_prepared(records, matcher, max_block=max_block)
