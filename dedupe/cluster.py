@@ -122,14 +122,12 @@ def train(
     records = [prepare(c) for c in contacts]
     base = start or default_params()
     u = estimate_u(records, seed=seed) if len(records) >= 2 else base.u
-    params = Params(prior=base.prior, m=base.m, u=u, trained_on=len(records))
+    params = Params(match_rate=base.match_rate, m=base.m, u=u, trained_on=len(records))
     pairs = candidate_pairs(records, max_block)
     if len(pairs.ia) == 0:
         return params
     levels = levels_many(Columns.of(records), pairs.ia, pairs.ib)
-    trained = estimate_m(levels, params)
-    trained.trained_on = len(records)
-    return trained
+    return estimate_m(levels, params, len(records))
 
 
 class _Clusters:

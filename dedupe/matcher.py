@@ -183,13 +183,17 @@ class FellegiSunterMatcher:
         kind = comp.tf_kind
         share = max(max(freq.count(kind, v) for v in values), 1) / total
         u_exact = self.params.u[comp.name][comp.tf_level]
-        return max(TF_MIN, min(TF_MAX, math.log2(u_exact / share)))
+        adjustment = math.log2(u_exact / share)
+        if kind in ("email", "phone"):  # identifiers: weight grows with the store
+            return max(TF_MIN, adjustment)
+        return max(TF_MIN, min(TF_MAX, adjustment))
 
     def compare_prepared(self, a: Prepared, b: Prepared) -> Decision:
         levels = compare_levels(a, b)
         notes = level_notes(a, b, levels)
         params = self.params
-        total = params.prior_weight
+        prior = params.prior_weight(self.frequencies.total if self.frequencies else None)
+        total = prior
         fields: dict[str, Any] = {}
         for i, comp in enumerate(COMPARISONS):
             level = levels[i]
@@ -210,7 +214,7 @@ class FellegiSunterMatcher:
         p = probability(total)
         explanation = {
             "model": params.version,
-            "prior_weight": round(params.prior_weight, 3),
+            "prior_weight": round(prior, 3),
             "match_weight": round(total, 3),
             "probability": round(p, 6),
             "fields": fields,
@@ -241,7 +245,8 @@ class FellegiSunterMatcher:
         levels: npt.NDArray[np.int8],
     ) -> npt.NDArray[np.float64]:
         table = self.params.weight_matrix()
-        score = self.params.prior_weight + table[np.arange(len(COMPARISONS)), levels].sum(axis=1)
+        n = self.frequencies.total if self.frequencies else None
+        score = self.params.prior_weight(n) + table[np.arange(len(COMPARISONS)), levels].sum(axis=1)
         if self.frequencies is not None:
             recs = cols.records
             for i, comp in enumerate(COMPARISONS):

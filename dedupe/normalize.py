@@ -198,7 +198,7 @@ def phonetic(text: str) -> str:
 @lru_cache(maxsize=65536)
 def company_key(text: str) -> str:
     """'ACME, Inc.' / 'The Acme Corporation' -> 'acme'; legal forms and punctuation dropped."""
-    tokens = [t for t in fold(text).split() if t not in _COMPANY_NOISE]
+    tokens = [t for t in fold(text.replace(".", "")).split() if t not in _COMPANY_NOISE]
     return " ".join(tokens)
 
 

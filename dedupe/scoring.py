@@ -2,14 +2,18 @@
 
 For each comparison level `l`, `m[l]` is the share of true matches at that level and `u[l]` the
 share of non-matches. A pair's match weight is the prior log-odds plus `log2(m/u)` of each
-field's level (a null level adds nothing). `prior` is the share of *candidate pairs* (pairs that
-share a blocking key) that are matches, not of all possible pairs: that keeps one set of
-thresholds meaningful at 10k and at 10M records.
+field's level (a null level adds nothing). The prior is stated as a `match_rate`: how many
+other records match a given record (about 1 in CRM data). The prior odds for a pair among `n`
+records is then `match_rate / (n - 1)`, so the prior follows the size of the store, and so does
+the term-frequency-adjusted weight of an exact identifier (a value held by 2 of n records):
+the two cancel, which keeps one set of thresholds meaningful at 10k and at 10M records.
 
 Term-frequency adjustment: agreeing on "smith" is weaker evidence than agreeing on "zbigniew".
 For an exact level the weight gets `log2(u_exact / tf(value))`, where `tf(value)` is the value's
-share among all records (from a `Frequencies` object), clamped to [TF_MIN, TF_MAX] bits. A phone
-number shared by a whole switchboard gets a large negative adjustment the same way.
+share among all records (from a `Frequencies` object). Names and companies are clamped to
+[TF_MIN, TF_MAX] bits; identifiers (email, phone) are not clamped upwards, since their weight
+must grow with the store as the prior shrinks. A phone number shared by a whole switchboard
+gets a large negative adjustment the same way.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ __all__ = [
 ]
 
 MODEL_VERSION = "crmhub-fs-1"
-TF_MIN, TF_MAX = -12.0, 4.0  # bits: common values lose a lot, rare values gain a little
+TF_MIN, TF_MAX = -16.0, 6.0  # bits, for names and companies
 _EPS = 1e-6
 
 
@@ -98,11 +102,12 @@ def tf_values(record: Prepared) -> dict[str, tuple[str, ...]]:
 class Params:
     """A trained (or default) model: prior, m and u per level, with a version. JSON round-trips."""
 
-    prior: float
+    match_rate: float  # other records matching a given record, on average
     m: dict[str, list[float]]
     u: dict[str, list[float]]
     version: str = MODEL_VERSION
     trained_on: int = 0  # records seen by training; 0 for the shipped defaults
+    population: int = 100_000  # store size assumed when no Frequencies says otherwise
     _weights: dict[str, list[float]] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -118,9 +123,11 @@ class Params:
             for c in COMPARISONS
         }
 
-    @property
-    def prior_weight(self) -> float:
-        return math.log2(self.prior / (1.0 - self.prior))
+    def prior_weight(self, n: int | None = None) -> float:
+        """log2 prior odds that two records among `n` (default `population`) match."""
+        size = max(n or self.population, 2)
+        p = min(self.match_rate / (size - 1), 0.5)
+        return math.log2(p / (1.0 - p))
 
     def weight(self, comparison: str, level: int) -> float:
         """log2(m/u) of one level; 0 for NULL."""
@@ -139,7 +146,8 @@ class Params:
             {
                 "version": self.version,
                 "trained_on": self.trained_on,
-                "prior": self.prior,
+                "population": self.population,
+                "match_rate": round(self.match_rate, 6),
                 "comparisons": {
                     c.name: {
                         "levels": list(c.levels),
@@ -157,11 +165,12 @@ class Params:
         data: dict[str, Any] = json.loads(text)
         comps = data["comparisons"]
         return cls(
-            prior=float(data["prior"]),
+            match_rate=float(data["match_rate"]),
             m={name: [float(x) for x in c["m"]] for name, c in comps.items()},
             u={name: [float(x) for x in c["u"]] for name, c in comps.items()},
             version=str(data.get("version", MODEL_VERSION)),
             trained_on=int(data.get("trained_on", 0)),
+            population=int(data.get("population", 100_000)),
         )
 
 
@@ -204,23 +213,37 @@ def estimate_u(
 def estimate_m(
     levels: npt.NDArray[np.int8],
     start: Params,
+    n_records: int,
     *,
     iterations: int = 25,
     tolerance: float = 1e-4,
 ) -> Params:
-    """EM over candidate pairs' levels: re-estimates m and the prior; u stays fixed.
+    """EM over candidate pairs' levels: re-estimates m and the match rate; u stays fixed.
 
-    `levels` is the (pairs, fields) array from `levels_many` on blocked candidate pairs.
+    `levels` is the (pairs, fields) array from `levels_many` on the blocked candidate pairs of
+    `n_records` records. Inside EM the prior is the share of candidate pairs that match; the
+    result is stated as a match rate (matching records per record).
     """
-    params = start
+    n_pairs = len(levels)
+    cand_prior = min(max(start.match_rate * n_records / 2 / max(n_pairs, 1), 1e-4), 0.9)
+    m = start.m
+    weights = np.zeros((len(COMPARISONS), max(len(c.levels) for c in COMPARISONS) + 1))
     for _ in range(iterations):
-        table = params.weight_matrix()
-        score = params.prior_weight + table[np.arange(len(COMPARISONS)), levels].sum(axis=1)
+        for i, c in enumerate(COMPARISONS):
+            weights[i, : len(c.levels)] = [
+                math.log2(max(a, _EPS) / max(b, _EPS))
+                for a, b in zip(m[c.name], start.u[c.name], strict=True)
+            ]
+        logit = math.log2(cand_prior / (1 - cand_prior))
+        score = logit + weights[np.arange(len(COMPARISONS)), levels].sum(axis=1)
         p = 1.0 / (1.0 + np.exp2(-np.clip(score, -60, 60)))
-        m = _level_shares(levels, p)
-        prior = float(np.clip(p.mean(), 1e-4, 1 - 1e-4))
-        delta = max(abs(a - b) for name in m for a, b in zip(m[name], params.m[name], strict=True))
-        params = Params(prior=prior, m=m, u=params.u, trained_on=params.trained_on)
+        new_m = _level_shares(levels, p)
+        cand_prior = float(np.clip(p.mean(), 1e-4, 0.9))
+        delta = max(abs(a - b) for name in m for a, b in zip(new_m[name], m[name], strict=True))
+        m = new_m
         if delta < tolerance:
             break
-    return params
+    rate = 2.0 * cand_prior * n_pairs / max(n_records, 1)
+    return Params(
+        match_rate=rate, m=m, u=start.u, trained_on=n_records, population=start.population
+    )
