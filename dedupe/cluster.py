@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from crmhub.records import Contact
-from dedupe.comparators import Columns, levels_many
+from dedupe.comparators import COMPARISONS, NULL, Columns, levels_many
 from dedupe.matcher import FellegiSunterMatcher, MatchKey, blocking_keys
 from dedupe.normalize import Prepared, prepare
 from dedupe.scoring import FrequencyTable, Params, default_params, estimate_m, estimate_u, tf_values
@@ -71,12 +71,16 @@ def frequency_table(records: Sequence[Prepared]) -> FrequencyTable:
     return table
 
 
-def candidate_pairs(records: Sequence[Prepared], max_block: int = 200) -> CandidatePairs:
-    """Union of all blocking rules' pairs, each pair once, oversized blocks skipped."""
+def candidate_pairs(
+    records: Sequence[Prepared], max_block: int = 200, kinds: frozenset[str] | None = None
+) -> CandidatePairs:
+    """Union of the blocking rules' pairs (all, or those of `kinds`), each pair once,
+    oversized blocks skipped."""
     blocks: dict[MatchKey, list[int]] = defaultdict(list)
     for i, rec in enumerate(records):
         for key in blocking_keys(rec):
-            blocks[key].append(i)
+            if kinds is None or key.kind in kinds:
+                blocks[key].append(i)
     capped: list[tuple[MatchKey, int]] = []
     chunks_a: list[npt.NDArray[np.int64]] = []
     chunks_b: list[npt.NDArray[np.int64]] = []
@@ -111,6 +115,14 @@ def candidate_pairs(records: Sequence[Prepared], max_block: int = 200) -> Candid
     return CandidatePairs(codes // n, codes % n, capped)
 
 
+# EM sessions, as splink trains: each blocks on some fields and estimates m for the others
+# (the blocked-on fields agree by construction, so their m cannot be learnt from those pairs).
+_SESSIONS: tuple[tuple[frozenset[str], frozenset[str]], ...] = (
+    (frozenset({"email"}), frozenset({"first_name", "last_name", "company", "city"})),
+    (frozenset({"name", "swap"}), frozenset({"email", "phone", "company", "city"})),
+)
+
+
 def train(
     contacts: Sequence[Contact],
     *,
@@ -118,16 +130,45 @@ def train(
     max_block: int = 200,
     seed: int = 0,
 ) -> Params:
-    """Unsupervised parameters from data: u from random pairs, m and prior by EM."""
+    """Unsupervised parameters from data: u from random pairs, m and match rate by EM.
+
+    Two EM sessions (blocked on email; blocked on name) each estimate m for the fields they
+    did not block on; fields estimated twice are averaged. The match rate comes from the
+    union of all candidate pairs with the learnt m and u.
+    """
     records = [prepare(c) for c in contacts]
     base = start or default_params()
-    u = estimate_u(records, seed=seed) if len(records) >= 2 else base.u
-    params = Params(match_rate=base.match_rate, m=base.m, u=u, trained_on=len(records))
+    if len(records) < 2:
+        return base
+    u = estimate_u(records, seed=seed)
+    cols = Columns.of(records)
+    learnt: dict[str, list[list[float]]] = defaultdict(list)
+    for kinds, fields in _SESSIONS:
+        pairs = candidate_pairs(records, max_block, kinds)
+        if len(pairs.ia) < 50:
+            continue
+        levels = levels_many(cols, pairs.ia, pairs.ib)
+        active = [i for i, c in enumerate(COMPARISONS) if c.name in fields]
+        masked = np.full_like(levels, NULL)
+        masked[:, active] = levels[:, active]
+        start_params = Params(match_rate=base.match_rate, m=base.m, u=u)
+        session = estimate_m(masked, start_params, len(records), cand_prior=0.5)
+        for name in fields:
+            learnt[name].append(session.m[name])
+    m = {
+        c.name: (
+            [float(x) for x in np.mean(learnt[c.name], axis=0)]
+            if learnt[c.name]
+            else base.m[c.name]
+        )
+        for c in COMPARISONS
+    }
+    params = Params(match_rate=base.match_rate, m=m, u=u, trained_on=len(records))
     pairs = candidate_pairs(records, max_block)
     if len(pairs.ia) == 0:
         return params
-    levels = levels_many(Columns.of(records), pairs.ia, pairs.ib)
-    return estimate_m(levels, params, len(records))
+    levels = levels_many(cols, pairs.ia, pairs.ib)
+    return estimate_m(levels, params, len(records), fixed_m=True)
 
 
 class _Clusters:

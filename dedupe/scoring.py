@@ -217,15 +217,19 @@ def estimate_m(
     *,
     iterations: int = 25,
     tolerance: float = 1e-4,
+    cand_prior: float | None = None,
+    fixed_m: bool = False,
 ) -> Params:
     """EM over candidate pairs' levels: re-estimates m and the match rate; u stays fixed.
 
     `levels` is the (pairs, fields) array from `levels_many` on the blocked candidate pairs of
     `n_records` records. Inside EM the prior is the share of candidate pairs that match; the
-    result is stated as a match rate (matching records per record).
+    result is stated as a match rate (matching records per record). `fixed_m` estimates the
+    match rate alone.
     """
     n_pairs = len(levels)
-    cand_prior = min(max(start.match_rate * n_records / 2 / max(n_pairs, 1), 1e-4), 0.9)
+    if cand_prior is None:
+        cand_prior = min(max(start.match_rate * n_records / 2 / max(n_pairs, 1), 1e-4), 0.9)
     m = start.m
     weights = np.zeros((len(COMPARISONS), max(len(c.levels) for c in COMPARISONS) + 1))
     for _ in range(iterations):
@@ -237,11 +241,11 @@ def estimate_m(
         logit = math.log2(cand_prior / (1 - cand_prior))
         score = logit + weights[np.arange(len(COMPARISONS)), levels].sum(axis=1)
         p = 1.0 / (1.0 + np.exp2(-np.clip(score, -60, 60)))
-        new_m = _level_shares(levels, p)
+        new_m = m if fixed_m else _level_shares(levels, p)
         cand_prior = float(np.clip(p.mean(), 1e-4, 0.9))
         delta = max(abs(a - b) for name in m for a, b in zip(new_m[name], m[name], strict=True))
         m = new_m
-        if delta < tolerance:
+        if delta < tolerance and not fixed_m:
             break
     rate = 2.0 * cand_prior * n_pairs / max(n_records, 1)
     return Params(

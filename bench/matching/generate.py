@@ -25,8 +25,17 @@ from nicknames import NickNamer
 
 __all__ = ["COLUMNS", "generate"]
 
-COLUMNS = ("unique_id", "cluster", "source", "first_name", "last_name", "email", "phone",
-           "company", "city")
+COLUMNS = (
+    "unique_id",
+    "cluster",
+    "source",
+    "first_name",
+    "last_name",
+    "email",
+    "phone",
+    "company",
+    "city",
+)
 SOURCES = ("hubspot", "mailchimp", "webform", "mailbox", "csv")
 FREEMAIL = ("gmail.com",) * 6 + ("yahoo.com", "outlook.com", "hotmail.com", "icloud.com", "aol.com")
 LEGAL = ("Inc", "LLC", "Ltd", "Corp", "GmbH", "Group", "Co")
@@ -39,26 +48,82 @@ LEGAL_VARIANTS = {
     "Group": ("Group", ""),
     "Co": ("Co", "Company", "& Co", ""),
 }
-WORDS = (
-    "acme apex blue bright cedar cloud coral crest delta echo ember falcon fern forge granite "
-    "harbor horizon iron jade keystone lumen maple meridian nova oak orbit pine pioneer quartz "
-    "raven ridge river sage sierra silver solar spruce stone summit terra tidal vertex vista "
-    "willow zenith atlas beacon canyon copper dune glacier indigo lotus mosaic nimbus onyx "
-    "pacific prairie quill redwood sable timber umber velvet walnut yonder"
-).split()
-INDUSTRY = ("Labs", "Systems", "Foods", "Logistics", "Health", "Media", "Capital", "Software",
-            "Partners", "Works", "Energy", "Analytics", "Design", "Robotics", "Retail")
-CITIES = (
-    "New York", "Los Angeles", "Chicago", "Houston", "Phoenix", "Philadelphia", "San Antonio",
-    "San Diego", "Dallas", "Austin", "Jacksonville", "Columbus", "Charlotte", "Indianapolis",
-    "Seattle", "Denver", "Boston", "Nashville", "Portland", "Las Vegas", "Detroit", "Memphis",
-    "Baltimore", "Milwaukee", "Albuquerque", "Tucson", "Fresno", "Sacramento", "Atlanta",
-    "Miami", "Oakland", "Minneapolis", "Tulsa", "Cleveland", "Raleigh", "Omaha", "Pittsburgh",
+WORDS = ["acme", "apex", "blue", "bright", "cedar", "cloud", "coral", "crest", "delta", "echo", "ember", "falcon", "fern", "forge", "granite", "harbor", "horizon", "iron", "jade", "keystone", "lumen", "maple", "meridian", "nova", "oak", "orbit", "pine", "pioneer", "quartz", "raven", "ridge", "river", "sage", "sierra", "silver", "solar", "spruce", "stone", "summit", "terra", "tidal", "vertex", "vista", "willow", "zenith", "atlas", "beacon", "canyon", "copper", "dune", "glacier", "indigo", "lotus", "mosaic", "nimbus", "onyx", "pacific", "prairie", "quill", "redwood", "sable", "timber", "umber", "velvet", "walnut", "yonder"]
+INDUSTRY = (
+    "Labs",
+    "Systems",
+    "Foods",
+    "Logistics",
+    "Health",
+    "Media",
+    "Capital",
+    "Software",
+    "Partners",
+    "Works",
+    "Energy",
+    "Analytics",
+    "Design",
+    "Robotics",
+    "Retail",
 )
-ACCENTED = {"jose": "José", "muller": "Müller", "zoe": "Zoë", "rene": "René", "andre": "André",
-            "garcia": "García", "lopez": "López", "martinez": "Martínez", "hernandez": "Hernández",
-            "gonzalez": "González", "perez": "Pérez", "rodriguez": "Rodríguez", "ramirez": "Ramírez",
-            "sanchez": "Sánchez", "chloe": "Chloë", "noel": "Noël", "francois": "François"}
+CITIES = (
+    "New York",
+    "Los Angeles",
+    "Chicago",
+    "Houston",
+    "Phoenix",
+    "Philadelphia",
+    "San Antonio",
+    "San Diego",
+    "Dallas",
+    "Austin",
+    "Jacksonville",
+    "Columbus",
+    "Charlotte",
+    "Indianapolis",
+    "Seattle",
+    "Denver",
+    "Boston",
+    "Nashville",
+    "Portland",
+    "Las Vegas",
+    "Detroit",
+    "Memphis",
+    "Baltimore",
+    "Milwaukee",
+    "Albuquerque",
+    "Tucson",
+    "Fresno",
+    "Sacramento",
+    "Atlanta",
+    "Miami",
+    "Oakland",
+    "Minneapolis",
+    "Tulsa",
+    "Cleveland",
+    "Raleigh",
+    "Omaha",
+    "Pittsburgh",
+)
+ACCENTED = {
+    "jose": "José",
+    "muller": "Müller",
+    "zoe": "Zoë",
+    "rene": "René",
+    "andre": "André",
+    "garcia": "García",
+    "lopez": "López",
+    "martinez": "Martínez",
+    "hernandez": "Hernández",
+    "gonzalez": "González",
+    "perez": "Pérez",
+    "rodriguez": "Rodríguez",
+    "ramirez": "Ramírez",
+    "sanchez": "Sánchez",
+    "chloe": "Chloë",
+    "noel": "Noël",
+    "francois": "François",
+}
 _NICK = NickNamer()
 
 
@@ -75,8 +140,10 @@ def _census() -> tuple[tuple[list[str], list[float]], ...]:
                 weights.append(max(float(parts[1]), 0.0004))
         return words, list(itertools.accumulate(weights))
 
-    return table("dist.male.first", 1219), table("dist.female.first", 4275), table(
-        "dist.all.last", 40000
+    return (
+        table("dist.male.first", 1219),
+        table("dist.female.first", 4275),
+        table("dist.all.last", 40000),
     )
 
 
@@ -157,7 +224,9 @@ def _person(rng: random.Random, companies: list[Company], weights: list[float]) 
     if rng.random() < 0.08:
         first = ACCENTED.get(first.lower(), first)
         last = ACCENTED.get(last.lower(), last)
-    company = rng.choices(range(len(companies)), cum_weights=weights)[0] if rng.random() < 0.85 else None
+    company = (
+        rng.choices(range(len(companies)), cum_weights=weights)[0] if rng.random() < 0.85 else None
+    )
     personal = f"{_local(rng, first, last)}@{rng.choice(FREEMAIL)}" if rng.random() < 0.8 else None
     work = None
     if company is not None and rng.random() < 0.85:
