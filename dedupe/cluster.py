@@ -18,7 +18,9 @@ import numpy.typing as npt
 
 from crmhub.records import Contact
 from dedupe.comparators import COMPARISONS, NULL, Columns, levels_many
-from dedupe.matcher import FellegiSunterMatcher, MatchKey, blocking_keys
+from dedupe.matcher import PROBE_KINDS, FellegiSunterMatcher, MatchKey, blocking_keys, is_probe
+
+PROBE_MARKERS = frozenset(PROBE_KINDS.values())
 from dedupe.normalize import Prepared, prepare
 from dedupe.scoring import FrequencyTable, Params, default_params, estimate_m, estimate_u, tf_values
 
@@ -74,20 +76,40 @@ def frequency_table(records: Sequence[Prepared]) -> FrequencyTable:
 def candidate_pairs(
     records: Sequence[Prepared], max_block: int = 200, kinds: frozenset[str] | None = None
 ) -> CandidatePairs:
-    """Union of the blocking rules' pairs (all, or those of `kinds`), each pair once,
-    oversized blocks skipped."""
+    """Union of the blocking rules' pairs (all, or those of `kinds`), each pair once.
+
+    A block of an ordinary kind gives all its pairs and is skipped above `max_block` members;
+    a block of a probe kind gives probe x member pairs and is skipped when that exceeds
+    max_block^2 / 2 pairs (the cost of the largest ordinary block).
+    """
     blocks: dict[MatchKey, list[int]] = defaultdict(list)
     for i, rec in enumerate(records):
         for key in blocking_keys(rec):
+            if key.kind in PROBE_MARKERS:
+                continue
             if kinds is None or key.kind in kinds:
                 blocks[key].append(i)
     capped: list[tuple[MatchKey, int]] = []
     chunks_a: list[npt.NDArray[np.int64]] = []
     chunks_b: list[npt.NDArray[np.int64]] = []
     pair_lists: list[tuple[int, int]] = []
+    budget = max_block * max_block // 2
     for key, members in blocks.items():
         size = len(members)
         if size < 2:
+            continue
+        if key.kind in PROBE_KINDS:
+            probes = [i for i in members if is_probe(records[i], key.kind)]
+            if not probes:
+                continue
+            if len(probes) * size > budget:
+                capped.append((key, size))
+                continue
+            arr = np.asarray(members, dtype=np.int64)
+            for probe in probes:
+                others = arr[arr != probe]
+                chunks_a.append(np.full(len(others), probe, dtype=np.int64))
+                chunks_b.append(others)
             continue
         if size > max_block:
             capped.append((key, size))
@@ -108,10 +130,15 @@ def candidate_pairs(
         return CandidatePairs(empty, empty, capped)
     a, b = np.concatenate(chunks_a), np.concatenate(chunks_b)
     lo, hi = np.minimum(a, b), np.maximum(a, b)
-    codes = np.unique(lo * np.int64(len(records)) + hi)
     n = np.int64(len(records))
-    for key, size in capped:
-        log.warning("blocking key %s:%s held by %d records: skipped", key.kind, key.value, size)
+    codes = np.unique(lo * n + hi)
+    if capped:
+        log.warning(
+            "%d blocking keys skipped as too common (largest %s:%s, %d records)",
+            len(capped),
+            *max(capped, key=lambda c: c[1])[0],
+            max(c[1] for c in capped),
+        )
     return CandidatePairs(codes // n, codes % n, capped)
 
 

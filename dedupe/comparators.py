@@ -49,7 +49,9 @@ class Comparison:
 COMPARISONS: tuple[Comparison, ...] = (
     Comparison("first_name", ("different", "initial", "similar", "nickname", "exact"), 4, "first"),
     Comparison("last_name", ("different", "similar", "exact"), 2, "last"),
-    Comparison("email", ("different", "similar", "exact"), 2, "email"),
+    Comparison(
+        "email", ("different", "other-domain", "same-local", "similar", "exact"), 4, "email"
+    ),
     Comparison("phone", ("different", "exact"), 1, "phone"),
     Comparison("company", ("different", "domain", "similar", "exact"), 3, "company"),
     Comparison("city", ("different", "exact"), None, None),
@@ -85,18 +87,27 @@ def _last_level(x: str, y: str) -> int:
     return 1 if JaroWinkler.similarity(x, y) >= NAME_JW else 0
 
 
+def _local(email: str) -> str:
+    return email.partition("@")[0].replace(".", "").replace("_", "")
+
+
 def _email_level(xs: tuple[str, ...], ys: tuple[str, ...]) -> int:
     if not xs or not ys:
         return NULL
     if set(xs) & set(ys):
-        return 2
+        return 4
+    level = 1
     for x in xs:
         xl, _, xd = x.partition("@")
         for y in ys:
             yl, _, yd = y.partition("@")
-            if xd == yd and len(xl) > 3 and Levenshtein.distance(xl, yl, score_cutoff=1) <= 1:
-                return 1
-    return 0
+            if xd == yd:
+                if len(xl) > 3 and Levenshtein.distance(xl, yl, score_cutoff=1) <= 1:
+                    return 3
+                level = 0
+            elif len(_local(x)) >= 5 and _local(x) == _local(y):
+                level = max(level, 2)
+    return level
 
 
 def _phone_level(xs: tuple[str, ...], ys: tuple[str, ...]) -> int:
@@ -128,14 +139,12 @@ def compare_levels(a: Prepared, b: Prepared) -> tuple[int, ...]:
         first, last = 4, 2
     else:
         first, last = _first_level(a.first, b.first), _last_level(a.last, b.last)
-    return (
-        first,
-        last,
-        _email_level(a.emails, b.emails),
-        _phone_level(a.phones, b.phones),
-        _company_level(a, b),
-        _city_level(a.city, b.city),
-    )
+    company = _company_level(a, b)
+    email, phone = _email_level(a.emails, b.emails), _phone_level(a.phones, b.phones)
+    if company == 0:  # at different organisations, different addresses and numbers are expected
+        email = NULL if email == 1 else email
+        phone = NULL if phone == 0 else phone
+    return (first, last, email, phone, company, _city_level(a.city, b.city))
 
 
 def level_notes(a: Prepared, b: Prepared, levels: Sequence[int]) -> dict[str, str]:
@@ -148,6 +157,8 @@ def level_notes(a: Prepared, b: Prepared, levels: Sequence[int]) -> dict[str, st
     elif levels[FIRST] == 1:
         notes["first_name"] = f"initial {a.first[0]} fits {max(a.first, b.first, key=len)}"
     if levels[EMAIL] == 2:
+        notes["email"] = "same user name at another domain"
+    if levels[EMAIL] == 4:
         shared = sorted(set(a.emails) & set(b.emails))[0]
         how = {
             n for p in (a, b) for e, n in zip(p.emails, p.email_notes, strict=True) if e == shared
@@ -225,11 +236,6 @@ def levels_many(
     out[:, FIRST], out[:, LAST] = first, last
 
     recs = cols.records
-    for k in range(n):
-        a, b = recs[ia[k]], recs[ib[k]]
-        out[k, EMAIL] = _email_level(a.emails, b.emails)
-        out[k, PHONE] = _phone_level(a.phones, b.phones)
-
     ca, cb = cols.company[ia], cols.company[ib]
     company = np.zeros(n, dtype=np.int8)
     both = np.flatnonzero((ca != "") & (cb != ""))
@@ -246,6 +252,13 @@ def levels_many(
         elif a.orgs & b.orgs:
             company[k] = 1
     out[:, COMPANY] = company
+    for k in range(n):
+        a, b = recs[ia[k]], recs[ib[k]]
+        email, phone = _email_level(a.emails, b.emails), _phone_level(a.phones, b.phones)
+        if company[k] == 0:
+            email = NULL if email == 1 else email
+            phone = NULL if phone == 0 else phone
+        out[k, EMAIL], out[k, PHONE] = email, phone
 
     xa, xb = cols.city[ia], cols.city[ib]
     city = (xa == xb).astype(np.int8)

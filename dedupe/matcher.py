@@ -97,19 +97,65 @@ def probability(weight: float) -> float:
     return 1.0 / (1.0 + math.pow(2.0, -max(min(weight, 60.0), -60.0)))
 
 
+# Key kinds with probe semantics: every record stores them, but only a "probe" (a record
+# with just an initial, or no first name) looks them up. Pairs come from probe x block, so the
+# surname blocks that would be huge for everyone stay cheap.
+PROBE_KINDS = {"initial": "initial-only", "surname": "no-first"}
+
+
 def blocking_keys(record: Prepared) -> list[MatchKey]:
-    """Blocking rules (union): email key, phone, surname sound + first-name group,
-    exact name in either order, surname + organisation."""
+    """The keys a record is stored under (blocking rules, union):
+
+    email key; phone; surname sound + first-name group member; exact name in either order;
+    surname + first-name sound (typos in the first name); surname + organisation; first-name
+    group member + organisation (typos in the surname); email local part without dots;
+    surname sound + initial and surname sound alone (probe kinds, see `lookup_keys`).
+    """
     keys = [MatchKey("email", e) for e in record.emails]
     keys += [MatchKey("phone", p) for p in record.phones]
-    if record.last:
-        sound = phonetic(record.last) or record.last
-        for variant in sorted(name_group(record.first)):
-            keys.append(MatchKey("name", f"{sound}:{variant}"))
-        if record.first and len(record.first) > 1:
-            keys.append(MatchKey("swap", "|".join(sorted((record.first, record.last)))))
-        keys += [MatchKey("org", f"{record.last}:{org}") for org in sorted(record.orgs)]
+    for email in record.emails:
+        local = email.partition("@")[0].replace(".", "").replace("_", "")
+        if len(local) >= 6:
+            keys.append(MatchKey("local", local))
+    first, last = record.first, record.last
+    group = sorted(name_group(first))
+    for org in sorted(record.orgs):
+        keys += [MatchKey("orgfirst", f"{variant}:{org}") for variant in group]
+    if last:
+        sound = phonetic(last) or last
+        keys += [MatchKey("name", f"{sound}:{variant}") for variant in group]
+        if len(first) > 1:
+            keys.append(MatchKey("swap", "|".join(sorted((first, last)))))
+            keys.append(MatchKey("sound2", f"{last}:{phonetic(first) or first}"))
+        keys += [MatchKey("org", f"{last}:{org}") for org in sorted(record.orgs)]
+        if first:
+            keys.append(MatchKey("initial", f"{sound}:{first[0]}"))
+            if len(first) == 1:
+                keys.append(MatchKey("initial-only", f"{sound}:{first[0]}"))
+        keys.append(MatchKey("surname", sound))
+        if not first:
+            keys.append(MatchKey("no-first", sound))
     return list(dict.fromkeys(keys))
+
+
+def is_probe(record: Prepared, kind: str) -> bool:
+    """Whether `record` looks up blocks of probe kind `kind`."""
+    return len(record.first) == 1 if kind == "initial" else not record.first
+
+
+def lookup_keys(record: Prepared) -> list[MatchKey]:
+    """The keys to find candidates with: the stored keys, except that a probe kind is looked
+    up only by its probes, and everyone else looks up its probes' marker kind instead."""
+    out: list[MatchKey] = []
+    for key in blocking_keys(record):
+        marker = PROBE_KINDS.get(key.kind)
+        if key.kind in PROBE_KINDS.values():
+            continue
+        if marker is None or is_probe(record, key.kind):
+            out.append(key)
+        else:
+            out.append(MatchKey(marker, key.value))
+    return out
 
 
 def _tf_values(comp_index: int, a: Prepared, b: Prepared) -> tuple[str, ...]:
@@ -162,6 +208,18 @@ class FellegiSunterMatcher:
 
     def compare(self, a: Contact, b: Contact) -> Decision:
         return self.compare_prepared(prepare(a), prepare(b))
+
+    def lookup_keys(self, contact: Contact) -> list[MatchKey]:
+        """Keys to look candidates up with (a subset of, or markers among, stored keys).
+
+        Optional extension of the seam: a pipeline that looks up by `keys()` instead is still
+        correct, only with larger candidate lists for the surname-only probe blocks.
+        """
+        keys = lookup_keys(prepare(contact))
+        freq = self.frequencies
+        if freq is None:
+            return keys
+        return [k for k in keys if freq.count(k.kind, k.value) <= self.max_key_count]
 
     # -- extensions -------------------------------------------------------------------------
     def action(self, p: float) -> Action:
