@@ -27,6 +27,7 @@ __all__ = [
     "Columns",
     "Comparison",
     "compare_levels",
+    "email_local",
     "level_notes",
     "levels_many",
 ]
@@ -42,19 +43,27 @@ class Comparison:
 
     name: str
     levels: tuple[str, ...]
-    tf_level: int | None  # the exact level that term-frequency adjustment applies to
-    tf_kind: str | None  # the Frequencies kind counted for that adjustment
+    # (level, Frequencies kind): levels whose weight is adjusted by the agreeing value's
+    # term frequency, and the kind that value is counted under.
+    tf: tuple[tuple[int, str], ...] = ()
+
+    def tf_kind(self, level: int) -> str | None:
+        return next((kind for lv, kind in self.tf if lv == level), None)
 
 
 COMPARISONS: tuple[Comparison, ...] = (
-    Comparison("first_name", ("different", "initial", "similar", "nickname", "exact"), 4, "first"),
-    Comparison("last_name", ("different", "similar", "exact"), 2, "last"),
     Comparison(
-        "email", ("different", "other-domain", "same-local", "similar", "exact"), 4, "email"
+        "first_name", ("different", "initial", "similar", "nickname", "exact"), ((4, "first"),)
     ),
-    Comparison("phone", ("different", "exact"), 1, "phone"),
-    Comparison("company", ("different", "domain", "similar", "exact"), 3, "company"),
-    Comparison("city", ("different", "exact"), None, None),
+    Comparison("last_name", ("different", "similar", "exact"), ((2, "last"),)),
+    Comparison(
+        "email",
+        ("different", "other-domain", "same-local", "similar", "exact"),
+        ((2, "local"), (4, "email")),
+    ),
+    Comparison("phone", ("different", "exact"), ((1, "phone"),)),
+    Comparison("company", ("different", "domain", "similar", "exact"), ((3, "company"),)),
+    Comparison("city", ("different", "exact")),
 )
 FIRST, LAST, EMAIL, PHONE, COMPANY, CITY = range(len(COMPARISONS))
 
@@ -87,7 +96,8 @@ def _last_level(x: str, y: str) -> int:
     return 1 if JaroWinkler.similarity(x, y) >= NAME_JW else 0
 
 
-def _local(email: str) -> str:
+def email_local(email: str) -> str:
+    """The user name of an address without dots and underscores ('bob.smith' -> 'bobsmith')."""
     return email.partition("@")[0].replace(".", "").replace("_", "")
 
 
@@ -105,7 +115,7 @@ def _email_level(xs: tuple[str, ...], ys: tuple[str, ...]) -> int:
                 if len(xl) > 3 and Levenshtein.distance(xl, yl, score_cutoff=1) <= 1:
                     return 3
                 level = 0
-            elif len(_local(x)) >= 5 and _local(x) == _local(y):
+            elif len(email_local(x)) >= 5 and email_local(x) == email_local(y):
                 level = max(level, 2)
     return level
 

@@ -16,6 +16,7 @@ from dedupe.comparators import (
     NULL,
     Columns,
     compare_levels,
+    email_local,
     level_notes,
     levels_many,
 )
@@ -158,8 +159,8 @@ def lookup_keys(record: Prepared) -> list[MatchKey]:
     return out
 
 
-def _tf_values(comp_index: int, a: Prepared, b: Prepared) -> tuple[str, ...]:
-    """The agreeing value(s) whose frequency adjusts an exact level (both sides: symmetric)."""
+def _tf_values(comp_index: int, level: int, a: Prepared, b: Prepared) -> tuple[str, ...]:
+    """The agreeing value(s) whose frequency adjusts `level` (both sides: symmetric)."""
     name = COMPARISONS[comp_index].name
     if name == "first_name":
         return (a.first, b.first)
@@ -167,8 +168,11 @@ def _tf_values(comp_index: int, a: Prepared, b: Prepared) -> tuple[str, ...]:
         return (a.last, b.last)
     if name == "company":
         return (a.company,)
-    xs, ys = (a.emails, b.emails) if name == "email" else (a.phones, b.phones)
-    shared = sorted(set(xs) & set(ys))
+    if name == "email" and level == 2:
+        shared = sorted({email_local(e) for e in a.emails} & {email_local(e) for e in b.emails})
+    else:
+        xs, ys = (a.emails, b.emails) if name == "email" else (a.phones, b.phones)
+        shared = sorted(set(xs) & set(ys))
     return (shared[0],) if shared else ()
 
 
@@ -227,20 +231,19 @@ class FellegiSunterMatcher:
             return "merge"
         return "review" if p >= self.review else "separate"
 
-    def tf_adjustment(self, comp_index: int, values: tuple[str, ...]) -> float:
-        """Bits added to an exact level for the values' frequency (0 without frequencies).
+    def tf_adjustment(self, comp_index: int, level: int, values: tuple[str, ...]) -> float:
+        """Bits added to a level for the agreeing values' frequency (0 without frequencies).
 
         With two values (a swapped name) the commoner one counts: the smaller adjustment.
         """
         comp = COMPARISONS[comp_index]
         freq = self.frequencies
-        if not values or freq is None or comp.tf_kind is None or freq.total <= 0:
+        kind = comp.tf_kind(level)
+        if not values or freq is None or kind is None or freq.total <= 0:
             return 0.0
-        assert comp.tf_level is not None
         total = freq.total
-        kind = comp.tf_kind
         share = max(max(freq.count(kind, v) for v in values), 1) / total
-        u_exact = self.params.u[comp.name][comp.tf_level]
+        u_exact = self.params.u[comp.name][level]
         adjustment = math.log2(u_exact / share)
         if kind in ("email", "phone"):  # identifiers: weight grows with the store
             return max(TF_MIN, adjustment)
@@ -260,8 +263,8 @@ class FellegiSunterMatcher:
                 "level": "null" if level == NULL else comp.levels[level],
                 "weight": round(weight, 3),
             }
-            if level != NULL and level == comp.tf_level:
-                adj = self.tf_adjustment(i, _tf_values(i, a, b))
+            if level != NULL and comp.tf_kind(level):
+                adj = self.tf_adjustment(i, level, _tf_values(i, level, a, b))
                 if adj:
                     entry["tf_adjustment"] = round(adj, 3)
                     weight += adj
@@ -308,10 +311,10 @@ class FellegiSunterMatcher:
         if self.frequencies is not None:
             recs = cols.records
             for i, comp in enumerate(COMPARISONS):
-                if comp.tf_level is None:
-                    continue
-                for k in np.flatnonzero(levels[:, i] == comp.tf_level):
-                    score[k] += self.tf_adjustment(i, _tf_values(i, recs[ia[k]], recs[ib[k]]))
+                for level, _ in comp.tf:
+                    for k in np.flatnonzero(levels[:, i] == level).tolist():
+                        values = _tf_values(i, level, recs[ia[k]], recs[ib[k]])
+                        score[k] += self.tf_adjustment(i, level, values)
         return np.asarray(1.0 / (1.0 + np.exp2(-np.clip(score, -60, 60))), dtype=np.float64)
 
 

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from dedupe.comparators import COMPARISONS, NULL, Columns, levels_many
+from dedupe.comparators import COMPARISONS, NULL, Columns, email_local, levels_many
 from dedupe.normalize import Prepared
 
 __all__ = [
@@ -93,6 +93,7 @@ def tf_values(record: Prepared) -> dict[str, tuple[str, ...]]:
         "first": (record.first,) if record.first else (),
         "last": (record.last,) if record.last else (),
         "email": record.emails,
+        "local": tuple(loc for loc in (email_local(e) for e in record.emails) if len(loc) >= 5),
         "phone": record.phones,
         "company": (record.company,) if record.company else (),
     }
