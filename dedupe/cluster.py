@@ -20,7 +20,6 @@ from crmhub.records import Contact
 from dedupe.comparators import COMPARISONS, NULL, Columns, levels_many
 from dedupe.matcher import PROBE_KINDS, FellegiSunterMatcher, MatchKey, blocking_keys, is_probe
 
-PROBE_MARKERS = frozenset(PROBE_KINDS.values())
 from dedupe.normalize import Prepared, prepare
 from dedupe.scoring import FrequencyTable, Params, default_params, estimate_m, estimate_u, tf_values
 
@@ -35,6 +34,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+PROBE_MARKERS = frozenset(PROBE_KINDS.values())
 
 
 @dataclass(slots=True)

@@ -112,7 +112,7 @@ def _email_level(xs: tuple[str, ...], ys: tuple[str, ...]) -> int:
         for y in ys:
             yl, _, yd = y.partition("@")
             if xd == yd:
-                if len(xl) > 3 and Levenshtein.distance(xl, yl, score_cutoff=1) <= 1:
+                if min(len(xl), len(yl)) > 3 and Levenshtein.distance(xl, yl, score_cutoff=1) <= 1:
                     return 3
                 level = 0
             elif len(email_local(x)) >= 5 and email_local(x) == email_local(y):

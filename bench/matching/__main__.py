@@ -42,7 +42,8 @@ def run_measured(cmd: list[str]) -> tuple[dict[str, object], float, float]:
     """Run one matcher process: its JSON line, wall seconds, and its own peak RSS in MiB."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout is not None
+    assert proc.stderr is not None
     stdout = proc.stdout.read()
     stderr = proc.stderr.read()
     _, status, usage = os.wait4(proc.pid, 0)
