@@ -19,7 +19,6 @@ import numpy.typing as npt
 from crmhub.records import Contact
 from dedupe.comparators import COMPARISONS, NULL, Columns, levels_many
 from dedupe.matcher import PROBE_KINDS, FellegiSunterMatcher, MatchKey, blocking_keys, is_probe
-
 from dedupe.normalize import Prepared, prepare
 from dedupe.scoring import FrequencyTable, Params, default_params, estimate_m, estimate_u, tf_values
 
