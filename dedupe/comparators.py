@@ -171,9 +171,14 @@ def level_notes(a: Prepared, b: Prepared, levels: Sequence[int]) -> dict[str, st
     if levels[EMAIL] == 4:
         shared = sorted(set(a.emails) & set(b.emails))[0]
         how = {
-            n for p in (a, b) for e, n in zip(p.emails, p.email_notes, strict=True) if e == shared
+            part
+            for p in (a, b)
+            for e, n in zip(p.emails, p.email_notes, strict=True)
+            if e == shared
+            for part in n.split(", ")
+            if part
         }
-        notes["email"] = "; ".join(sorted(n for n in how if n)) or "same address"
+        notes["email"] = ", ".join(sorted(how)) or "same address"
     if levels[PHONE] == 1:
         notes["phone"] = "same number in E.164"
     if levels[COMPANY] == 3:
