@@ -120,6 +120,13 @@ def _email_level(xs: tuple[str, ...], ys: tuple[str, ...]) -> int:
     return level
 
 
+def _name_derived(a: Prepared, b: Prepared) -> bool:
+    """Whether the user names the two records share spell a surname of theirs."""
+    shared = {email_local(e) for e in a.emails} & {email_local(e) for e in b.emails}
+    surnames = {s.replace(" ", "") for s in (a.last, b.last, a.first, b.first) if len(s) > 2}
+    return any(name in local for local in shared for name in surnames)
+
+
 def _phone_level(xs: tuple[str, ...], ys: tuple[str, ...]) -> int:
     if not xs or not ys:
         return NULL
@@ -151,6 +158,8 @@ def compare_levels(a: Prepared, b: Prepared) -> tuple[int, ...]:
         first, last = _first_level(a.first, b.first), _last_level(a.last, b.last)
     company = _company_level(a, b)
     email, phone = _email_level(a.emails, b.emails), _phone_level(a.phones, b.phones)
+    if email == 2 and _name_derived(a, b):
+        email = NULL  # "john.smith" elsewhere repeats the name evidence; it is not new evidence
     if company == 0:  # at different organisations, different addresses and numbers are expected
         email = NULL if email == 1 else email
         phone = NULL if phone == 0 else phone
@@ -270,6 +279,8 @@ def levels_many(
     for k in range(n):
         a, b = recs[ia[k]], recs[ib[k]]
         email, phone = _email_level(a.emails, b.emails), _phone_level(a.phones, b.phones)
+        if email == 2 and _name_derived(a, b):
+            email = NULL
         if company[k] == 0:
             email = NULL if email == 1 else email
             phone = NULL if phone == 0 else phone

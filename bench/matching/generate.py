@@ -283,7 +283,18 @@ def _typo(rng: random.Random, word: str) -> str:
     return word[:i] + rng.choice(string.ascii_lowercase) + word[i + 1 :]
 
 
-def _person(rng: random.Random, companies: list[Company], weights: list[float]) -> Person:
+def _unique(rng: random.Random, address: str, used: set[str]) -> str:
+    """Addresses belong to one person: a taken one gets digits, as mail providers insist."""
+    while address in used:
+        local, _, domain = address.partition("@")
+        address = f"{local}{rng.randint(1, 999)}@{domain}"
+    used.add(address)
+    return address
+
+
+def _person(
+    rng: random.Random, companies: list[Company], weights: list[float], used: set[str]
+) -> Person:
     male, female, last_names = _census()
     firsts = male if rng.random() < 0.5 else female
     first = rng.choices(firsts[0], cum_weights=firsts[1])[0]
@@ -294,10 +305,12 @@ def _person(rng: random.Random, companies: list[Company], weights: list[float]) 
     company = (
         rng.choices(range(len(companies)), cum_weights=weights)[0] if rng.random() < 0.85 else None
     )
-    personal = f"{_local(rng, first, last)}@{rng.choice(FREEMAIL)}" if rng.random() < 0.8 else None
+    personal = None
+    if rng.random() < 0.8:
+        personal = _unique(rng, f"{_local(rng, first, last)}@{rng.choice(FREEMAIL)}", used)
     work = None
     if company is not None and rng.random() < 0.85:
-        work = f"{_local(rng, first, last)}@{companies[company].domain}"
+        work = _unique(rng, f"{_local(rng, first, last)}@{companies[company].domain}", used)
     mobile = _phone(rng) if rng.random() < 0.7 else None
     return Person(first, last, company, personal, work, mobile, rng.choice(CITIES))
 
@@ -373,8 +386,9 @@ def generate(n: int, seed: int = 1) -> list[dict[str, str]]:
     weights = list(itertools.accumulate(1.0 / (r + 1) ** 0.9 for r in range(len(companies))))
     rows: list[dict[str, str]] = []
     person_id = 0
+    used: set[str] = set()
     while len(rows) < n:
-        person = _person(rng, companies, weights)
+        person = _person(rng, companies, weights, used)
         copies = rng.choices((1, 2, 3, 4), (0.4, 0.3, 0.2, 0.1))[0]
         for _ in range(min(copies, n - len(rows))):
             row = _appearance(rng, person, companies, weights)
