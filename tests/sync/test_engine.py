@@ -130,7 +130,10 @@ async def test_new_record_bridging_two_goldens_merges_them_and_old_id_resolves(
     tmp_path, db, store_url
 ):
     src = tmp_path / "a.csv"
-    src.write_text("id,email,phone\n1,x@example.com,\n2,,+14155550100\n", encoding="utf-8")
+    src.write_text(
+        "id,first_name,last_name,email,phone\n1,Ann,Lee,x@example.com,\n2,Ann,Lee,,+14155550100\n",
+        encoding="utf-8",
+    )
     engine = SyncEngine(
         make_settings(tmp_path, store_url, {"a": {"type": "csv", "path": str(src)}}), db
     )
@@ -138,7 +141,7 @@ async def test_new_record_bridging_two_goldens_merges_them_and_old_id_resolves(
     with db.connect() as conn:
         assert store_totals(conn)["golden_records"] == 2
     with src.open("a", encoding="utf-8") as fh:
-        fh.write("3,x@example.com,+1 415 555 0100\n")
+        fh.write("3,Ann,Lee,x@example.com,+1 415 555 0100\n")
     result = await engine.run("a")
     assert result.counts.goldens_merged == 1
     with db.connect() as conn:

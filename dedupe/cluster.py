@@ -1,0 +1,285 @@
+"""Batch path: blocking into candidate pairs, EM training, chain-guarded clustering.
+
+Used by the benchmark and by a full rebuild; the incremental pipeline uses `Matcher.keys` and
+`Matcher.compare` instead. Everything is bounded: a blocking key held by more than `max_block`
+records is skipped and reported (`ClusterResult.capped`), so one email shared by 50,000 records
+costs 50,000 key entries, not 1.25 billion comparisons.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from crmhub.records import Contact
+from dedupe.comparators import COMPARISONS, NULL, Columns, levels_many
+from dedupe.matcher import PROBE_KINDS, FellegiSunterMatcher, MatchKey, blocking_keys, is_probe
+from dedupe.normalize import Prepared, prepare
+from dedupe.scoring import FrequencyTable, Params, default_params, estimate_m, estimate_u, tf_values
+
+__all__ = [
+    "CandidatePairs",
+    "ClusterResult",
+    "candidate_pairs",
+    "cluster",
+    "cluster_prepared",
+    "frequency_table",
+    "train",
+]
+
+log = logging.getLogger(__name__)
+PROBE_MARKERS = frozenset(PROBE_KINDS.values())
+
+
+@dataclass(slots=True)
+class CandidatePairs:
+    """Pairs (ia[k] < ib[k]) sharing at least one blocking key, and the keys that were skipped."""
+
+    ia: npt.NDArray[np.int64]
+    ib: npt.NDArray[np.int64]
+    capped: list[tuple[MatchKey, int]]
+
+
+@dataclass(slots=True)
+class ClusterResult:
+    """Clusters (lists of record indices, singletons included), pairs sent to review, and
+    what blocking skipped. `probabilities` is aligned with `pairs`."""
+
+    clusters: list[list[int]]
+    review: list[tuple[int, int, float]]
+    capped: list[tuple[MatchKey, int]]
+    pairs: CandidatePairs
+    probabilities: npt.NDArray[np.float64] = field(repr=False)
+
+
+def frequency_table(records: Sequence[Prepared]) -> FrequencyTable:
+    """Term frequencies and blocking-key counts of a batch."""
+    table = FrequencyTable(n=len(records))
+    by_kind: dict[str, list[str]] = defaultdict(list)
+    for rec in records:
+        for kind, values in tf_values(rec).items():
+            by_kind[kind].extend(values)
+        for key in blocking_keys(rec):
+            if key.kind not in ("email", "phone"):  # those two are counted as tf values
+                by_kind[key.kind].append(key.value)
+    for kind, seen in by_kind.items():
+        table.add(kind, seen)
+    return table
+
+
+def candidate_pairs(
+    records: Sequence[Prepared], max_block: int = 200, kinds: frozenset[str] | None = None
+) -> CandidatePairs:
+    """Union of the blocking rules' pairs (all, or those of `kinds`), each pair once.
+
+    A block of an ordinary kind gives all its pairs and is skipped above `max_block` members;
+    a block of a probe kind gives probe x member pairs and is skipped when that exceeds
+    max_block^2 / 2 pairs (the cost of the largest ordinary block).
+    """
+    blocks: dict[MatchKey, list[int]] = defaultdict(list)
+    for i, rec in enumerate(records):
+        for key in blocking_keys(rec):
+            if key.kind in PROBE_MARKERS:
+                continue
+            if kinds is None or key.kind in kinds:
+                blocks[key].append(i)
+    capped: list[tuple[MatchKey, int]] = []
+    chunks_a: list[npt.NDArray[np.int64]] = []
+    chunks_b: list[npt.NDArray[np.int64]] = []
+    pair_lists: list[tuple[int, int]] = []
+    budget = max_block * max_block // 2
+    for key, members in blocks.items():
+        size = len(members)
+        if size < 2:
+            continue
+        if key.kind in PROBE_KINDS:
+            probes = [i for i in members if is_probe(records[i], key.kind)]
+            if not probes:
+                continue
+            if len(probes) * size > budget:
+                capped.append((key, size))
+                continue
+            arr = np.asarray(members, dtype=np.int64)
+            for probe in probes:
+                others = arr[arr != probe]
+                chunks_a.append(np.full(len(others), probe, dtype=np.int64))
+                chunks_b.append(others)
+            continue
+        if size > max_block:
+            capped.append((key, size))
+            continue
+        if size == 2:
+            pair_lists.append((members[0], members[1]))
+            continue
+        arr = np.asarray(members, dtype=np.int64)
+        ti, tj = np.triu_indices(size, k=1)
+        chunks_a.append(arr[ti])
+        chunks_b.append(arr[tj])
+    if pair_lists:
+        two = np.asarray(pair_lists, dtype=np.int64)
+        chunks_a.append(two[:, 0])
+        chunks_b.append(two[:, 1])
+    if not chunks_a:
+        empty = np.zeros(0, dtype=np.int64)
+        return CandidatePairs(empty, empty, capped)
+    a, b = np.concatenate(chunks_a), np.concatenate(chunks_b)
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    n = np.int64(len(records))
+    codes = np.unique(lo * n + hi)
+    if capped:
+        log.warning(
+            "%d blocking keys skipped as too common (largest %s:%s, %d records)",
+            len(capped),
+            *max(capped, key=lambda c: c[1])[0],
+            max(c[1] for c in capped),
+        )
+    return CandidatePairs(codes // n, codes % n, capped)
+
+
+# EM sessions, as splink trains: each blocks on some fields and estimates m for the others
+# (the blocked-on fields agree by construction, so their m cannot be learnt from those pairs).
+_SESSIONS: tuple[tuple[frozenset[str], frozenset[str]], ...] = (
+    (frozenset({"email"}), frozenset({"first_name", "last_name", "company", "city"})),
+    (frozenset({"name", "swap"}), frozenset({"email", "phone", "company", "city"})),
+)
+
+
+def train(
+    contacts: Sequence[Contact],
+    *,
+    start: Params | None = None,
+    max_block: int = 200,
+    seed: int = 0,
+) -> Params:
+    """Unsupervised parameters from data: u from random pairs, m and match rate by EM.
+
+    Two EM sessions (blocked on email; blocked on name) each estimate m for the fields they
+    did not block on; fields estimated twice are averaged. The match rate comes from the
+    union of all candidate pairs with the learnt m and u.
+    """
+    records = [prepare(c) for c in contacts]
+    base = start or default_params()
+    if len(records) < 2:
+        return base
+    u = estimate_u(records, seed=seed)
+    cols = Columns.of(records)
+    learnt: dict[str, list[list[float]]] = defaultdict(list)
+    for kinds, fields in _SESSIONS:
+        pairs = candidate_pairs(records, max_block, kinds)
+        if len(pairs.ia) < 50:
+            continue
+        levels = levels_many(cols, pairs.ia, pairs.ib)
+        active = [i for i, c in enumerate(COMPARISONS) if c.name in fields]
+        masked = np.full_like(levels, NULL)
+        masked[:, active] = levels[:, active]
+        start_params = Params(match_rate=base.match_rate, m=base.m, u=u)
+        session = estimate_m(masked, start_params, len(records), cand_prior=0.5)
+        for name in fields:
+            learnt[name].append(session.m[name])
+    m = {
+        c.name: (
+            [float(x) for x in np.mean(learnt[c.name], axis=0)]
+            if learnt[c.name]
+            else base.m[c.name]
+        )
+        for c in COMPARISONS
+    }
+    params = Params(match_rate=base.match_rate, m=m, u=u, trained_on=len(records))
+    pairs = candidate_pairs(records, max_block)
+    if len(pairs.ia) == 0:
+        return params
+    levels = levels_many(cols, pairs.ia, pairs.ib)
+    return estimate_m(levels, params, len(records), fixed_m=True)
+
+
+class _Clusters:
+    """Union-find with member lists (merging the smaller into the larger)."""
+
+    def __init__(self, n: int) -> None:
+        self.root = list(range(n))
+        self.members: dict[int, list[int]] = {i: [i] for i in range(n)}
+
+    def find(self, x: int) -> int:
+        root = self.root[x]
+        while root != self.root[root]:
+            root = self.root[root]
+        while self.root[x] != root:
+            self.root[x], x = root, self.root[x]
+        return root
+
+    def union(self, a: int, b: int) -> None:
+        if len(self.members[a]) < len(self.members[b]):
+            a, b = b, a
+        for x in self.members[b]:
+            self.root[x] = a
+        self.members[a] += self.members.pop(b)
+
+
+def _link(clusters: _Clusters, adjacency: dict[int, dict[int, float]], ra: int, rb: int) -> float:
+    """Mean probability over the scored pairs between two clusters (average linkage)."""
+    small, other = (ra, rb) if len(clusters.members[ra]) <= len(clusters.members[rb]) else (rb, ra)
+    scores = [
+        p
+        for x in clusters.members[small]
+        for y, p in adjacency.get(x, {}).items()
+        if clusters.find(y) == other
+    ]
+    return sum(scores) / len(scores)
+
+
+def cluster_prepared(
+    records: Sequence[Prepared], matcher: FellegiSunterMatcher, *, max_block: int = 200
+) -> ClusterResult:
+    """Block, score and cluster prepared records with `matcher`'s params and thresholds.
+
+    Chain guard: pairs at or above `auto_merge` are merged strongest first, but two clusters
+    join only if the average probability over all scored pairs between them is at least
+    `review`; a strong link that fails that goes to review instead (one weak link cannot join
+    two groups whose other members disagree).
+    """
+    pairs = candidate_pairs(records, max_block)
+    probs = matcher.probabilities(Columns.of(records), pairs.ia, pairs.ib)
+    order = np.argsort(-probs, kind="stable")
+    strong = order[probs[order] >= matcher.review]
+    adjacency: dict[int, dict[int, float]] = defaultdict(dict)
+    for a, b, p in zip(pairs.ia.tolist(), pairs.ib.tolist(), probs.tolist(), strict=True):
+        adjacency[a][b] = adjacency[b][a] = p
+    clusters = _Clusters(len(records))
+    review: list[tuple[int, int, float]] = []
+    for k in strong:
+        a, b, p = int(pairs.ia[k]), int(pairs.ib[k]), float(probs[k])
+        ra, rb = clusters.find(a), clusters.find(b)
+        if ra == rb:
+            continue
+        if p < matcher.auto_merge:
+            review.append((a, b, p))
+            continue
+        if len(clusters.members[ra]) + len(clusters.members[rb]) > 2 and (
+            _link(clusters, adjacency, ra, rb) < matcher.review
+        ):
+            review.append((a, b, p))
+            continue
+        clusters.union(ra, rb)
+    groups = sorted((sorted(m) for m in clusters.members.values()), key=lambda m: m[0])
+    return ClusterResult(groups, review, pairs.capped, pairs, probs)
+
+
+def cluster(
+    contacts: Sequence[Contact],
+    *,
+    params: Params | None = None,
+    auto_merge: float = 0.95,
+    review: float = 0.80,
+    max_block: int = 200,
+) -> ClusterResult:
+    """Deduplicate a batch: term frequencies from the batch itself, then `cluster_prepared`."""
+    records = [prepare(c) for c in contacts]
+    matcher = FellegiSunterMatcher(
+        params, auto_merge=auto_merge, review=review, frequencies=frequency_table(records)
+    )
+    return cluster_prepared(records, matcher, max_block=max_block)

@@ -1,0 +1,293 @@
+"""Per-field comparison levels (splink-style small classes), scalar and vectorised.
+
+Each comparison maps a pair of `Prepared` records to a level: `NULL` (-1) when either side is
+missing the field (no evidence either way), otherwise an index into that comparison's `LEVELS`
+(0 = disagree, higher = stronger agreement). The scalar path (`compare_levels`) serves the
+incremental pipeline, one pair at a time in a few microseconds; the vectorised path
+(`levels_many`) serves batches through `rapidfuzz.process.cpdist`. Both must agree exactly;
+tests/dedupe/test_comparators.py checks that on random pairs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from rapidfuzz import fuzz
+from rapidfuzz.distance import JaroWinkler, Levenshtein
+from rapidfuzz.process import cpdist
+
+from dedupe.normalize import Prepared, nickname_of
+
+__all__ = [
+    "COMPARISONS",
+    "NULL",
+    "Columns",
+    "Comparison",
+    "compare_levels",
+    "email_local",
+    "level_notes",
+    "levels_many",
+]
+
+NULL = -1
+NAME_JW = 0.88  # Jaro-Winkler floor for a "close" name (typos, transpositions)
+COMPANY_RATIO = 90.0  # token-set ratio floor for "same company, written differently"
+
+
+@dataclass(frozen=True, slots=True)
+class Comparison:
+    """One field's comparison: its name and its levels, weakest (disagree) first."""
+
+    name: str
+    levels: tuple[str, ...]
+    # (level, Frequencies kind): levels whose weight is adjusted by the agreeing value's
+    # term frequency, and the kind that value is counted under.
+    tf: tuple[tuple[int, str], ...] = ()
+
+    def tf_kind(self, level: int) -> str | None:
+        return next((kind for lv, kind in self.tf if lv == level), None)
+
+
+COMPARISONS: tuple[Comparison, ...] = (
+    Comparison(
+        "first_name", ("different", "initial", "similar", "nickname", "exact"), ((4, "first"),)
+    ),
+    Comparison("last_name", ("different", "similar", "exact"), ((2, "last"),)),
+    Comparison(
+        "email",
+        ("different", "other-domain", "same-local", "similar", "exact"),
+        ((2, "local"), (4, "email")),
+    ),
+    Comparison("phone", ("different", "exact"), ((1, "phone"),)),
+    Comparison("company", ("different", "domain", "similar", "exact"), ((3, "company"),)),
+    Comparison("city", ("different", "exact")),
+)
+FIRST, LAST, EMAIL, PHONE, COMPANY, CITY = range(len(COMPARISONS))
+
+
+def _swapped(a: Prepared, b: Prepared) -> bool:
+    return (
+        bool(a.first and a.last) and a.first != a.last and a.first == b.last and a.last == b.first
+    )
+
+
+def _first_level(x: str, y: str) -> int:
+    if not x or not y:
+        return NULL
+    if x == y:
+        return 4
+    if nickname_of(x, y):
+        return 3
+    if JaroWinkler.similarity(x, y) >= NAME_JW and min(len(x), len(y)) > 1:
+        return 2
+    if x[0] == y[0] and (len(x) == 1 or len(y) == 1):
+        return 1
+    return 0
+
+
+def _last_level(x: str, y: str) -> int:
+    if not x or not y:
+        return NULL
+    if x == y:
+        return 2
+    return 1 if JaroWinkler.similarity(x, y) >= NAME_JW else 0
+
+
+def email_local(email: str) -> str:
+    """The user name of an address without dots and underscores ('bob.smith' -> 'bobsmith')."""
+    return email.partition("@")[0].replace(".", "").replace("_", "")
+
+
+def _email_level(xs: tuple[str, ...], ys: tuple[str, ...]) -> int:
+    if not xs or not ys:
+        return NULL
+    if set(xs) & set(ys):
+        return 4
+    level = 1
+    for x in xs:
+        xl, _, xd = x.partition("@")
+        for y in ys:
+            yl, _, yd = y.partition("@")
+            if xd == yd:
+                if min(len(xl), len(yl)) > 3 and Levenshtein.distance(xl, yl, score_cutoff=1) <= 1:
+                    return 3
+                level = 0
+            elif len(email_local(x)) >= 5 and email_local(x) == email_local(y):
+                level = max(level, 2)
+    return level
+
+
+def _name_derived(a: Prepared, b: Prepared) -> bool:
+    """Whether the user names the two records share spell a surname of theirs."""
+    shared = {email_local(e) for e in a.emails} & {email_local(e) for e in b.emails}
+    surnames = {s.replace(" ", "") for s in (a.last, b.last, a.first, b.first) if len(s) > 2}
+    return any(name in local for local in shared for name in surnames)
+
+
+def _phone_level(xs: tuple[str, ...], ys: tuple[str, ...]) -> int:
+    if not xs or not ys:
+        return NULL
+    return 1 if set(xs) & set(ys) else 0
+
+
+def _company_level(a: Prepared, b: Prepared) -> int:
+    if not a.orgs or not b.orgs:
+        return NULL
+    if a.company and b.company:
+        if a.company == b.company:
+            return 3
+        if fuzz.token_set_ratio(a.company, b.company) >= COMPANY_RATIO:
+            return 2
+    return 1 if a.orgs & b.orgs else 0
+
+
+def _city_level(x: str, y: str) -> int:
+    if not x or not y:
+        return NULL
+    return 1 if x == y else 0
+
+
+def compare_levels(a: Prepared, b: Prepared) -> tuple[int, ...]:
+    """The level of every comparison for one pair (symmetric in a and b)."""
+    if _swapped(a, b):
+        first, last = 4, 2
+    else:
+        first, last = _first_level(a.first, b.first), _last_level(a.last, b.last)
+    company = _company_level(a, b)
+    email, phone = _email_level(a.emails, b.emails), _phone_level(a.phones, b.phones)
+    if email == 2 and _name_derived(a, b):
+        email = NULL  # "john.smith" elsewhere repeats the name evidence; it is not new evidence
+    if company == 0:  # at different organisations, different addresses and numbers are expected
+        email = NULL if email == 1 else email
+        phone = NULL if phone == 0 else phone
+    return (first, last, email, phone, company, _city_level(a.city, b.city))
+
+
+def level_notes(a: Prepared, b: Prepared, levels: Sequence[int]) -> dict[str, str]:
+    """Human-readable reasons for the agreeing levels ('nickname bob = robert', ...)."""
+    notes: dict[str, str] = {}
+    if _swapped(a, b):
+        notes["first_name"] = notes["last_name"] = "first and last name swapped"
+    elif levels[FIRST] == 3:
+        notes["first_name"] = f"nickname {a.first} = {b.first}"
+    elif levels[FIRST] == 1:
+        notes["first_name"] = f"initial {a.first[0]} fits {max(a.first, b.first, key=len)}"
+    if levels[EMAIL] == 2:
+        notes["email"] = "same user name at another domain"
+    if levels[EMAIL] == 4:
+        shared = sorted(set(a.emails) & set(b.emails))[0]
+        how = {
+            part
+            for p in (a, b)
+            for e, n in zip(p.emails, p.email_notes, strict=True)
+            if e == shared
+            for part in n.split(", ")
+            if part
+        }
+        notes["email"] = ", ".join(sorted(how)) or "same address"
+    if levels[PHONE] == 1:
+        notes["phone"] = "same number in E.164"
+    if levels[COMPANY] == 3:
+        notes["company"] = "same company after removing legal suffixes"
+    elif levels[COMPANY] == 1:
+        notes["company"] = "company matches an email domain"
+    return notes
+
+
+@dataclass(slots=True)
+class Columns:
+    """Column-wise view of prepared records for the vectorised path."""
+
+    records: Sequence[Prepared]
+    first: npt.NDArray[np.object_]
+    last: npt.NDArray[np.object_]
+    company: npt.NDArray[np.object_]
+    city: npt.NDArray[np.object_]
+
+    @classmethod
+    def of(cls, records: Sequence[Prepared]) -> Columns:
+        def col(name: str) -> npt.NDArray[np.object_]:
+            return np.array([getattr(r, name) for r in records], dtype=object)
+
+        return cls(records, col("first"), col("last"), col("company"), col("city"))
+
+
+def _jw(x: npt.NDArray[np.object_], y: npt.NDArray[np.object_]) -> npt.NDArray[np.float64]:
+    if len(x) == 0:
+        return np.zeros(0)
+    return np.asarray(
+        cpdist(x, y, scorer=JaroWinkler.similarity, dtype=np.float64, workers=1), dtype=np.float64
+    )
+
+
+def levels_many(
+    cols: Columns, ia: npt.NDArray[np.int64], ib: npt.NDArray[np.int64]
+) -> npt.NDArray[np.int8]:
+    """Levels for the pairs (cols.records[ia[k]], cols.records[ib[k]]) as an (n, fields) array."""
+    n = len(ia)
+    out = np.zeros((n, len(COMPARISONS)), dtype=np.int8)
+    fa, fb, la, lb = cols.first[ia], cols.first[ib], cols.last[ia], cols.last[ib]
+    empty_f, empty_l = (fa == "") | (fb == ""), (la == "") | (lb == "")
+
+    first = np.zeros(n, dtype=np.int8)
+    first[_jw(fa, fb) >= NAME_JW] = 2
+    short = np.fromiter((min(len(x), len(y)) <= 1 for x, y in zip(fa, fb, strict=True)), bool, n)
+    first[short & (first == 2)] = 0
+    initial = np.fromiter(
+        (
+            bool(x) and bool(y) and x[0] == y[0] and (len(x) == 1 or len(y) == 1)
+            for x, y in zip(fa, fb, strict=True)
+        ),
+        bool,
+        n,
+    )
+    first[initial & (first == 0)] = 1
+    candidates = np.flatnonzero((fa != fb) & ~short)
+    nick = [k for k in candidates if nickname_of(fa[k], fb[k])]
+    first[nick] = 3
+    first[fa == fb] = 4
+    first[empty_f] = NULL
+
+    last = np.where(_jw(la, lb) >= NAME_JW, 1, 0).astype(np.int8)
+    last[la == lb] = 2
+    last[empty_l] = NULL
+
+    swapped = ~empty_f & ~empty_l & (fa != la) & (fa == lb) & (la == fb)
+    first[swapped], last[swapped] = 4, 2
+    out[:, FIRST], out[:, LAST] = first, last
+
+    recs = cols.records
+    ca, cb = cols.company[ia], cols.company[ib]
+    company = np.zeros(n, dtype=np.int8)
+    both = np.flatnonzero((ca != "") & (cb != ""))
+    if len(both):
+        ratio = np.asarray(
+            cpdist(ca[both], cb[both], scorer=fuzz.token_set_ratio, dtype=np.float64, workers=1)
+        )
+        company[both[ratio >= COMPANY_RATIO]] = 2
+        company[both[ca[both] == cb[both]]] = 3
+    for k in np.flatnonzero(company == 0).tolist():
+        a, b = recs[ia[k]], recs[ib[k]]
+        if not a.orgs or not b.orgs:
+            company[k] = NULL
+        elif a.orgs & b.orgs:
+            company[k] = 1
+    out[:, COMPANY] = company
+    for k in range(n):
+        a, b = recs[ia[k]], recs[ib[k]]
+        email, phone = _email_level(a.emails, b.emails), _phone_level(a.phones, b.phones)
+        if email == 2 and _name_derived(a, b):
+            email = NULL
+        if company[k] == 0:
+            email = NULL if email == 1 else email
+            phone = NULL if phone == 0 else phone
+        out[k, EMAIL], out[k, PHONE] = email, phone
+
+    xa, xb = cols.city[ia], cols.city[ib]
+    city = (xa == xb).astype(np.int8)
+    city[(xa == "") | (xb == "")] = NULL
+    out[:, CITY] = city
+    return out
