@@ -40,7 +40,8 @@ from tenacity import (
     retry_if_exception,
     stop_after_attempt,
     stop_after_delay,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 from connectors.base import Connector, ConnectorConfig
@@ -196,7 +197,7 @@ def request_retry(
     """The one retry policy for a single request: transient errors, bounded in tries and time."""
     return AsyncRetrying(
         retry=retry_if_exception(_retryable),
-        wait=_wait(wait_exponential_jitter(initial=initial, max=max_wait, jitter=initial)),
+        wait=_wait(wait_exponential(multiplier=initial, max=max_wait) + wait_random(0, initial)),
         stop=stop_after_attempt(attempts) | stop_after_delay(max_delay),
         sleep=sleep,
         reraise=True,
@@ -360,7 +361,7 @@ class ApiClient:
         budget: RateBudget | None = None,
         client: httpx.AsyncClient | None = None,
         secret_name: str = "the token",
-        retry: Callable[[], AsyncRetrying] = request_retry,
+        retry: Callable[[], AsyncRetrying] | None = None,
         timeout: httpx.Timeout = DEFAULT_TIMEOUT,
     ) -> None:
         self.connector = connector
@@ -399,7 +400,8 @@ class ApiClient:
         json_body: Any = None,
     ) -> Any:
         """Send one request with retries; return the decoded JSON body or raise an error."""
-        async for attempt in self._retry():
+        policy = self._retry() if self._retry is not None else request_retry()
+        async for attempt in policy:
             with attempt:
                 return await self._once(method, path, stream, params, json_body)
         raise AssertionError("unreachable")  # pragma: no cover
