@@ -48,7 +48,7 @@ def normalise_email(value: str) -> str:
     try:
         result = validate_email(text, check_deliverability=False)
     except EmailNotValidError as exc:
-        raise ValueError(f"not a valid email address: {exc}") from None
+        raise ValueError(f"not a valid email address ({exc})") from None
     return result.normalized.lower()
 
 
@@ -60,8 +60,8 @@ def normalise_phone(value: str, region: str = "US") -> str:
         raise ValueError("empty phone number")
     try:
         number = phonenumbers.parse(text, region.upper())
-    except phonenumbers.NumberParseException as exc:
-        raise ValueError(f"not a phone number: {exc}") from None
+    except phonenumbers.NumberParseException:
+        raise ValueError("not a phone number") from None
     if not phonenumbers.is_valid_number(number):
         raise ValueError(f"not a valid phone number for region {region.upper()}")
     formatted = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)

@@ -1,0 +1,128 @@
+"""What the file connectors share: finding files, detecting encodings, per-file cursors.
+
+The cursor of a file connector maps each file to how far it was read::
+
+    {"files": {"/abs/leads.csv": {"size": 1234, "mtime_ns": ..., "head": "ab12...",
+                                  "pos": 500, "done": false}}}
+
+`pos` counts units (rows, lines, messages). A file whose size, mtime and head are unchanged and
+that was read to the end is skipped; one that only grew (same head) resumes at `pos`; anything
+else is read again from the start, and staging absorbs the records that did not change.
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from charset_normalizer import from_bytes
+
+from connectors.base import ConnectorContext
+from crmhub.errors import PermanentError
+from crmhub.records import Cursor
+
+__all__ = [
+    "FileState",
+    "advance",
+    "detect_encoding",
+    "file_state",
+    "resolve_files",
+    "resume_position",
+]
+
+_HEAD = 4096
+_SAMPLE = 256 * 1024
+
+
+def resolve_files(
+    context: ConnectorContext, pattern: str, *, suffixes: tuple[str, ...] = ()
+) -> list[Path]:
+    """Files matching `pattern` (a file, folder or glob), relative to the config file."""
+    base = context.resolve(pattern)
+    if base.is_dir():
+        paths = [p for p in sorted(base.rglob("*")) if p.is_file()]
+        if suffixes:
+            paths = [p for p in paths if p.suffix.lower() in suffixes]
+    elif any(ch in pattern for ch in "*?["):
+        paths = [Path(p) for p in sorted(glob.glob(str(base), recursive=True)) if Path(p).is_file()]
+    else:
+        paths = [base] if base.is_file() else []
+    if not paths:
+        raise PermanentError(
+            f"connector '{context.name}': path '{pattern}' matches no file "
+            f"(looked in {base}). Fix `path` in [connectors.{context.name}].",
+            connector=context.name,
+        )
+    return paths
+
+
+@dataclass(frozen=True, slots=True)
+class FileState:
+    size: int
+    mtime_ns: int
+    head: str
+
+    def as_dict(self, pos: int, done: bool) -> dict[str, Any]:
+        return {
+            "size": self.size,
+            "mtime_ns": self.mtime_ns,
+            "head": self.head,
+            "pos": pos,
+            "done": done,
+        }
+
+
+def file_state(path: Path) -> FileState:
+    stat = path.stat()
+    with path.open("rb") as fh:
+        head = hashlib.blake2b(fh.read(_HEAD), digest_size=12).hexdigest()
+    return FileState(stat.st_size, stat.st_mtime_ns, head)
+
+
+def resume_position(cursor: Cursor | None, path: Path, state: FileState) -> int | None:
+    """Where to start reading `path`: None to skip it, else the unit to resume at."""
+    seen = ((cursor or {}).get("files") or {}).get(str(path))
+    if not seen:
+        return 0
+    same_head = seen.get("head") == state.head and state.size >= seen.get("size", 0)
+    if not same_head:
+        return 0
+    unchanged = seen.get("size") == state.size and seen.get("mtime_ns") == state.mtime_ns
+    if unchanged and seen.get("done"):
+        return None
+    return int(seen.get("pos", 0))
+
+
+def advance(cursor: Cursor | None, path: Path, state: FileState, pos: int, done: bool) -> Cursor:
+    """A new cursor with `path` read up to `pos` (the old cursor is not modified)."""
+    files = dict((cursor or {}).get("files") or {})
+    files[str(path)] = state.as_dict(pos, done)
+    return {"files": files}
+
+
+def detect_encoding(path: Path, configured: str | None = None) -> str:
+    """The configured encoding, else by BOM, else UTF-8 if it decodes, else a best guess."""
+    if configured:
+        try:
+            codecs.lookup(configured)
+        except LookupError:
+            raise PermanentError(f"unknown encoding {configured!r} for {path.name}") from None
+        return configured
+    with path.open("rb") as fh:
+        sample = fh.read(_SAMPLE)
+    if sample.startswith(codecs.BOM_UTF8):
+        return "utf-8-sig"
+    if sample.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "utf-16"
+    try:
+        # A multi-byte character may be cut at the end of the sample.
+        sample.decode("utf-8") if len(sample) < _SAMPLE else sample[:-4].decode("utf-8")
+        return "utf-8"
+    except UnicodeDecodeError:
+        pass
+    best = from_bytes(sample).best()
+    return best.encoding if best is not None else "cp1252"

@@ -1,0 +1,218 @@
+"""`crmhub sync`, `crmhub init` and `crmhub demo`."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from crmhub.cli.common import (
+    EXIT_DEAD_LETTERS,
+    EXIT_ERROR,
+    console,
+    die,
+    err_console,
+    open_store,
+    print_json,
+    state,
+)
+from crmhub.errors import ConfigError, CrmHubError
+from crmhub.settings import DEFAULT_CONFIG, Settings, load_settings
+
+__all__ = ["register"]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _bundled(name: str) -> Path:
+    """A file shipped with crmhub (repo checkout or wheel)."""
+    for candidate in (ROOT / name, Path(__file__).resolve().parents[1] / f"_{name}"):
+        if candidate.exists():
+            return candidate
+    raise FileNotFoundError(name)
+
+
+async def _run_all(settings: Settings, names: list[str], full: bool, quiet: bool) -> list[dict]:
+    from sync.engine import PageReport, SyncEngine
+
+    engine = SyncEngine(settings, open_store(settings))
+    results: list[dict] = []
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:>8,.0f} rec/s"),
+        TimeElapsedColumn(),
+        console=err_console,
+        disable=quiet,
+        transient=False,
+    )
+    with progress:
+        for name in names:
+            task = progress.add_task(name, total=None, rate=0.0)
+
+            def report(page: PageReport, task: int = task) -> None:
+                elapsed = progress.tasks[task].elapsed or 1e-9
+                total = page.total_hint if page.total_hint else None
+                progress.update(
+                    task,
+                    completed=page.counts.pulled,
+                    total=total,
+                    rate=page.counts.pulled / elapsed,
+                )
+
+            try:
+                result = await engine.run(name, full=full, progress=report)
+            except ConfigError as exc:
+                results.append(
+                    {"connector": name, "state": "failed", "error": str(exc), "counts": {}}
+                )
+            except CrmHubError as exc:
+                results.append(
+                    {"connector": name, "state": "failed", "error": str(exc), "counts": {}}
+                )
+            else:
+                results.append(result.as_dict())
+                progress.update(
+                    task, total=result.counts.pulled or 1, completed=result.counts.pulled or 1
+                )
+    return results
+
+
+def _summary_table(results: list[dict], totals: dict[str, int]) -> Table:
+    table = Table(title="Sync summary", title_justify="left")
+    for column in ("connector", "pulled", "new/chg/same", "golden+", "merged", "activities",
+                   "dead", "dropped", "time"):
+        table.add_column(column, justify="left" if column == "connector" else "right")
+    for r in results:
+        c = r.get("counts") or {}
+        if r["state"] != "succeeded":
+            table.add_row(r["connector"], f"[red]{r['state']}[/]", *[""] * 7)
+            continue
+        table.add_row(
+            r["connector"],
+            f"{c['pulled']:,}",
+            f"{c['new']:,}/{c['changed']:,}/{c['unchanged']:,}",
+            f"{c['goldens_created']:,}",
+            f"{c['records_merged']:,}",
+            f"{c['activities']:,} ({c['activities_linked']:,} linked)",
+            f"[yellow]{c['dead_letters']:,}[/]" if c["dead_letters"] else "0",
+            f"{c['field_issues']:,}",
+            f"{r['seconds']:.1f}s",
+        )
+    table.caption = (
+        f"store: {totals['contacts']:,} contacts -> {totals['golden_records']:,} golden records, "
+        f"{totals['activities']:,} activities, {totals['open_reviews']:,} open reviews, "
+        f"{totals['dead_letters']:,} dead letters.\n"
+        "new/chg/same: staged records new, changed, unchanged; golden+: golden records created; "
+        "merged: records folded into another; dead: records rejected; dropped: bad values "
+        "removed from kept records"
+    )
+    return table
+
+
+def _sync(settings: Settings, names: list[str], full: bool, quiet: bool, as_json: bool) -> int:
+    from sync.queries import store_totals
+    from sync.sources import configured_sources
+
+    names = names or configured_sources(settings)
+    if not names:
+        die(
+            "no connectors configured. Add a [connectors.NAME] table to "
+            f"{settings.source_path or DEFAULT_CONFIG} (see config.example.toml)."
+        )
+    unknown = [n for n in names if n not in settings.connectors]
+    if unknown:
+        die(
+            f"unknown connector(s): {', '.join(unknown)}; configured: "
+            f"{', '.join(settings.connectors) or 'none'}"
+        )
+    results = asyncio.run(_run_all(settings, names, full, quiet or as_json))
+    with open_store(settings).connect() as conn:
+        totals = store_totals(conn)
+    if as_json:
+        print_json({"runs": results, "store": totals})
+    elif not quiet:
+        console.print(_summary_table(results, totals))
+    for r in results:
+        if r["state"] != "succeeded":
+            err_console.print(f"[red]{r['connector']} failed:[/] {r['error']}", highlight=False)
+    if any(r["state"] != "succeeded" for r in results):
+        return EXIT_ERROR
+    if any((r.get("counts") or {}).get("dead_letters") for r in results):
+        if not (quiet or as_json):
+            err_console.print("Some records were dead-lettered: see `crmhub errors`.")
+        return EXIT_DEAD_LETTERS
+    return 0
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def sync(
+        ctx: typer.Context,
+        sources: list[str] = typer.Argument(None, help="Connector names (default: all enabled)."),
+        full: bool = typer.Option(False, "--full", help="Ignore cursors and re-read everything."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary (cron)."),
+        as_json: bool = typer.Option(False, "--json", help="Machine-readable result."),
+    ) -> None:
+        """Pull, map, stage, match and merge: bring the store up to date.
+
+        Exit codes: 0 all good, 1 a connector failed, 3 some records were dead-lettered
+        (see `crmhub errors`).
+        """
+        raise typer.Exit(_sync(state(ctx).settings, sources or [], full, quiet, as_json))
+
+    @app.command()
+    def init(
+        ctx: typer.Context,
+        force: bool = typer.Option(False, "--force", help="Overwrite an existing config file."),
+    ) -> None:
+        """Write a starter crmhub.toml (if there is none) and create or upgrade the store."""
+        target = state(ctx).config or Path(DEFAULT_CONFIG)
+        if not target.exists() or force:
+            shutil.copyfile(_bundled("config.example.toml"), target)
+            console.print(f"wrote {target} (from config.example.toml): edit its connectors.")
+        settings = load_settings(target)
+        open_store(settings, migrate=True)
+        console.print(f"store ready: {settings.store.url}")
+
+    @app.command()
+    def demo(
+        directory: Path = typer.Option(
+            Path(".crmhub-demo"), "--dir", help="Where the demo config and store live."
+        ),
+        as_json: bool = typer.Option(False, "--json", help="Machine-readable result."),
+    ) -> None:
+        """Sync the bundled sample sources (CSV leads, mail, web forms) into a SQLite store.
+
+        Run it twice: the second run finds nothing new.
+        """
+        directory.mkdir(parents=True, exist_ok=True)
+        samples = _bundled("samples")
+        config = directory / "crmhub.toml"
+        config.write_text(
+            (samples / "demo.toml")
+            .read_text(encoding="utf-8")
+            .replace("@SAMPLES@", samples.as_posix()),
+            encoding="utf-8",
+        )
+        settings = load_settings(config)
+        code = _sync(settings, [], False, False, as_json)
+        if not as_json:
+            cfg = f"--config {config}"
+            console.print(
+                "\n[bold]Try next:[/]\n"
+                f"  crmhub {cfg} golden list --merged\n"
+                f"  crmhub {cfg} golden show 1\n"
+                f"  crmhub {cfg} golden search smith\n"
+                f"  crmhub {cfg} errors\n"
+                f"  crmhub {cfg} export xref --format csv\n"
+                "  (with `make demo`, the commands live in .venv/bin/: "
+                "`source .venv/bin/activate` first)",
+                highlight=False,
+            )
+        raise typer.Exit(0 if code == EXIT_DEAD_LETTERS else code)

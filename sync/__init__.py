@@ -1,0 +1,3 @@
+"""The unified store and the runs that keep it current."""
+
+from __future__ import annotations

@@ -1,0 +1,445 @@
+"""One connector run: pull -> map -> stage -> match -> merge -> checkpoint.
+
+Each page a connector yields is applied in one write transaction together with its cursor,
+so a crash anywhere replays at most the uncommitted page, and staging makes the replay a no-op.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+from pydantic import BaseModel
+from sqlalchemy import Connection, Engine, select
+
+from crmhub.errors import CrmHubError
+from crmhub.mapping import FieldIssue, content_hash
+from crmhub.records import Activity, Contact, Page, RawRecord
+from crmhub.settings import Settings
+from dedupe import Matcher, build_matcher
+from dedupe.matcher import email_key
+from sync.golden import MatchInput, match_and_merge, recompute_goldens
+from sync.sources import Source, load_source
+from sync.staging import Staged, StageItem, chunks, stage
+from sync.state import load_cursor, save_cursor
+from sync.store import (
+    activity,
+    activity_participant,
+    dead_letter,
+    match_key,
+    membership,
+    source_record,
+    sync_run,
+    write_transaction,
+)
+
+__all__ = ["PageReport", "RunCounts", "RunResult", "SyncEngine"]
+
+log = logging.getLogger("crmhub.sync")
+
+
+@dataclass(slots=True)
+class RunCounts:
+    pulled: int = 0
+    new: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    dead_letters: int = 0
+    field_issues: int = 0
+    contacts: int = 0
+    activities: int = 0
+    activities_linked: int = 0
+    deleted: int = 0
+    goldens_created: int = 0
+    records_merged: int = 0
+    goldens_merged: int = 0
+    reviews_queued: int = 0
+
+    def add(self, other: RunCounts) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+@dataclass(slots=True)
+class RunResult:
+    run_id: int
+    connector: str
+    state: str
+    counts: RunCounts
+    seconds: float
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "connector": self.connector,
+            "state": self.state,
+            "seconds": round(self.seconds, 3),
+            "error": self.error,
+            "counts": asdict(self.counts),
+        }
+
+
+@dataclass(slots=True)
+class PageReport:
+    """Sent to the progress callback after each committed page."""
+
+    connector: str
+    stream: str
+    counts: RunCounts
+    total_hint: int | None
+
+
+@dataclass(slots=True)
+class _Mapped:
+    kind: str
+    external_id: str
+    origin: str
+    model: BaseModel
+    item: StageItem
+    issues: list[FieldIssue] = field(default_factory=list)
+
+
+class SyncEngine:
+    """Runs connectors against one store. Safe to reuse for many runs."""
+
+    def __init__(self, settings: Settings, db: Engine, matcher: Matcher | None = None) -> None:
+        self.settings = settings
+        self.db = db
+        m = settings.matching
+        self.matcher = matcher or build_matcher(m.auto_merge, m.review, m.default_region)
+
+    async def run(
+        self,
+        name: str,
+        *,
+        full: bool = False,
+        progress: Callable[[PageReport], None] | None = None,
+        client: httpx.AsyncClient | None = None,
+    ) -> RunResult:
+        """Sync connector `name` to the store; returns the run's counts and state.
+
+        Config errors raise before a run is recorded. Connector errors end the run as
+        `failed` (recorded with the error) and are re-raised for the caller to report.
+        """
+        source = load_source(self.settings, name)
+        run_id = self._start_run(name, full)
+        started = time.perf_counter()
+        counts = RunCounts()
+        log.info("sync started", extra={"connector": name, "run_id": run_id, "full": full})
+        own_client = client is None
+        client = client or httpx.AsyncClient(timeout=httpx.Timeout(30.0))
+        try:
+            connector = source.connector(self.settings, client)
+            for stream in sorted(connector.streams):
+                with self.db.connect() as conn:
+                    cursor = None if full else load_cursor(conn, name, stream)
+                async for page in connector.pull(stream, cursor):
+                    page_counts = await asyncio.to_thread(
+                        self._apply_page, source, stream, page, run_id
+                    )
+                    counts.add(page_counts)
+                    if progress is not None:
+                        progress(PageReport(name, stream, counts, page.total_hint))
+        except (CrmHubError, httpx.HTTPError, OSError) as exc:
+            self._finish_run(run_id, "failed", counts, _describe(exc))
+            log.warning(
+                "sync failed",
+                extra={"connector": name, "run_id": run_id, "error_type": type(exc).__name__},
+            )
+            raise
+        except BaseException:
+            # Cancelled or killed: the committed pages stand, the run shows as interrupted.
+            self._finish_run(run_id, "interrupted", counts, "interrupted")
+            raise
+        finally:
+            if own_client:
+                await client.aclose()
+        self._finish_run(run_id, "succeeded", counts, None)
+        seconds = time.perf_counter() - started
+        log.info("sync finished", extra={"connector": name, "run_id": run_id, **asdict(counts)})
+        return RunResult(run_id, name, "succeeded", counts, seconds)
+
+    # -- run bookkeeping ------------------------------------------------------------
+    def _start_run(self, name: str, full: bool) -> int:
+        now = datetime.now(UTC)
+        with write_transaction(self.db) as conn:
+            # A run still marked running was killed; it can no longer finish.
+            conn.execute(
+                sync_run.update()
+                .where(sync_run.c.connector == name, sync_run.c.state == "running")
+                .values(state="interrupted", finished_at=now, error="process ended mid-run")
+            )
+            return int(
+                conn.execute(
+                    sync_run.insert().returning(sync_run.c.id),
+                    {
+                        "connector": name,
+                        "state": "running",
+                        "full_refresh": int(full),
+                        "started_at": now,
+                        "counts": {},
+                    },
+                ).scalar_one()
+            )
+
+    def _finish_run(self, run_id: int, state: str, counts: RunCounts, error: str | None) -> None:
+        with write_transaction(self.db) as conn:
+            conn.execute(
+                sync_run.update()
+                .where(sync_run.c.id == run_id)
+                .values(
+                    state=state, finished_at=datetime.now(UTC), counts=asdict(counts), error=error
+                )
+            )
+
+    # -- one page, one transaction ---------------------------------------------------
+    def _apply_page(self, source: Source, stream: str, page: Page, run_id: int) -> RunCounts:
+        counts = RunCounts(pulled=len(page.records))
+        now = datetime.now(UTC)
+        letters: list[dict[str, Any]] = [
+            _letter(run_id, source.name, "record", origin, None, reason, raw, now)
+            for origin, reason, raw in page.rejects
+        ]
+        mapped: dict[tuple[str, str], _Mapped] = {}
+        deletions: list[str] = []
+        for raw in page.records:
+            if raw.kind == "deletion":
+                deletions.append(raw.external_id)
+                continue
+            result = self._map(source, raw, letters, run_id, now)
+            if result is not None:
+                mapped[(result.kind, result.external_id)] = result  # the last copy wins
+        for item in mapped.values():
+            for issue in item.issues:
+                letters.append(
+                    _letter(
+                        run_id,
+                        source.name,
+                        "field",
+                        item.origin,
+                        issue.field,
+                        issue.reason,
+                        None,
+                        now,
+                    )
+                )
+        with write_transaction(self.db) as conn:
+            self._apply_contacts(
+                conn, source, [m for m in mapped.values() if m.kind == "contact"], counts
+            )
+            self._apply_activities(
+                conn, source, [m for m in mapped.values() if m.kind == "activity"], counts
+            )
+            if deletions:
+                counts.deleted += self._apply_deletions(conn, source.name, deletions, now)
+            if letters:
+                conn.execute(dead_letter.insert(), letters)
+            save_cursor(conn, source.name, stream, page.next_cursor)
+        counts.dead_letters = sum(1 for x in letters if x["scope"] == "record")
+        counts.field_issues = len(letters) - counts.dead_letters
+        return counts
+
+    def _map(
+        self,
+        source: Source,
+        raw: RawRecord,
+        letters: list[dict[str, Any]],
+        run_id: int,
+        now: datetime,
+    ) -> _Mapped | None:
+        origin = raw.origin or raw.external_id
+        try:
+            if raw.kind == "contact":
+                result = source.mapping.map_contact(
+                    raw.payload, self.settings.matching.default_region
+                )
+            else:
+                result = source.mapping.map_activity(raw.payload)
+        except ValueError as exc:
+            letters.append(
+                _letter(run_id, source.name, "record", origin, None, str(exc), raw.payload, now)
+            )
+            return None
+        model = result.record
+        if isinstance(model, Contact) and not model.has_identity():
+            letters.append(
+                _letter(
+                    run_id,
+                    source.name,
+                    "record",
+                    origin,
+                    None,
+                    "no identity: the record has no email, phone or name",
+                    raw.payload,
+                    now,
+                )
+            )
+            return None
+        digest = content_hash(raw.payload)
+        external_id = raw.external_id or result.external_id
+        if not external_id:
+            # No id at the source: the primary email identifies a contact, else its content.
+            primary = model.primary_email if isinstance(model, Contact) else None
+            external_id = primary or f"hash:{digest}"
+        updated = (
+            result.updated_at
+            or raw.updated_at
+            or (model.occurred_at if isinstance(model, Activity) else model.source_updated_at)
+        )
+        data = model.model_dump(mode="json", exclude_defaults=True)
+        item = StageItem(external_id, digest, raw.payload, data, updated)
+        return _Mapped(raw.kind, external_id, origin, model, item, result.issues)
+
+    def _apply_contacts(
+        self, conn: Connection, source: Source, items: list[_Mapped], counts: RunCounts
+    ) -> None:
+        if not items:
+            return
+        models = {m.external_id: m.model for m in items}
+        staged = stage(conn, source.name, "contact", [m.item for m in items])
+        _count(counts, staged)
+        counts.contacts += len(staged)
+        inputs = [
+            MatchInput(
+                s.record_id,
+                models[s.item.external_id],
+                s.item.data,  # type: ignore[arg-type]
+                s.item.source_updated_at,
+                s.status,
+            )  # type: ignore[arg-type]
+            for s in staged
+            if s.status != "unchanged"
+        ]
+        outcome = match_and_merge(conn, self.matcher, inputs)
+        counts.goldens_created += outcome.goldens_created
+        counts.records_merged += outcome.records_merged
+        counts.goldens_merged += outcome.goldens_merged
+        counts.reviews_queued += outcome.reviews_queued
+
+    def _apply_activities(
+        self, conn: Connection, source: Source, items: list[_Mapped], counts: RunCounts
+    ) -> None:
+        if not items:
+            return
+        models = {m.external_id: m.model for m in items}
+        staged = stage(conn, source.name, "activity", [m.item for m in items])
+        _count(counts, staged)
+        counts.activities += len(staged)
+        touched = [s for s in staged if s.status != "unchanged"]
+        changed_ids = [s.record_id for s in touched if s.status == "changed"]
+        for part in chunks(changed_ids):
+            conn.execute(activity.delete().where(activity.c.record_id.in_(part)))
+            conn.execute(
+                activity_participant.delete().where(activity_participant.c.record_id.in_(part))
+            )
+        rows, participants = [], []
+        for s in touched:
+            act: Activity = models[s.item.external_id]  # type: ignore[assignment]
+            rows.append(
+                {
+                    "record_id": s.record_id,
+                    "type": act.type,
+                    "occurred_at": act.occurred_at,
+                    "subject": (act.subject or "")[:500],
+                }
+            )
+            participants.extend(
+                {"record_id": s.record_id, "email_key": key}
+                for key in dict.fromkeys(email_key(p) for p in act.participants)
+            )
+        if rows:
+            conn.execute(activity.insert(), rows)
+        if participants:
+            conn.execute(activity_participant.insert(), participants)
+        keys = {p["email_key"] for p in participants}
+        known: set[str] = set()
+        for part in chunks(sorted(keys)):
+            known.update(
+                conn.execute(
+                    select(match_key.c.key_value).where(
+                        match_key.c.key_kind == "email", match_key.c.key_value.in_(part)
+                    )
+                ).scalars()
+            )
+        linked = {p["record_id"] for p in participants if p["email_key"] in known}
+        counts.activities_linked += len(linked)
+
+    def _apply_deletions(
+        self, conn: Connection, source: str, external_ids: list[str], now: datetime
+    ) -> int:
+        """The source no longer has these contacts: flag them, re-survive their goldens."""
+        ids: list[int] = []
+        for part in chunks(external_ids):
+            ids.extend(
+                conn.execute(
+                    select(source_record.c.id).where(
+                        source_record.c.source == source,
+                        source_record.c.kind == "contact",
+                        source_record.c.external_id.in_(part),
+                        source_record.c.deleted == 0,
+                    )
+                ).scalars()
+            )
+        goldens: set[int] = set()
+        for part in chunks(ids):
+            conn.execute(
+                source_record.update()
+                .where(source_record.c.id.in_(part))
+                .values(deleted=1, staged_at=now)
+            )
+            conn.execute(match_key.delete().where(match_key.c.record_id.in_(part)))
+            goldens.update(
+                conn.execute(
+                    select(membership.c.golden_id).where(membership.c.record_id.in_(part))
+                ).scalars()
+            )
+        recompute_goldens(conn, goldens, now)
+        return len(ids)
+
+    def totals(self) -> dict[str, int]:
+        """Store-wide figures for summaries."""
+        from sync.queries import store_totals
+
+        with self.db.connect() as conn:
+            return store_totals(conn)
+
+
+def _count(counts: RunCounts, staged: list[Staged]) -> None:
+    for s in staged:
+        setattr(counts, s.status, getattr(counts, s.status) + 1)
+
+
+def _letter(
+    run_id: int,
+    source: str,
+    scope: str,
+    origin: str,
+    field_name: str | None,
+    reason: str,
+    raw: Any,
+    now: datetime,
+) -> dict[str, Any]:
+    import json
+
+    text = raw if isinstance(raw, str) or raw is None else json.dumps(raw, default=str)
+    return {
+        "run_id": run_id,
+        "source": source,
+        "scope": scope,
+        "origin": origin[:500],
+        "field": field_name,
+        "reason": reason,
+        "raw": text,
+        "created_at": now,
+    }
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
