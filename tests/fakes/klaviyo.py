@@ -131,8 +131,16 @@ def event(e: Event) -> dict[str, Any]:
     }
 
 
-def make_app(state: FakeState, *, expired_cursors: set[str] | None = None) -> ASGIApp:
+def make_app(
+    state: FakeState,
+    *,
+    expired_cursors: set[str] | None = None,
+    issued_cursors: list[str] | None = None,
+) -> ASGIApp:
+    """`issued_cursors` collects every page cursor handed out; moving some into
+    `expired_cursors` makes the server refuse them with 400, as Klaviyo does."""
     expired = expired_cursors if expired_cursors is not None else set()
+    issued = issued_cursors if issued_cursors is not None else []
 
     def check(request: Request) -> JSONResponse | None:
         if request.headers.get("authorization") != f"Klaviyo-API-Key {state.token}":
@@ -177,7 +185,9 @@ def make_app(state: FakeState, *, expired_cursors: set[str] | None = None) -> AS
         base = str(request.url.remove_query_params("page[cursor]"))
         nxt = None
         if offset + size < len(rows):
-            token = base64.urlsafe_b64encode(json.dumps({"o": offset + size}).encode()).decode()
+            raw = json.dumps({"o": offset + size, "f": q.get("filter", "")}).encode()
+            token = base64.urlsafe_b64encode(raw).decode()
+            issued.append(token)
             sep = "&" if "?" in base else "?"
             nxt = f"{base}{sep}page[cursor]={token}"
         body: dict[str, Any] = {

@@ -179,8 +179,12 @@ def faulty(app: ASGIApp, state: FakeState, error_body: ErrorBody) -> ASGIApp:
             )
             await response(scope, receive, send)
             return
-        state.statuses.append(200)
-        await app(scope, receive, send)
+        async def record(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                state.statuses.append(message["status"])
+            await send(message)
+
+        await app(scope, receive, record)
 
     return wrapped
 
