@@ -179,6 +179,7 @@ def faulty(app: ASGIApp, state: FakeState, error_body: ErrorBody) -> ASGIApp:
             )
             await response(scope, receive, send)
             return
+
         async def record(message: Any) -> None:
             if message["type"] == "http.response.start":
                 state.statuses.append(message["status"])
