@@ -63,7 +63,7 @@ class ActiveCampaignConnector(HttpConnector["ActiveCampaignConnector.Config"]):
 
     async def pull(self, stream: Stream, cursor: Cursor | None) -> AsyncIterator[Page]:
         api = self.api()
-        mark = Watermark.from_cursor(cursor, overlap=timedelta(seconds=1))
+        mark = Watermark.from_cursor(cursor, overlap=timedelta(seconds=1), strict=True)
 
         async def fetch(since: datetime | None, offset: int) -> tuple[list[Any], int | None]:
             params: dict[str, Any] = {

@@ -100,7 +100,7 @@ class KlaviyoConnector(HttpConnector["KlaviyoConnector.Config"]):
         base_params: dict[str, Any],
         parse: Callable[[Any, dict[Any, Any]], RawRecord],
     ) -> AsyncIterator[Page]:
-        mark = Watermark.from_cursor(cursor, overlap=timedelta(seconds=1))
+        mark = Watermark.from_cursor(cursor, overlap=timedelta(seconds=1), strict=True)
         seen: set[tuple[str, Any]] = set()
         paginator = LinksNextPaginator()
         restarts = 0

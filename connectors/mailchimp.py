@@ -87,7 +87,7 @@ class MailchimpConnector(HttpConnector["MailchimpConnector.Config"]):
                 yield page
 
     async def _members(self, api: ApiClient, cursor: Cursor | None) -> AsyncIterator[Page]:
-        mark = Watermark.from_cursor(cursor, overlap=SECOND)
+        mark = Watermark.from_cursor(cursor, overlap=SECOND, strict=True)
         path = f"/lists/{self.config.list_id}/members"
 
         async def fetch(since: datetime | None, offset: int) -> tuple[list[Any], int | None]:

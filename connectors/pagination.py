@@ -12,9 +12,9 @@ request parameters (query string or JSON body, the connector decides which):
 
 - The cursor is `{"since": ISO-8601 UTC, "seen": [ids]}`: the greatest `updated_at` among
   committed records, and the ids committed *at exactly that instant*.
-- A query asks for `updated_at >= since - overlap` sorted ascending. `overlap` is the source's
-  timestamp resolution for sources whose filter is strict (`>`), zero for inclusive ones, so
-  records sharing the boundary instant are always read again and never lost to a tie.
+- A query asks for `updated_at >= since` (inclusive filters) or `updated_at > since - overlap`
+  (strict filters, `strict=True`; `overlap` is the source's timestamp resolution), sorted
+  ascending, so records sharing the boundary instant are always read again, never lost to a tie.
 - Records already committed at the boundary (`seen`) are dropped on resume, so a resumed run
   neither skips nor repeats them. Records in the overlap below `since` may be yielded again;
   the store absorbs those.
@@ -132,21 +132,31 @@ class Watermark:
 
     since: datetime | None = None
     overlap: timedelta = timedelta(0)
+    strict: bool = False
+    # Records consumed that the current query window still returns, id -> updated_at.
     _window: dict[str, datetime] = field(default_factory=dict)
 
     @classmethod
     def from_cursor(
-        cls, cursor: Cursor | None, *, overlap: timedelta = timedelta(0), key: str = "since"
+        cls,
+        cursor: Cursor | None,
+        *,
+        overlap: timedelta = timedelta(0),
+        strict: bool = False,
+        key: str = "since",
     ) -> Watermark:
         if not cursor or not cursor.get(key):
-            return cls(None, overlap)
+            return cls(None, overlap, strict)
         since = parse_datetime(cursor[key])
         seen = cursor.get("seen") or []
-        return cls(since, overlap, {str(i): since for i in seen})
+        return cls(since, overlap, strict, {str(i): since for i in seen})
 
     def query_from(self) -> datetime | None:
-        """The lower bound to send: `since - overlap` (inclusive), or None for everything."""
+        """The lower bound to send (`since - overlap`), or None for everything."""
         return None if self.since is None else self.since - self.overlap
+
+    def _in_window(self, at: datetime, low: datetime) -> bool:
+        return at > low if self.strict else at >= low
 
     @property
     def consumed_in_window(self) -> int:
@@ -158,13 +168,13 @@ class Watermark:
             return True
         if self._window.get(record_id) == updated_at:
             return False
-        if self.since is not None and updated_at < self.since - self.overlap:
+        if self.since is not None and not self._in_window(updated_at, self.since - self.overlap):
             return True  # out of order at the source; keep it, do not move the mark back
         self._window[record_id] = updated_at
         if self.since is None or updated_at > self.since:
             self.since = updated_at
             low = updated_at - self.overlap
-            self._window = {k: v for k, v in self._window.items() if v >= low}
+            self._window = {k: v for k, v in self._window.items() if self._in_window(v, low)}
         return True
 
     def cursor(self, **extra: Any) -> Cursor | None:

@@ -90,6 +90,14 @@ async def test_ties_across_page_boundaries_are_not_lost(vendor: Running) -> None
     assert set(ids([first])) | set(ids(rest)) == vendor.want(range(1, 306))
 
 
+async def test_dense_timestamps_many_per_second(vendor: Running) -> None:
+    """100 records per second: second-resolution sources see ties everywhere."""
+    vendor.state.add_people(1000, step_ms=10)
+    got = ids(await pull_all(vendor.connector(page_size=100)))
+    assert set(got) == vendor.want(range(1, 1001))
+    assert len(got) == 1000
+
+
 async def test_incremental_run_fetches_only_changes(vendor: Running) -> None:
     vendor.state.add_people(120)
     full = await pull_all(vendor.connector(page_size=50))

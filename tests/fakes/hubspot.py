@@ -138,7 +138,7 @@ def make_app(state: FakeState) -> ASGIApp:
         return JSONResponse(body, headers=limits())
 
     async def search(
-        request: Request, rows: list[tuple[datetime, int, dict[str, Any]]], prop: str
+        request: Request, rows: list[tuple[datetime, int, Any]], prop: str, render: Any
     ) -> JSONResponse:
         if (err := auth_error(request)) is not None:
             return err
@@ -167,19 +167,21 @@ def make_app(state: FakeState) -> ASGIApp:
             (r for r in rows if low is None or _ms(r[0]) >= low), key=lambda r: (r[0], r[1])
         )
         page = matched[after : after + limit]
-        body: dict[str, Any] = {"total": len(matched), "results": [r[2] for r in page]}
+        body: dict[str, Any] = {"total": len(matched), "results": [render(r[2]) for r in page]}
         if after + limit < len(matched):
             body["paging"] = {"next": {"after": str(after + limit)}}
         return JSONResponse(body)
 
     async def search_contacts(request: Request) -> JSONResponse:
-        rows = [(p.updated, p.id, contact(p)) for p in state.live()]
-        return await search(request, rows, "lastmodifieddate")
+        rows = [(p.updated, p.id, p) for p in state.live()]
+        return await search(request, rows, "lastmodifieddate", contact)
 
     async def search_emails(request: Request) -> JSONResponse:
         people = state.people
-        rows = [(e.at, e.id, email(e, people[e.person_id])) for e in state.events]
-        return await search(request, rows, "hs_lastmodifieddate")
+        rows = [(e.at, e.id, e) for e in state.events]
+        return await search(
+            request, rows, "hs_lastmodifieddate", lambda e: email(e, people[e.person_id])
+        )
 
     app = Starlette(
         routes=[

@@ -153,9 +153,10 @@ def make_app(
 
     def listing(
         request: Request,
-        rows: list[tuple[datetime, int, dict[str, Any]]],
+        rows: list[tuple[datetime, int, Any]],
         field: str,
         max_size: int,
+        render: Any,
         included: list[dict[str, Any]] | None = None,
     ) -> JSONResponse:
         q = request.query_params
@@ -181,7 +182,7 @@ def make_app(
                     400,
                 )
             offset = json.loads(base64.urlsafe_b64decode(token))["o"]
-        page = rows[offset : offset + size]
+        page = [(r[0], r[1], render(r[2])) for r in rows[offset : offset + size]]
         base = str(request.url.remove_query_params("page[cursor]"))
         nxt = None
         if offset + size < len(rows):
@@ -195,10 +196,11 @@ def make_app(
             "links": {"self": str(request.url), "next": nxt, "prev": None},
         }
         if included is not None:
-            wanted = {
-                rel["data"]["id"] for r in page for rel in r[2].get("relationships", {}).values()
-            }
-            body["included"] = [i for i in included if i["id"] in wanted]
+            people = {int(r[2]["relationships"]["profile"]["data"]["id"][3:]) for r in page}
+            metrics = {r[2]["relationships"]["metric"]["data"]["id"] for r in page}
+            body["included"] = [profile(state.people[n]) for n in sorted(people)] + [
+                i for i in included if i["id"] in metrics
+            ]
         return JSONResponse(
             body,
             headers={"RateLimit-Limit": "75", "RateLimit-Remaining": "74", "RateLimit-Reset": "1"},
@@ -210,20 +212,20 @@ def make_app(
     async def profiles(request: Request) -> JSONResponse:
         if (err := check(request)) is not None:
             return err
-        rows = [(p.updated, p.id, profile(p)) for p in state.live()]
-        return listing(request, rows, "updated", 100)
+        rows = [(p.updated, p.id, p) for p in state.live()]
+        return listing(request, rows, "updated", 100, profile)
 
     async def events(request: Request) -> JSONResponse:
         if (err := check(request)) is not None:
             return err
-        rows = [(e.at, e.id, event(e)) for e in state.events]
-        included: list[dict[str, Any]] = []
+        rows = [(e.at, e.id, e) for e in state.events]
+        included: list[dict[str, Any]] | None = None
         if "include" in request.query_params:
-            included = [profile(p) for p in state.people.values()] + [
+            included = [
                 {"type": "metric", "id": f"M{k}", "attributes": {"name": v}}
                 for k, v in METRICS.items()
             ]
-        return listing(request, rows, "datetime", 200, included)
+        return listing(request, rows, "datetime", 200, event, included)
 
     app = Starlette(
         routes=[
