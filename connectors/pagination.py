@@ -211,7 +211,8 @@ async def seek_pages(
     `fetch(since, offset)` returns one page of raw items (at most `limit`) and the total when
     known; `parse(item)` makes a `RawRecord` or raises for an unusable item (a reject).
     """
-    margin = max(1, limit // 4) if margin is None else margin
+    # Re-read a few consumed records per page: survives that many mid-run edits of ties.
+    margin = max(1, min(10, limit // 10)) if margin is None else margin
     seen: set[tuple[str, datetime | None]] = set()
     rejected: set[str] = set()
     extra = 0

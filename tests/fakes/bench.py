@@ -12,12 +12,13 @@ import asyncio
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from crmhub.settings import Settings
 from sync.engine import SyncEngine
 from sync.migrate import upgrade
 from sync.store import make_engine
-from tests.connectors.vendors import TOKEN, VENDORS
+from tests.connectors.vendors import TOKEN, VENDORS, Running
 from tests.fakes.server import FakeServer, FakeState
 
 
@@ -26,7 +27,7 @@ async def main() -> None:
     parser.add_argument("kind", choices=sorted(VENDORS))
     parser.add_argument("n", type=int, nargs="?", default=50_000)
     parser.add_argument("--rate", type=float, default=None)
-    parser.add_argument("--contacts-only", action="store_true")
+    parser.add_argument("--pull-only", action="store_true", help="connector alone, no store")
     args = parser.parse_args()
     vendor = VENDORS[args.kind]
     state = FakeState(TOKEN)
@@ -40,6 +41,9 @@ async def main() -> None:
             store={"url": f"sqlite:///{Path(tmp) / 'bench.db'}"},  # type: ignore[arg-type]
             connectors={"src": table},
         )
+        if args.pull_only:
+            await pull_only(vendor, server.url, args.n)
+            return
         db = make_engine(settings.store.url, Path(tmp))
         upgrade(db)
         engine = SyncEngine(settings, db)
@@ -63,6 +67,16 @@ async def main() -> None:
             f"{second.counts.contacts} contacts, {second.counts.changed} changed, "
             f"{time.perf_counter() - started:.1f}s"
         )
+
+
+async def pull_only(vendor: Any, url: str, n: int) -> None:
+    running = Running(vendor, FakeState(TOKEN), url)
+    started = time.perf_counter()
+    count = 0
+    async for page in running.connector().pull("contacts", None):
+        count += len(page.records)
+    seconds = time.perf_counter() - started
+    print(f"{vendor.kind}: pulled {count} of {n} in {seconds:.1f}s = {count / seconds:,.0f}/s")
 
 
 if __name__ == "__main__":
