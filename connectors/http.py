@@ -332,8 +332,12 @@ _LOCAL_BUDGETS: dict[str, LocalRateBudget] = {}
 def rate_budget_for(
     account: str, *, rate: float, burst: float | None = None, redis_url: str | None = None
 ) -> RateBudget:
-    """The budget for `account` ("hubspot:<host>" ...): Redis-shared if a URL is given."""
-    burst = burst if burst is not None else max(1.0, rate)
+    """The budget for `account` ("hubspot:<host>" ...): Redis-shared if a URL is given.
+
+    The default burst of one request keeps pacing even: a vendor counting requests in any
+    sliding one-second window then never sees more than `rate` of them.
+    """
+    burst = burst if burst is not None else 1.0
     if redis_url:
         return RedisRateBudget(redis_url, f"crmhub:ratelimit:{account}", rate, burst)
     budget = _LOCAL_BUDGETS.get(account)
