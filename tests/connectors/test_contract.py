@@ -161,6 +161,33 @@ async def test_malformed_body_is_retried_then_a_clear_error(vendor: Running) -> 
         await pull_all(vendor.connector())
 
 
+async def test_401_mid_run_stops_with_a_resumable_checkpoint(vendor: Running) -> None:
+    vendor.state.add_people(200)
+    committed: list[Page] = []
+    vendor.state.faults.append(Fault(401))  # applies to the next request: the first page
+    with pytest.raises(AuthError):
+        await pull_all(vendor.connector(page_size=50))
+    connector = vendor.connector(page_size=50)
+
+    async def revoked_after_first_page() -> None:
+        async for page in connector.pull("contacts", None):
+            committed.append(page)
+            vendor.state.faults.append(Fault(401))
+
+    with pytest.raises(AuthError):
+        await revoked_after_first_page()
+    assert len(committed) == 1
+    rest = await pull_all(vendor.connector(page_size=50), cursor=committed[-1].next_cursor)
+    assert set(ids(committed)) | set(ids(rest)) == vendor.want(range(1, 201))
+
+
+async def test_slow_response_times_out_and_is_retried(vendor: Running) -> None:
+    vendor.state.add_people(20)
+    vendor.state.faults.append(Fault(delay=0.5))
+    pages = await pull_all(vendor.connector(timeout=0.2))
+    assert set(ids(pages)) == vendor.want(range(1, 21))
+
+
 async def test_wrong_base_url_is_a_permanent_error(vendor: Running) -> None:
     connector = vendor.connector(base_url=vendor.url + "/nowhere")
     with pytest.raises(PermanentError):

@@ -9,7 +9,6 @@ with 429 or 503, seeded so a failing run can be replayed.
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import threading
 import time
@@ -19,7 +18,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import uvicorn
-from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -188,14 +186,6 @@ def faulty(app: ASGIApp, state: FakeState, error_body: ErrorBody) -> ASGIApp:
         await app(scope, receive, record)
 
     return wrapped
-
-
-def bad_auth(request: Request, state: FakeState, header: str, expect: str) -> bool:
-    return request.headers.get(header, "") != expect
-
-
-def dumps(value: Any) -> str:
-    return json.dumps(value)
 
 
 class FakeServer:
