@@ -2,12 +2,13 @@
 
 The cursor of a file connector maps each file to how far it was read::
 
-    {"files": {"/abs/leads.csv": {"size": 1234, "mtime_ns": ..., "head": "ab12...",
+    {"files": {"/abs/leads.csv": {"size": 1234, "mtime_ns": ..., "digest": "ab12...",
                                   "pos": 500, "done": false}}}
 
-`pos` counts units (rows, lines, messages). A file whose size, mtime and head are unchanged and
-that was read to the end is skipped; one that only grew (same head) resumes at `pos`; anything
-else is read again from the start, and staging absorbs the records that did not change.
+`pos` counts units (rows, lines, messages). A file read to the end with the same size and
+mtime is skipped; one that only grew (its old bytes unchanged) resumes at `pos`; a file cut
+short by a crash resumes at `pos` if it is untouched; anything else is read again from the
+start, and staging absorbs the records that did not change.
 """
 
 from __future__ import annotations
@@ -62,25 +63,39 @@ def resolve_files(
 
 @dataclass(frozen=True, slots=True)
 class FileState:
+    path: Path
     size: int
     mtime_ns: int
-    head: str
 
     def as_dict(self, pos: int, done: bool) -> dict[str, Any]:
+        # A finished file keeps a digest of all it had, so a later run can tell a file that
+        # only grew (resume) from one rewritten anywhere (read again). A file cut short by a
+        # crash keeps a cheap digest of its head: it resumes only if size and mtime still match.
+        digest = _digest(self.path, self.size if done else min(self.size, _HEAD))
         return {
             "size": self.size,
             "mtime_ns": self.mtime_ns,
-            "head": self.head,
+            "digest": digest,
             "pos": pos,
             "done": done,
         }
 
 
+def _digest(path: Path, length: int) -> str:
+    hasher = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as fh:
+        while length > 0:
+            chunk = fh.read(min(length, 1 << 20))
+            if not chunk:
+                break
+            hasher.update(chunk)
+            length -= len(chunk)
+    return hasher.hexdigest()
+
+
 def file_state(path: Path) -> FileState:
     stat = path.stat()
-    with path.open("rb") as fh:
-        head = hashlib.blake2b(fh.read(_HEAD), digest_size=12).hexdigest()
-    return FileState(stat.st_size, stat.st_mtime_ns, head)
+    return FileState(path, stat.st_size, stat.st_mtime_ns)
 
 
 def resume_position(cursor: Cursor | None, path: Path, state: FileState) -> int | None:
@@ -88,13 +103,16 @@ def resume_position(cursor: Cursor | None, path: Path, state: FileState) -> int 
     seen = ((cursor or {}).get("files") or {}).get(str(path))
     if not seen:
         return 0
-    same_head = seen.get("head") == state.head and state.size >= seen.get("size", 0)
-    if not same_head:
-        return 0
     unchanged = seen.get("size") == state.size and seen.get("mtime_ns") == state.mtime_ns
-    if unchanged and seen.get("done"):
+    if not seen.get("done"):
+        same_head = _digest(path, min(state.size, _HEAD)) == seen.get("digest")
+        return int(seen.get("pos", 0)) if unchanged and same_head else 0
+    if unchanged:
         return None
-    return int(seen.get("pos", 0))
+    grew = state.size > seen.get("size", 0)
+    if grew and _digest(path, int(seen["size"])) == seen.get("digest"):
+        return int(seen.get("pos", 0))  # appended to: read only the new part
+    return 0
 
 
 def advance(cursor: Cursor | None, path: Path, state: FileState, pos: int, done: bool) -> Cursor:

@@ -33,15 +33,16 @@ phones to E.164, dates parsed. A bad value is dropped and reported; the record i
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import orjson
 from pydantic import ValidationError
 
 from crmhub.errors import MappingError
@@ -65,6 +66,7 @@ __all__ = [
     "content_hash",
     "load_mapping",
     "mapping_path_for",
+    "record_data",
 ]
 
 BUILTIN_MAPPINGS = Path(__file__).resolve().parent.parent / "mappings"
@@ -96,6 +98,7 @@ class Mapped:
     issues: list[FieldIssue] = field(default_factory=list)
 
 
+@lru_cache(maxsize=4096)
 def canonical_column(header: str) -> str:
     """'First Name' -> 'first_name', the spelling used to recognise canonical CSV headers."""
     return re.sub(r"[^a-z0-9]+", "_", header.strip().lower()).strip("_")
@@ -528,5 +531,20 @@ def mapping_path_for(
 
 def content_hash(payload: Any) -> str:
     """A stable digest of a payload, so re-staging an unchanged record is a no-op."""
-    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
+    blob = orjson.dumps(payload, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS, default=str)
+    return hashlib.blake2b(blob, digest_size=16).hexdigest()
+
+
+def record_data(record: Contact | Activity) -> dict[str, Any]:
+    """The JSON the store keeps for a mapped record: set fields only (model_dump is slower)."""
+    out: dict[str, Any] = {}
+    for name, value in record.__dict__.items():
+        if (
+            value is None
+            or value == []
+            or value == {}
+            or (name == "consent" and value == "unknown")
+        ):
+            continue
+        out[name] = value.isoformat() if isinstance(value, date) else value
+    return out

@@ -7,24 +7,26 @@ so a crash anywhere replays at most the uncommitted page, and staging makes the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import httpx
-from pydantic import BaseModel
 from sqlalchemy import Connection, Engine, select
 
+from connectors import Connector
 from crmhub.errors import CrmHubError
-from crmhub.mapping import FieldIssue, content_hash
-from crmhub.records import Activity, Contact, Page, RawRecord
+from crmhub.records import Activity, Contact, Cursor, Page
 from crmhub.settings import Settings
 from dedupe import Matcher, build_matcher
 from dedupe.matcher import email_key
 from sync.golden import MatchInput, match_and_merge, recompute_goldens
+from sync.mapping_step import MappedRecord, PageMapper, Rejected
 from sync.sources import Source, load_source
 from sync.staging import Staged, StageItem, chunks, stage
 from sync.state import load_cursor, save_cursor
@@ -34,6 +36,7 @@ from sync.store import (
     dead_letter,
     match_key,
     membership,
+    one_of,
     source_record,
     sync_run,
     write_transaction,
@@ -96,16 +99,6 @@ class PageReport:
     total_hint: int | None
 
 
-@dataclass(slots=True)
-class _Mapped:
-    kind: str
-    external_id: str
-    origin: str
-    model: BaseModel
-    item: StageItem
-    issues: list[FieldIssue] = field(default_factory=list)
-
-
 class SyncEngine:
     """Runs connectors against one store. Safe to reuse for many runs."""
 
@@ -114,6 +107,8 @@ class SyncEngine:
         self.db = db
         m = settings.matching
         self.matcher = matcher or build_matcher(m.auto_merge, m.review, m.default_region)
+        self._analyzed_at = 0
+        self.mapper = PageMapper(m.default_region)
 
     async def run(
         self,
@@ -140,13 +135,7 @@ class SyncEngine:
             for stream in sorted(connector.streams):
                 with self.db.connect() as conn:
                     cursor = None if full else load_cursor(conn, name, stream)
-                async for page in connector.pull(stream, cursor):
-                    page_counts = await asyncio.to_thread(
-                        self._apply_page, source, stream, page, run_id
-                    )
-                    counts.add(page_counts)
-                    if progress is not None:
-                        progress(PageReport(name, stream, counts, page.total_hint))
+                await self._pipeline(source, connector, stream, cursor, run_id, counts, progress)
         except (CrmHubError, httpx.HTTPError, OSError) as exc:
             self._finish_run(run_id, "failed", counts, _describe(exc))
             log.warning(
@@ -165,6 +154,65 @@ class SyncEngine:
         seconds = time.perf_counter() - started
         log.info("sync finished", extra={"connector": name, "run_id": run_id, **asdict(counts)})
         return RunResult(run_id, name, "succeeded", counts, seconds)
+
+    async def _pipeline(
+        self,
+        source: Source,
+        connector: Connector[Any],
+        stream: str,
+        cursor: Cursor | None,
+        run_id: int,
+        counts: RunCounts,
+        progress: Callable[[PageReport], None] | None,
+    ) -> None:
+        """Pull and map page N+1 while page N is written; commit pages strictly in order."""
+        queue: asyncio.Queue[tuple[Page, asyncio.Task[list[MappedRecord | Rejected]]] | None]
+        queue = asyncio.Queue(maxsize=2)
+
+        async def produce() -> None:
+            try:
+                async for page in connector.pull(stream, cursor):  # type: ignore[arg-type]
+                    task = asyncio.ensure_future(self.mapper.map(source.mapping, page.records))
+                    await queue.put((page, task))
+            finally:
+                await queue.put(None)
+
+        producer = asyncio.create_task(produce())
+        try:
+            while (item := await queue.get()) is not None:
+                page, mapping_task = item
+                mapped = await mapping_task
+                page_counts = await asyncio.to_thread(
+                    self._apply_page, source, stream, page, mapped, run_id
+                )
+                counts.add(page_counts)
+                await asyncio.to_thread(self._refresh_statistics, counts.new)
+                if progress is not None:
+                    progress(PageReport(source.name, stream, counts, page.total_hint))
+            await producer  # surfaces the connector's error, if any
+        finally:
+            if not producer.done():
+                producer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await producer
+
+    def close(self) -> None:
+        """Stop the mapping helper process, if one was started."""
+        self.mapper.close()
+
+    def _refresh_statistics(self, staged: int) -> None:
+        """ANALYZE on PostgreSQL as a bulk load grows the tables.
+
+        Fresh tables have no statistics and the planner then filters the identity lookups
+        row by row (seen: 20x slower loads); autovacuum catches up only later.
+        """
+        if self.db.dialect.name != "postgresql" or staged < max(1000, 2 * self._analyzed_at):
+            return
+        with self.db.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.exec_driver_sql(
+                "ANALYZE source_record, match_key, membership, golden_record, activity_participant"
+            )
+        self._analyzed_at = staged
 
     # -- run bookkeeping ------------------------------------------------------------
     def _start_run(self, name: str, full: bool) -> int:
@@ -200,43 +248,44 @@ class SyncEngine:
             )
 
     # -- one page, one transaction ---------------------------------------------------
-    def _apply_page(self, source: Source, stream: str, page: Page, run_id: int) -> RunCounts:
+    def _apply_page(
+        self,
+        source: Source,
+        stream: str,
+        page: Page,
+        mapped: list[MappedRecord | Rejected],
+        run_id: int,
+    ) -> RunCounts:
         counts = RunCounts(pulled=len(page.records))
         now = datetime.now(UTC)
         letters: list[dict[str, Any]] = [
             _letter(run_id, source.name, "record", origin, None, reason, raw, now)
             for origin, reason, raw in page.rejects
         ]
-        mapped: dict[tuple[str, str], _Mapped] = {}
-        deletions: list[str] = []
-        for raw in page.records:
-            if raw.kind == "deletion":
-                deletions.append(raw.external_id)
-                continue
-            result = self._map(source, raw, letters, run_id, now)
-            if result is not None:
-                mapped[(result.kind, result.external_id)] = result  # the last copy wins
-        for item in mapped.values():
-            for issue in item.issues:
+        latest: dict[tuple[str, str], MappedRecord] = {}
+        for item in mapped:
+            if isinstance(item, Rejected):
+                payload = page.records[item.index].payload
                 letters.append(
                     _letter(
-                        run_id,
-                        source.name,
-                        "field",
-                        item.origin,
-                        issue.field,
-                        issue.reason,
-                        None,
-                        now,
+                        run_id, source.name, "record", item.origin, None, item.reason, payload, now
                     )
                 )
+            else:
+                latest[(item.kind, item.external_id)] = item  # the last copy wins
+        for item in latest.values():
+            for field_name, reason in item.issues:
+                letters.append(
+                    _letter(
+                        run_id, source.name, "field", item.origin, field_name, reason, None, now
+                    )
+                )
+        deletions = [r.external_id for r in page.records if r.kind == "deletion"]
+        contacts = [m for m in latest.values() if m.kind == "contact"]
+        activities = [m for m in latest.values() if m.kind == "activity"]
         with write_transaction(self.db) as conn:
-            self._apply_contacts(
-                conn, source, [m for m in mapped.values() if m.kind == "contact"], counts
-            )
-            self._apply_activities(
-                conn, source, [m for m in mapped.values() if m.kind == "activity"], counts
-            )
+            self._apply_contacts(conn, source, page, contacts, counts)
+            self._apply_activities(conn, source, page, activities, counts)
             if deletions:
                 counts.deleted += self._apply_deletions(conn, source.name, deletions, now)
             if letters:
@@ -246,74 +295,47 @@ class SyncEngine:
         counts.field_issues = len(letters) - counts.dead_letters
         return counts
 
-    def _map(
-        self,
-        source: Source,
-        raw: RawRecord,
-        letters: list[dict[str, Any]],
-        run_id: int,
-        now: datetime,
-    ) -> _Mapped | None:
-        origin = raw.origin or raw.external_id
-        try:
-            if raw.kind == "contact":
-                result = source.mapping.map_contact(
-                    raw.payload, self.settings.matching.default_region
+    @staticmethod
+    def _stage(
+        conn: Connection, source: Source, page: Page, kind: str, items: list[MappedRecord]
+    ) -> list[Staged]:
+        return stage(
+            conn,
+            source.name,
+            kind,
+            [
+                StageItem(
+                    m.external_id,
+                    m.content_hash,
+                    page.records[m.index].payload,
+                    m.data,
+                    m.updated_at,
                 )
-            else:
-                result = source.mapping.map_activity(raw.payload)
-        except ValueError as exc:
-            letters.append(
-                _letter(run_id, source.name, "record", origin, None, str(exc), raw.payload, now)
-            )
-            return None
-        model = result.record
-        if isinstance(model, Contact) and not model.has_identity():
-            letters.append(
-                _letter(
-                    run_id,
-                    source.name,
-                    "record",
-                    origin,
-                    None,
-                    "no identity: the record has no email, phone or name",
-                    raw.payload,
-                    now,
-                )
-            )
-            return None
-        digest = content_hash(raw.payload)
-        external_id = raw.external_id or result.external_id
-        if not external_id:
-            # No id at the source: the primary email identifies a contact, else its content.
-            primary = model.primary_email if isinstance(model, Contact) else None
-            external_id = primary or f"hash:{digest}"
-        updated = (
-            result.updated_at
-            or raw.updated_at
-            or (model.occurred_at if isinstance(model, Activity) else model.source_updated_at)
+                for m in items
+            ],
         )
-        data = model.model_dump(mode="json", exclude_defaults=True)
-        item = StageItem(external_id, digest, raw.payload, data, updated)
-        return _Mapped(raw.kind, external_id, origin, model, item, result.issues)
 
     def _apply_contacts(
-        self, conn: Connection, source: Source, items: list[_Mapped], counts: RunCounts
+        self,
+        conn: Connection,
+        source: Source,
+        page: Page,
+        items: list[MappedRecord],
+        counts: RunCounts,
     ) -> None:
         if not items:
             return
-        models = {m.external_id: m.model for m in items}
-        staged = stage(conn, source.name, "contact", [m.item for m in items])
+        staged = self._stage(conn, source, page, "contact", items)
         _count(counts, staged)
         counts.contacts += len(staged)
         inputs = [
             MatchInput(
                 s.record_id,
-                models[s.item.external_id],
-                s.item.data,  # type: ignore[arg-type]
+                Contact.model_validate(s.item.data),
+                s.item.data,
                 s.item.source_updated_at,
-                s.status,
-            )  # type: ignore[arg-type]
+                "new" if s.status == "new" else "changed",
+            )
             for s in staged
             if s.status != "unchanged"
         ]
@@ -324,24 +346,30 @@ class SyncEngine:
         counts.reviews_queued += outcome.reviews_queued
 
     def _apply_activities(
-        self, conn: Connection, source: Source, items: list[_Mapped], counts: RunCounts
+        self,
+        conn: Connection,
+        source: Source,
+        page: Page,
+        items: list[MappedRecord],
+        counts: RunCounts,
     ) -> None:
         if not items:
             return
-        models = {m.external_id: m.model for m in items}
-        staged = stage(conn, source.name, "activity", [m.item for m in items])
+        staged = self._stage(conn, source, page, "activity", items)
         _count(counts, staged)
         counts.activities += len(staged)
         touched = [s for s in staged if s.status != "unchanged"]
         changed_ids = [s.record_id for s in touched if s.status == "changed"]
         for part in chunks(changed_ids):
-            conn.execute(activity.delete().where(activity.c.record_id.in_(part)))
+            conn.execute(activity.delete().where(one_of(conn, activity.c.record_id, part)))
             conn.execute(
-                activity_participant.delete().where(activity_participant.c.record_id.in_(part))
+                activity_participant.delete().where(
+                    one_of(conn, activity_participant.c.record_id, part)
+                )
             )
         rows, participants = [], []
         for s in touched:
-            act: Activity = models[s.item.external_id]  # type: ignore[assignment]
+            act = Activity.model_validate(s.item.data)
             rows.append(
                 {
                     "record_id": s.record_id,
@@ -364,7 +392,7 @@ class SyncEngine:
             known.update(
                 conn.execute(
                     select(match_key.c.key_value).where(
-                        match_key.c.key_kind == "email", match_key.c.key_value.in_(part)
+                        match_key.c.key_kind == "email", one_of(conn, match_key.c.key_value, part)
                     )
                 ).scalars()
             )
@@ -382,7 +410,7 @@ class SyncEngine:
                     select(source_record.c.id).where(
                         source_record.c.source == source,
                         source_record.c.kind == "contact",
-                        source_record.c.external_id.in_(part),
+                        one_of(conn, source_record.c.external_id, part),
                         source_record.c.deleted == 0,
                     )
                 ).scalars()
@@ -391,13 +419,13 @@ class SyncEngine:
         for part in chunks(ids):
             conn.execute(
                 source_record.update()
-                .where(source_record.c.id.in_(part))
+                .where(one_of(conn, source_record.c.id, part))
                 .values(deleted=1, staged_at=now)
             )
-            conn.execute(match_key.delete().where(match_key.c.record_id.in_(part)))
+            conn.execute(match_key.delete().where(one_of(conn, match_key.c.record_id, part)))
             goldens.update(
                 conn.execute(
-                    select(membership.c.golden_id).where(membership.c.record_id.in_(part))
+                    select(membership.c.golden_id).where(one_of(conn, membership.c.record_id, part))
                 ).scalars()
             )
         recompute_goldens(conn, goldens, now)
@@ -426,8 +454,6 @@ def _letter(
     raw: Any,
     now: datetime,
 ) -> dict[str, Any]:
-    import json
-
     text = raw if isinstance(raw, str) or raw is None else json.dumps(raw, default=str)
     return {
         "run_id": run_id,

@@ -19,10 +19,12 @@ from crmhub.records import Contact
 from dedupe import Decision, Matcher, Member, survive
 from sync.staging import chunks
 from sync.store import (
+    allocate_ids,
     golden_record,
     match_key,
     membership,
     merge_constraint,
+    one_of,
     review_item,
     source_record,
 )
@@ -78,7 +80,7 @@ class _UnionFind:
 def _in_chunks(conn: Connection, query: Any, column: Any, values: Iterable[Any]) -> list[Any]:
     rows: list[Any] = []
     for part in chunks(sorted(set(values))):
-        rows.extend(conn.execute(query.where(column.in_(part))).all())
+        rows.extend(conn.execute(query.where(one_of(conn, column, part))).all())
     return rows
 
 
@@ -88,7 +90,7 @@ def _write_keys(
     keys = {i.record_id: {(k.kind, k.value) for k in matcher.keys(i.contact)} for i in inputs}
     changed = [i.record_id for i in inputs if i.status == "changed"]
     for part in chunks(changed):
-        conn.execute(match_key.delete().where(match_key.c.record_id.in_(part)))
+        conn.execute(match_key.delete().where(one_of(conn, match_key.c.record_id, part)))
     rows = [
         {"record_id": rid, "key_kind": kind, "key_value": value}
         for rid, pairs in keys.items()
@@ -122,7 +124,10 @@ def _do_not_merge(conn: Connection, ids: set[int]) -> set[frozenset[int]]:
         rows = conn.execute(
             select(merge_constraint.c.record_a, merge_constraint.c.record_b).where(
                 merge_constraint.c.kind == "do_not_merge",
-                or_(merge_constraint.c.record_a.in_(part), merge_constraint.c.record_b.in_(part)),
+                or_(
+                    one_of(conn, merge_constraint.c.record_a, part),
+                    one_of(conn, merge_constraint.c.record_b, part),
+                ),
             )
         )
         pairs.update(frozenset((a, b)) for a, b in rows)
@@ -183,6 +188,7 @@ def match_and_merge(
 
     new_members: list[dict[str, Any]] = []
     moved: list[dict[str, Any]] = []
+    fresh: list[list[int]] = []  # groups of batch records that need a new golden record
     for group in uf.groups():
         goldens = sorted(g for kind, g in group if kind == "g")
         records = sorted(r for kind, r in group if kind == "r")
@@ -191,53 +197,40 @@ def match_and_merge(
                 1 for r in records if batch[r].status == "new" or member_of.get(r) not in goldens
             )
         if not goldens:
-            members = [Member(r, batch[r].updated_at, batch[r].data) for r in records]
-            fields, lineage = survive(members)
-            golden_id = conn.execute(
-                golden_record.insert().returning(golden_record.c.id),
+            fresh.append(records)
+            continue
+        golden_id = goldens[0]  # the oldest id survives; the others become aliases
+        outcome.touched_goldens.add(golden_id)
+        for alias in goldens[1:]:
+            _alias(conn, alias, golden_id, now)
+            outcome.goldens_merged += 1
+        for r in records:
+            if r not in member_of:
+                new_members.append(_membership(r, golden_id, "auto", now))
+            elif member_of[r] != golden_id:
+                moved.append({"b_record": r, "golden_id": golden_id, "decided_at": now})
+    if fresh:
+        ids = allocate_ids(conn, golden_record, len(fresh))
+        rows = []
+        for golden_id, records in zip(ids, fresh, strict=True):
+            fields, lineage = survive(
+                [Member(r, batch[r].updated_at, batch[r].data) for r in records]
+            )
+            rows.append(
                 {
+                    "id": golden_id,
                     "fields": fields,
                     "lineage": lineage,
                     "version": 1,
                     "created_at": now,
                     "updated_at": now,
-                },
-            ).scalar_one()
-            outcome.goldens_created += 1
-        else:
-            golden_id = goldens[0]  # the oldest id survives; the others become aliases
-            outcome.touched_goldens.add(golden_id)
-            for alias in goldens[1:]:
-                conn.execute(
-                    membership.update()
-                    .where(membership.c.golden_id == alias)
-                    .values(golden_id=golden_id, decided_at=now)
-                )
-                conn.execute(
-                    golden_record.update()
-                    .where(golden_record.c.id == alias)
-                    .values(merged_into=golden_id, updated_at=now)
-                )
-                conn.execute(
-                    golden_record.update()
-                    .where(golden_record.c.merged_into == alias)
-                    .values(merged_into=golden_id)
-                )
-                outcome.goldens_merged += 1
-        method = "new" if len(group) == 1 else "auto"
-        for r in records:
-            if r not in member_of:
-                new_members.append(
-                    {
-                        "record_id": r,
-                        "golden_id": golden_id,
-                        "method": method,
-                        "probability": None,
-                        "decided_at": now,
-                    }
-                )
-            elif member_of[r] != golden_id:
-                moved.append({"b_record": r, "golden_id": golden_id, "decided_at": now})
+                }
+            )
+        conn.execute(golden_record.insert(), rows)
+        outcome.goldens_created += len(ids)
+        for records, golden_id in zip(fresh, ids, strict=True):
+            method = "new" if len(records) == 1 else "auto"
+            new_members.extend(_membership(r, golden_id, method, now) for r in records)
     if new_members:
         conn.execute(membership.insert(), new_members)
     if moved:
@@ -247,6 +240,35 @@ def match_and_merge(
     _queue_reviews(conn, reviews, now, outcome)
     recompute_goldens(conn, outcome.touched_goldens, now)
     return outcome
+
+
+def _membership(record_id: int, golden_id: int, method: str, now: datetime) -> dict[str, Any]:
+    return {
+        "record_id": record_id,
+        "golden_id": golden_id,
+        "method": method,
+        "probability": None,
+        "decided_at": now,
+    }
+
+
+def _alias(conn: Connection, alias: int, survivor: int, now: datetime) -> None:
+    """Fold golden record `alias` into `survivor`; its id keeps resolving to the survivor."""
+    conn.execute(
+        membership.update()
+        .where(membership.c.golden_id == alias)
+        .values(golden_id=survivor, decided_at=now)
+    )
+    conn.execute(
+        golden_record.update()
+        .where(golden_record.c.id == alias)
+        .values(merged_into=survivor, updated_at=now)
+    )
+    conn.execute(
+        golden_record.update()
+        .where(golden_record.c.merged_into == alias)
+        .values(merged_into=survivor)
+    )
 
 
 def _queue_reviews(

@@ -12,7 +12,7 @@ from typing import Any, Literal, TypeVar
 
 from sqlalchemy import Connection, bindparam, select
 
-from sync.store import source_record
+from sync.store import allocate_ids, one_of, source_record
 
 __all__ = ["StageItem", "Staged", "chunks", "stage"]
 
@@ -55,7 +55,7 @@ def stage(conn: Connection, source: str, kind: str, items: list[StageItem]) -> l
             ).where(
                 source_record.c.source == source,
                 source_record.c.kind == kind,
-                source_record.c.external_id.in_(part),
+                one_of(conn, source_record.c.external_id, part),
             )
         )
         existing.update({r[0]: (r[1], r[2], r[3]) for r in rows})
@@ -88,10 +88,12 @@ def stage(conn: Connection, source: str, kind: str, items: list[StageItem]) -> l
             changed_rows,
         )
     if new_items:
-        inserted = conn.execute(
-            source_record.insert().returning(source_record.c.id, sort_by_parameter_order=True),
+        ids = allocate_ids(conn, source_record, len(new_items))
+        conn.execute(
+            source_record.insert(),
             [
                 {
+                    "id": record_id,
                     "source": source,
                     "kind": kind,
                     "external_id": i.external_id,
@@ -102,9 +104,8 @@ def stage(conn: Connection, source: str, kind: str, items: list[StageItem]) -> l
                     "staged_at": now,
                     "deleted": 0,
                 }
-                for i in new_items
+                for record_id, i in zip(ids, new_items, strict=True)
             ],
         )
-        for item, row in zip(new_items, inserted, strict=True):
-            results.append(Staged(row[0], item, "new"))
+        results.extend(Staged(rid, item, "new") for rid, item in zip(ids, new_items, strict=True))
     return results

@@ -83,34 +83,46 @@ async def _run_all(settings: Settings, names: list[str], full: bool, quiet: bool
     return results
 
 
+_ROWS = (
+    ("records pulled", "pulled"),
+    ("  new", "new"),
+    ("  changed", "changed"),
+    ("  unchanged", "unchanged"),
+    ("golden records created", "goldens_created"),
+    ("records merged into others", "records_merged"),
+    ("activities", "activities"),
+    ("  linked to a contact", "activities_linked"),
+    ("dead letters (rejected records)", "dead_letters"),
+    ("dropped values (bad email, phone...)", "field_issues"),
+)
+
+
 def _summary_table(results: list[dict], totals: dict[str, int]) -> Table:
+    """One column per connector, one row per figure: stays readable in 80 columns."""
     table = Table(title="Sync summary", title_justify="left")
-    for column in ("connector", "pulled", "new/chg/same", "golden+", "merged", "activities",
-                   "dead", "dropped", "time"):
-        table.add_column(column, justify="left" if column == "connector" else "right")
+    table.add_column("")
     for r in results:
-        c = r.get("counts") or {}
-        if r["state"] != "succeeded":
-            table.add_row(r["connector"], f"[red]{r['state']}[/]", *[""] * 7)
-            continue
-        table.add_row(
-            r["connector"],
-            f"{c['pulled']:,}",
-            f"{c['new']:,}/{c['changed']:,}/{c['unchanged']:,}",
-            f"{c['goldens_created']:,}",
-            f"{c['records_merged']:,}",
-            f"{c['activities']:,} ({c['activities_linked']:,} linked)",
-            f"[yellow]{c['dead_letters']:,}[/]" if c["dead_letters"] else "0",
-            f"{c['field_issues']:,}",
-            f"{r['seconds']:.1f}s",
-        )
+        table.add_column(r["connector"], justify="right")
+    for label, key in _ROWS:
+        cells = []
+        for r in results:
+            value = (r.get("counts") or {}).get(key)
+            if value is None:
+                cells.append("")
+            elif key == "dead_letters" and value:
+                cells.append(f"[yellow]{value:,}[/]")
+            else:
+                cells.append(f"{value:,}")
+        table.add_row(label, *cells)
+    table.add_row(
+        "state",
+        *[r["state"] if r["state"] == "succeeded" else f"[red]{r['state']}[/]" for r in results],
+    )
+    table.add_row("time", *[f"{r['seconds']:.1f}s" if "seconds" in r else "" for r in results])
     table.caption = (
         f"store: {totals['contacts']:,} contacts -> {totals['golden_records']:,} golden records, "
         f"{totals['activities']:,} activities, {totals['open_reviews']:,} open reviews, "
-        f"{totals['dead_letters']:,} dead letters.\n"
-        "new/chg/same: staged records new, changed, unchanged; golden+: golden records created; "
-        "merged: records folded into another; dead: records rejected; dropped: bad values "
-        "removed from kept records"
+        f"{totals['dead_letters']:,} dead letters"
     )
     return table
 

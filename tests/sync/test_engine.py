@@ -1,0 +1,245 @@
+"""The pipeline end to end on both stores: pull -> map -> stage -> match -> merge -> checkpoint."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, func, select
+
+from sync.engine import SyncEngine
+from sync.queries import golden_detail, iter_xref, search_golden, store_totals
+from sync.store import connector_state, dead_letter, golden_record, source_record, sync_run
+from tests.conftest import SAMPLES, make_settings
+
+
+def demo_connectors(root: Path) -> dict[str, dict]:
+    return {
+        "leads": {"type": "csv", "path": str(root / "leads.csv")},
+        "mail": {
+            "type": "mailbox",
+            "path": str(root / "mail"),
+            "owner": ["alex@crmhub-demo.example"],
+            "internal_domains": ["crmhub-demo.example"],
+        },
+        "webforms": {"type": "jsonl", "path": str(root / "forms.jsonl")},
+    }
+
+
+async def sync_all(engine: SyncEngine, full: bool = False) -> dict[str, dict]:
+    results = {}
+    for name in engine.settings.connectors:
+        result = await engine.run(name, full=full)
+        results[name] = result.as_dict()["counts"]
+    return results
+
+
+def snapshot(db: Engine) -> dict:
+    """Everything a user can observe about the store's people, ignoring timestamps."""
+    with db.connect() as conn:
+        goldens = {
+            r.id: (r.fields, r.merged_into)
+            for r in conn.execute(
+                select(golden_record.c.id, golden_record.c.fields, golden_record.c.merged_into)
+            )
+        }
+        records = sorted(
+            conn.execute(
+                select(
+                    source_record.c.source,
+                    source_record.c.kind,
+                    source_record.c.external_id,
+                    source_record.c.content_hash,
+                )
+            )
+        )
+        return {"goldens": goldens, "records": records, "xref": sorted(iter_xref(conn))}
+
+
+async def test_demo_sources_merge_people_across_sources(tmp_path, db, store_url):
+    engine = SyncEngine(make_settings(tmp_path, store_url, demo_connectors(SAMPLES)), db)
+    counts = await sync_all(engine)
+
+    assert counts["leads"]["new"] == 23
+    assert counts["leads"]["dead_letters"] == 2  # a short row and a row with no identity
+    assert counts["leads"]["field_issues"] == 3  # bad email, bad phone, bad birth date
+    assert counts["webforms"]["dead_letters"] == 1  # the line that is not JSON
+    with db.connect() as conn:
+        totals = store_totals(conn)
+        bob = search_golden(conn, "bob.smith@gmail.com")
+        assert len(bob) == 1
+        detail = golden_detail(conn, bob[0]["id"])
+    assert detail is not None
+    # Lead L-1001 (work email), lead L-1021, the mail participant and the web form are one
+    # person: the form's phone ties the gmail address to the Acme lead.
+    sources = sorted((m["source"], m["external_id"]) for m in detail["members"])
+    assert sources == [
+        ("leads", "L-1001"),
+        ("leads", "L-1021"),
+        ("mail", "bob.smith@gmail.com"),
+        ("webforms", "F-9001"),
+    ]
+    assert set(detail["fields"]["emails"]) == {"bob.smith@gmail.com", "robert.smith@acme-corp.com"}
+    assert detail["lineage"]["job_title"]["external_id"] == "L-1001"
+    assert {t["type"] for t in detail["timeline"]} == {"email", "form_submission"}
+    # Two different James Smiths stay apart; gmail dots / +tags fold Emily Chen together.
+    assert len(search_golden(conn_rows := db.connect(), "james smith")) == 2
+    conn_rows.close()
+    assert totals["golden_records"] == 24
+    assert totals["contacts"] == 39
+
+
+async def test_rerun_is_a_no_op(tmp_path, db, store_url):
+    engine = SyncEngine(make_settings(tmp_path, store_url, demo_connectors(SAMPLES)), db)
+    await sync_all(engine)
+    before = snapshot(db)
+    again = await sync_all(engine)
+    assert all(c["pulled"] == 0 for c in again.values())
+    forced = await sync_all(engine, full=True)
+    assert all(c["new"] == 0 and c["changed"] == 0 for c in forced.values())
+    assert forced["leads"]["unchanged"] == 23
+    assert snapshot(db) == before
+
+
+async def test_changed_row_updates_the_golden_record_and_its_lineage(tmp_path, db, store_url):
+    src = tmp_path / "leads.csv"
+    src.write_text(
+        "id,email,first_name,last_name,company\n"
+        "1,ann@example.com,Ann,Lee,Old Co\n2,bo@example.com,Bo,Ng,Other\n",
+        encoding="utf-8",
+    )
+    engine = SyncEngine(
+        make_settings(tmp_path, store_url, {"crm": {"type": "csv", "path": str(src)}}), db
+    )
+    await engine.run("crm")
+    src.write_text(
+        "id,email,first_name,last_name,company\n"
+        "1,ann@example.com,Ann,Lee,New Co\n2,bo@example.com,Bo,Ng,Other\n",
+        encoding="utf-8",
+    )
+    result = await engine.run("crm")
+    assert (result.counts.changed, result.counts.unchanged, result.counts.new) == (1, 1, 0)
+    with db.connect() as conn:
+        [ann] = search_golden(conn, "ann@example.com")
+        assert ann["company"] == "New Co"
+        assert golden_detail(conn, ann["id"])["version"] == 2
+
+
+async def test_new_record_bridging_two_goldens_merges_them_and_old_id_resolves(
+    tmp_path, db, store_url
+):
+    src = tmp_path / "a.csv"
+    src.write_text("id,email,phone\n1,x@example.com,\n2,,+14155550100\n", encoding="utf-8")
+    engine = SyncEngine(
+        make_settings(tmp_path, store_url, {"a": {"type": "csv", "path": str(src)}}), db
+    )
+    await engine.run("a")
+    with db.connect() as conn:
+        assert store_totals(conn)["golden_records"] == 2
+    with src.open("a", encoding="utf-8") as fh:
+        fh.write("3,x@example.com,+1 415 555 0100\n")
+    result = await engine.run("a")
+    assert result.counts.goldens_merged == 1
+    with db.connect() as conn:
+        assert store_totals(conn)["golden_records"] == 1
+        merged_away = conn.execute(
+            select(golden_record.c.id).where(golden_record.c.merged_into.is_not(None))
+        ).scalar_one()
+        detail = golden_detail(conn, merged_away)
+    assert detail["id"] != merged_away and len(detail["members"]) == 3
+
+
+async def test_bad_records_are_dead_lettered_and_the_run_goes_on(tmp_path, db, store_url):
+    src = tmp_path / "bad.csv"
+    src.write_text(
+        "id,email,phone,birth_date,first_name\n"
+        "1,good@example.com,,1990-01-02,Good\n"
+        "2,not-an-email,,,Kept\n"  # kept: the name identifies it; the email is dropped
+        "3,,,,\n"  # no identity at all
+        "4,x@example.com,1,2\n"  # too few fields
+        "5,late@example.com,,31/12/1990,Late\n",  # bad date dropped, record kept
+        encoding="utf-8",
+    )
+    engine = SyncEngine(
+        make_settings(tmp_path, store_url, {"bad": {"type": "csv", "path": str(src)}}), db
+    )
+    result = await engine.run("bad")
+    assert result.state == "succeeded"
+    assert result.counts.new == 3
+    assert result.counts.dead_letters == 2
+    with db.connect() as conn:
+        letters = conn.execute(
+            select(
+                dead_letter.c.scope, dead_letter.c.origin, dead_letter.c.field, dead_letter.c.reason
+            ).order_by(dead_letter.c.origin)
+        ).all()
+    reasons = {(r.scope, r.origin, r.field): r.reason for r in letters}
+    assert "no identity" in reasons[("record", "bad.csv:4", None)]
+    assert "has 4 fields, the header has 5" in reasons[("record", "bad.csv:5", None)]
+    assert "not a valid email" in reasons[("field", "bad.csv:3", "email")]
+    assert "31/12/1990" in reasons[("field", "bad.csv:6", "birth_date")]
+
+
+async def test_missing_file_fails_the_run_with_a_clear_message(tmp_path, db, store_url):
+    engine = SyncEngine(
+        make_settings(tmp_path, store_url, {"gone": {"type": "csv", "path": "nope/*.csv"}}), db
+    )
+    with pytest.raises(Exception, match=r"matches no file.*\[connectors\.gone\]"):
+        await engine.run("gone")
+    with db.connect() as conn:
+        state, error = conn.execute(select(sync_run.c.state, sync_run.c.error)).one()
+    assert state == "failed" and "matches no file" in error
+
+
+async def test_cursor_commits_with_its_page(tmp_path, db, store_url):
+    """The stored cursor never runs ahead of the committed records."""
+    src = tmp_path / "many.csv"
+    rows = "".join(f"{i},p{i}@example.com\n" for i in range(1, 251))
+    src.write_text("id,email\n" + rows, encoding="utf-8")
+    cfg = {"many": {"type": "csv", "path": str(src), "page_size": 100}}
+    engine = SyncEngine(make_settings(tmp_path, store_url, cfg), db)
+    seen = []
+
+    def fail_after_two_pages(report):
+        seen.append(report.counts.pulled)
+        if len(seen) == 2:
+            raise KeyboardInterrupt  # the process dies after page 2 committed
+
+    with pytest.raises(KeyboardInterrupt):
+        await engine.run("many", progress=fail_after_two_pages)
+    with db.connect() as conn:
+        staged = conn.execute(select(func.count()).select_from(source_record)).scalar_one()
+        cursor = conn.execute(select(connector_state.c.cursor)).scalar_one()
+        run_state = conn.execute(select(sync_run.c.state)).scalar_one()
+    assert staged == 200
+    assert cursor["files"][str(src)]["pos"] == 200
+    assert run_state == "interrupted"
+    result = await engine.run("many")
+    assert (result.counts.pulled, result.counts.new) == (50, 50)
+
+
+async def test_appended_rows_are_the_only_ones_read(tmp_path, db, store_url):
+    src = tmp_path / "grow.csv"
+    src.write_text("id,email\n1,a@example.com\n", encoding="utf-8")
+    engine = SyncEngine(
+        make_settings(tmp_path, store_url, {"g": {"type": "csv", "path": str(src)}}), db
+    )
+    await engine.run("g")
+    with src.open("a", encoding="utf-8") as fh:
+        fh.write("2,b@example.com\n")
+    result = await engine.run("g")
+    assert (result.counts.pulled, result.counts.new) == (1, 1)
+
+
+async def test_mail_in_two_folders_is_one_activity(tmp_path, db, store_url):
+    for folder in ("inbox", "copy"):
+        (tmp_path / folder).mkdir()
+        shutil.copy(SAMPLES / "mail" / "01-demo-request.eml", tmp_path / folder / "m.eml")
+    cfg = {
+        "mail": {"type": "mailbox", "path": str(tmp_path), "owner": ["alex@crmhub-demo.example"]}
+    }
+    engine = SyncEngine(make_settings(tmp_path, store_url, cfg), db)
+    result = await engine.run("mail")
+    assert result.counts.activities == 1
+    assert result.counts.activities_linked == 1
