@@ -523,7 +523,7 @@ class HttpConnector(Connector[HttpConfigT]):
             headers=self.auth_headers(),
             budget=budget,
             client=self.context.client,
-            secret_name=f"the {self.secret_name!r} setting of [connectors.{self.name}]",
+            secret_name=f"the {self.secret_name!r} setting of connector {self.name!r}",
             timeout=httpx.Timeout(self.config.timeout, connect=min(10.0, self.config.timeout)),
         )
 
