@@ -381,15 +381,20 @@ class ApiClient:
 
     @contextlib.asynccontextmanager
     async def session(self) -> AsyncIterator[ApiClient]:
-        if self._shared is not None:
-            yield self
-            return
-        async with httpx.AsyncClient(timeout=self._timeout) as own:
-            self._client = own
-            try:
+        try:
+            if self._shared is not None:
                 yield self
-            finally:
-                self._client = None
+                return
+            async with httpx.AsyncClient(timeout=self._timeout) as own:
+                self._client = own
+                try:
+                    yield self
+                finally:
+                    self._client = None
+        finally:
+            close = getattr(self._budget, "aclose", None)
+            if close is not None:  # a Redis budget holds a connection pool
+                await close()
 
     def url(self, path: str) -> str:
         return path if path.startswith(("http://", "https://")) else self.base_url + path

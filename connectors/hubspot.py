@@ -44,6 +44,7 @@ CONTACT_PROPERTIES = (
     "hs_email_optout",
     "createdate",
     "lastmodifieddate",
+    "hs_merged_object_ids",  # ids merged into this one: aliases, not deletions
 )
 EMAIL_PROPERTIES = (
     "hs_timestamp",

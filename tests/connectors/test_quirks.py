@@ -93,3 +93,48 @@ async def test_tokens_never_reach_logs_or_errors(
         text = caplog.text + "\n".join(messages)
         assert TOKEN not in text
         assert TOKEN not in repr(vendor.connector().config)
+
+
+@pytest.mark.redis
+async def test_redis_rate_budget_through_a_connector() -> None:
+    import os
+
+    from redis.asyncio import Redis
+
+    from connectors.base import ConnectorContext
+
+    url = os.environ.get("CRMHUB_TEST_REDIS", "redis://127.0.0.1:6379/15")
+    client = Redis.from_url(url)
+    try:
+        await client.ping()
+    except Exception as exc:
+        await client.aclose()
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"Redis is required under CI=true: {exc}")
+        pytest.skip(f"no Redis at {url}: {exc}")
+    with running("hubspot") as vendor:
+        vendor.state.add_people(30)
+        cls = available_connectors()["hubspot"]
+        config = cls.Config.model_validate(
+            {
+                **vendor.vendor.config(vendor.url, TOKEN),
+                "rate_budget": "redis",
+                "rate_limit": 20,
+                "page_size": 10,
+            }
+        )
+        connector: Any = cls(
+            config,
+            ConnectorContext(
+                "hs_redis", base_dir=__import__("pathlib").Path("."), extras={"redis_url": url}
+            ),
+        )
+        try:
+            got = ids(await pull_all(connector))
+            assert len(got) == 30
+            keys = [k async for k in client.scan_iter("crmhub:ratelimit:hubspot:127.0.0.1*")]
+            assert keys
+        finally:
+            async for key in client.scan_iter("crmhub:ratelimit:hubspot:127.0.0.1*"):
+                await client.delete(key)
+            await client.aclose()
