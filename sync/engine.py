@@ -132,7 +132,8 @@ class SyncEngine:
         client = client or httpx.AsyncClient(timeout=httpx.Timeout(30.0))
         try:
             connector = source.connector(self.settings, client)
-            for stream in sorted(connector.streams):
+            # Contacts first, so activities in the same run link to them.
+            for stream in sorted(connector.streams, key=lambda s: s != "contacts"):
                 with self.db.connect() as conn:
                     cursor = None if full else load_cursor(conn, name, stream)
                 await self._pipeline(source, connector, stream, cursor, run_id, counts, progress)

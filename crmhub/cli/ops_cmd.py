@@ -99,7 +99,7 @@ def connectors_check(
     try:
         detail = asyncio.run(check())
     except CrmHubError as exc:
-        die(f"{name}: {exc}")
+        die(str(exc) if name in str(exc) else f"{name}: {exc}")
     console.print(
         f"[green]ok[/] {name} ({source.connector_cls.kind}, mapping "
         f"{source.mapping.name}): {detail}",

@@ -16,6 +16,7 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
+from rich.markup import escape
 from rich.table import Table
 
 from crmhub.cli.common import (
@@ -162,7 +163,9 @@ def _sync(settings: Settings, names: list[str], full: bool, quiet: bool, as_json
         console.print(_summary_table(results, totals))
     for r in results:
         if r["state"] != "succeeded":
-            err_console.print(f"[red]{r['connector']} failed:[/] {r['error']}", highlight=False)
+            err_console.print(
+                f"[red]{escape(r['connector'])} failed:[/] {escape(r['error'])}", highlight=False
+            )
     if any(r["state"] != "succeeded" for r in results):
         return EXIT_ERROR
     if any((r.get("counts") or {}).get("dead_letters") for r in results):

@@ -1,0 +1,104 @@
+"""Fake ActiveCampaign API v3: contacts (`limit`/`offset`, `filters[updated_after]`,
+`orders[udate]`, `include=contactLists` side-loading list status), `Api-Token` auth, account
+timestamps with a -05:00 offset, string `meta.total`."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp
+
+from tests.fakes.server import FakeState, Person, faulty
+
+ACCOUNT_TZ = timezone(timedelta(hours=-5))
+
+
+def _ts(value: datetime) -> str:
+    return value.astimezone(ACCOUNT_TZ).replace(microsecond=0).isoformat()
+
+
+def error_body(status: int, path: str) -> tuple[dict[str, Any], dict[str, str]]:
+    if status == 403:
+        return {"message": "No Result found for Subscriber with id 0"}, {}
+    if status == 429:
+        return {"message": "Too Many Requests"}, {}
+    return {"message": "Internal Server Error"}, {}
+
+
+def contact(p: Person) -> dict[str, Any]:
+    return {
+        "id": str(p.id),
+        "email": p.email,
+        "phone": p.phone or "",
+        "firstName": p.first,
+        "lastName": p.last,
+        "orgid": "0",
+        "orgname": p.company or "",
+        "cdate": _ts(p.created),
+        "udate": _ts(p.updated),
+        "deleted": "0",
+        "anonymized": "0",
+        "hash": f"{p.id:032x}",
+        "bounced_hard": "1" if p.status == "cleaned" else "0",
+        "bounced_soft": "0",
+        "links": {"contactLists": f"/api/3/contacts/{p.id}/contactLists"},
+    }
+
+
+def make_app(state: FakeState) -> ASGIApp:
+    def auth_error(request: Request) -> JSONResponse | None:
+        if request.headers.get("api-token") != state.token:
+            return JSONResponse({"message": "Forbidden"}, 403)
+        return None
+
+    async def me(request: Request) -> JSONResponse:
+        return auth_error(request) or JSONResponse(
+            {"user": {"id": "1", "username": "admin", "email": "admin@shop.example"}}
+        )
+
+    async def contacts(request: Request) -> JSONResponse:
+        if (err := auth_error(request)) is not None:
+            return err
+        q = request.query_params
+        limit = min(int(q.get("limit", 20)), 100)
+        offset = int(q.get("offset", 0))
+        rows = list(state.live())
+        if "filters[updated_after]" in q:
+            low = datetime.fromisoformat(q["filters[updated_after]"])
+            rows = [p for p in rows if p.updated.replace(microsecond=0) > low]
+        if q.get("orders[udate]") in ("ASC", "DESC"):
+            rows.sort(
+                key=lambda p: (p.updated.replace(microsecond=0), p.id),
+                reverse=q["orders[udate]"] == "DESC",
+            )
+        else:
+            rows.sort(key=lambda p: p.id)
+        page = rows[offset : offset + limit]
+        body: dict[str, Any] = {
+            "contacts": [contact(p) for p in page],
+            "meta": {"total": str(len(rows)), "page_input": {"limit": limit, "offset": offset}},
+        }
+        if "contactLists" in q.get("include", ""):
+            body["contactLists"] = [
+                {
+                    "contact": str(p.id),
+                    "list": "1",
+                    "id": str(p.id),
+                    "status": "2" if p.status == "unsubscribed" else "1",
+                }
+                for p in page
+            ]
+        return JSONResponse(body)
+
+    app = Starlette(
+        routes=[
+            Route("/api/3/users/me", me),
+            Route("/api/3/contacts", contacts),
+        ]
+    )
+    return faulty(app, state, error_body)

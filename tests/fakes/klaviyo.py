@@ -1,0 +1,237 @@
+"""Fake Klaviyo JSON:API: profiles (`filter=greater-than(updated,...)`, `sort=updated`,
+`page[size]`, opaque `page[cursor]` in `links.next`, subscriptions), events
+(`greater-than(datetime,...)`, `include=profile,metric`), `Klaviyo-API-Key` auth, required
+`revision` header, 429 with Retry-After and `RateLimit-*` headers, expiring page cursors."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp
+
+from tests.fakes.server import Event, FakeState, Person, faulty
+
+_FILTER = re.compile(r"^greater-than\((updated|datetime),([^)]+)\)$")
+METRICS = {
+    "sent": "Received Email",
+    "open": "Opened Email",
+    "click": "Clicked Email",
+    "bounce": "Bounced Email",
+    "unsubscribe": "Unsubscribed",
+}
+
+
+def _ts(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat()
+
+
+def error(status: int, code: str, title: str, detail: str) -> dict[str, Any]:
+    return {
+        "errors": [
+            {
+                "id": str(uuid.uuid4()),
+                "status": status,
+                "code": code,
+                "title": title,
+                "detail": detail,
+                "source": {"pointer": "/data/"},
+            }
+        ]
+    }
+
+
+def error_body(status: int, path: str) -> tuple[dict[str, Any], dict[str, str]]:
+    if status == 429:
+        return error(
+            429,
+            "throttled",
+            "Request was throttled.",
+            "Request was throttled. Expected available in 1 second.",
+        ), {"RateLimit-Limit": "75", "RateLimit-Remaining": "0", "RateLimit-Reset": "1"}
+    if status == 401:
+        return error(
+            401,
+            "not_authenticated",
+            "Authentication credentials were not provided.",
+            "Missing or invalid private key.",
+        ), {}
+    return error(status, "error", "A server error occurred.", "Please try again later."), {}
+
+
+def profile(p: Person) -> dict[str, Any]:
+    consent = {"subscribed": "SUBSCRIBED", "unsubscribed": "UNSUBSCRIBED"}.get(
+        p.status, "NEVER_SUBSCRIBED"
+    )
+    return {
+        "type": "profile",
+        "id": f"01P{p.id:023d}",
+        "attributes": {
+            "email": p.email,
+            "phone_number": p.phone,
+            "external_id": None,
+            "first_name": p.first,
+            "last_name": p.last,
+            "organization": p.company,
+            "title": None,
+            "locale": "en-US",
+            "image": None,
+            "created": _ts(p.created),
+            "updated": _ts(p.updated),
+            "last_event_date": None,
+            "location": {
+                "address1": None,
+                "city": None,
+                "country": None,
+                "region": None,
+                "zip": None,
+                "timezone": None,
+            },
+            "properties": {},
+            "subscriptions": {
+                "email": {
+                    "marketing": {
+                        "can_receive_email_marketing": consent == "SUBSCRIBED",
+                        "consent": consent,
+                        "consent_timestamp": _ts(p.created),
+                        "suppression": [{"reason": "USER_SUPPRESSED", "timestamp": _ts(p.updated)}]
+                        if consent == "UNSUBSCRIBED"
+                        else [],
+                    }
+                }
+            },
+        },
+        "relationships": {},
+        "links": {"self": f"https://a.klaviyo.com/api/profiles/01P{p.id:023d}/"},
+    }
+
+
+def event(e: Event) -> dict[str, Any]:
+    return {
+        "type": "event",
+        "id": f"E{e.id:010d}",
+        "attributes": {
+            "timestamp": int(e.at.timestamp()),
+            "datetime": _ts(e.at),
+            "uuid": str(uuid.UUID(int=e.id)),
+            "event_properties": {"Subject": e.subject},
+        },
+        "relationships": {
+            "profile": {"data": {"type": "profile", "id": f"01P{e.person_id:023d}"}},
+            "metric": {"data": {"type": "metric", "id": f"M{e.kind}"}},
+        },
+    }
+
+
+def make_app(
+    state: FakeState,
+    *,
+    expired_cursors: set[str] | None = None,
+    issued_cursors: list[str] | None = None,
+) -> ASGIApp:
+    """`issued_cursors` collects every page cursor handed out; moving some into
+    `expired_cursors` makes the server refuse them with 400, as Klaviyo does."""
+    expired = expired_cursors if expired_cursors is not None else set()
+    issued = issued_cursors if issued_cursors is not None else []
+
+    def check(request: Request) -> JSONResponse | None:
+        if request.headers.get("authorization") != f"Klaviyo-API-Key {state.token}":
+            return JSONResponse(error_body(401, "")[0], 401)
+        if not request.headers.get("revision"):
+            return JSONResponse(
+                error(400, "invalid", "Invalid input.", "A revision header is required."), 400
+            )
+        return None
+
+    def listing(
+        request: Request,
+        rows: list[tuple[datetime, int, Any]],
+        field: str,
+        max_size: int,
+        render: Any,
+        included: list[dict[str, Any]] | None = None,
+    ) -> JSONResponse:
+        q = request.query_params
+        size = min(int(q.get("page[size]", 20)), max_size)
+        if "filter" in q:
+            m = _FILTER.match(q["filter"])
+            if m is None or m.group(1) != field:
+                return JSONResponse(
+                    error(400, "invalid", "Invalid input.", f"unsupported filter {q['filter']!r}"),
+                    400,
+                )
+            low = datetime.fromisoformat(m.group(2).replace("Z", "+00:00"))
+            rows = [r for r in rows if r[0] > low]
+        rows.sort(key=lambda r: (r[0], r[1]), reverse=q.get("sort") == f"-{field}")
+        offset = 0
+        if "page[cursor]" in q:
+            token = q["page[cursor]"]
+            if token in expired:
+                return JSONResponse(
+                    error(
+                        400, "invalid", "Invalid input.", "The page cursor is invalid or expired."
+                    ),
+                    400,
+                )
+            offset = json.loads(base64.urlsafe_b64decode(token))["o"]
+        page = [(r[0], r[1], render(r[2])) for r in rows[offset : offset + size]]
+        base = str(request.url.remove_query_params("page[cursor]"))
+        nxt = None
+        if offset + size < len(rows):
+            raw = json.dumps({"o": offset + size, "f": q.get("filter", "")}).encode()
+            token = base64.urlsafe_b64encode(raw).decode()
+            issued.append(token)
+            sep = "&" if "?" in base else "?"
+            nxt = f"{base}{sep}page[cursor]={token}"
+        body: dict[str, Any] = {
+            "data": [r[2] for r in page],
+            "links": {"self": str(request.url), "next": nxt, "prev": None},
+        }
+        if included is not None:
+            people = {int(r[2]["relationships"]["profile"]["data"]["id"][3:]) for r in page}
+            metrics = {r[2]["relationships"]["metric"]["data"]["id"] for r in page}
+            body["included"] = [profile(state.people[n]) for n in sorted(people)] + [
+                i for i in included if i["id"] in metrics
+            ]
+        return JSONResponse(
+            body,
+            headers={"RateLimit-Limit": "75", "RateLimit-Remaining": "74", "RateLimit-Reset": "1"},
+        )
+
+    async def accounts(request: Request) -> JSONResponse:
+        return check(request) or JSONResponse({"data": [{"type": "account", "id": "ABC123"}]})
+
+    async def profiles(request: Request) -> JSONResponse:
+        if (err := check(request)) is not None:
+            return err
+        rows = [(p.updated, p.id, p) for p in state.live()]
+        return listing(request, rows, "updated", 100, profile)
+
+    async def events(request: Request) -> JSONResponse:
+        if (err := check(request)) is not None:
+            return err
+        rows = [(e.at, e.id, e) for e in state.events]
+        included: list[dict[str, Any]] | None = None
+        if "include" in request.query_params:
+            included = [
+                {"type": "metric", "id": f"M{k}", "attributes": {"name": v}}
+                for k, v in METRICS.items()
+            ]
+        return listing(request, rows, "datetime", 200, event, included)
+
+    app = Starlette(
+        routes=[
+            Route("/api/accounts", accounts),
+            Route("/api/profiles", profiles),
+            Route("/api/events", events),
+        ]
+    )
+    return faulty(app, state, error_body)

@@ -1,0 +1,199 @@
+"""Fake Mailchimp Marketing API v3: list members (`count`/`offset`, `since_last_changed`,
+`sort_field=last_changed`), sent campaigns and per-campaign email activity (`since`), Basic
+auth with the API key as password, problem+json errors."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp
+
+from tests.fakes.server import FakeState, Person, faulty
+
+LIST_ID = "a1b2c3d4e5"
+CAMPAIGN_ID = "42694e9e57"
+
+
+def _ts(value: datetime) -> str:
+    return value.astimezone(UTC).replace(microsecond=0).isoformat()
+
+
+def _parse(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone(UTC)
+
+
+def problem(status: int, title: str, detail: str) -> dict[str, Any]:
+    return {
+        "type": "https://mailchimp.com/developer/marketing/docs/errors/",
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "instance": "995c5cb0-3280-4a6e-808b-3b096d0bb219",
+    }
+
+
+def error_body(status: int, path: str) -> tuple[dict[str, Any], dict[str, str]]:
+    titles = {
+        429: ("Too Many Requests", "You have exceeded the limit of 10 simultaneous connections."),
+        401: (
+            "API Key Invalid",
+            "Your API key may be invalid, or you've attempted to access the wrong datacenter.",
+        ),
+        404: ("Resource Not Found", "The requested resource could not be found."),
+    }
+    title, detail = titles.get(status, ("Internal Server Error", "An unexpected error occurred."))
+    return problem(status, title, detail), {"Content-Type": "application/problem+json"}
+
+
+def member(p: Person) -> dict[str, Any]:
+    email = p.email.lower()
+    return {
+        "id": hashlib.md5(email.encode()).hexdigest(),
+        "email_address": p.email,
+        "unique_email_id": f"u{p.id:09d}",
+        "contact_id": f"c{p.id:031d}",
+        "full_name": f"{p.first} {p.last}",
+        "web_id": p.id,
+        "email_type": "html",
+        "status": p.status,
+        "unsubscribe_reason": "N/A (Unsubscribed by an admin)"
+        if p.status == "unsubscribed"
+        else None,
+        "merge_fields": {"FNAME": p.first, "LNAME": p.last, "PHONE": p.phone or "", "ADDRESS": ""},
+        "interests": {},
+        "stats": {"avg_open_rate": 0.5, "avg_click_rate": 0.1},
+        "ip_signup": "",
+        "timestamp_signup": "",
+        "ip_opt": "198.51.100.7",
+        "timestamp_opt": _ts(p.created),
+        "member_rating": 2,
+        "last_changed": _ts(p.updated),
+        "language": "en",
+        "vip": False,
+        "location": {"latitude": 0, "longitude": 0, "country_code": "US", "timezone": ""},
+        "source": "API - Generic",
+        "tags_count": 0,
+        "tags": [],
+        "list_id": LIST_ID,
+    }
+
+
+def make_app(state: FakeState, *, max_count: int = 1000) -> ASGIApp:
+    def auth_error(request: Request) -> JSONResponse | None:
+        import base64
+
+        header = request.headers.get("authorization", "")
+        ok = False
+        if header.startswith("Basic "):
+            _, _, password = base64.b64decode(header[6:]).decode().partition(":")
+            ok = password == state.token
+        if not ok:
+            body, headers = error_body(401, request.url.path)
+            return JSONResponse(body, 401, headers=headers)
+        return None
+
+    async def ping(request: Request) -> JSONResponse:
+        return auth_error(request) or JSONResponse({"health_status": "Everything's Chimpy!"})
+
+    async def members(request: Request) -> JSONResponse:
+        if (err := auth_error(request)) is not None:
+            return err
+        if request.path_params["list_id"] != LIST_ID:
+            body, headers = error_body(404, request.url.path)
+            return JSONResponse(body, 404, headers=headers)
+        q = request.query_params
+        count = min(int(q.get("count", 10)), max_count)
+        offset = int(q.get("offset", 0))
+        rows = list(state.live())
+        if "since_last_changed" in q:  # "changed after": strict
+            low = _parse(q["since_last_changed"])
+            rows = [p for p in rows if p.updated.replace(microsecond=0) > low]
+        if q.get("sort_field") == "last_changed":
+            rows.sort(
+                key=lambda p: (p.updated.replace(microsecond=0), p.id),
+                reverse=q.get("sort_dir") == "DESC",
+            )
+        else:
+            rows.sort(key=lambda p: p.id)
+        page = rows[offset : offset + count]
+        return JSONResponse(
+            {
+                "members": [member(p) for p in page],
+                "list_id": LIST_ID,
+                "total_items": len(rows),
+                "_links": [],
+            }
+        )
+
+    async def campaigns(request: Request) -> JSONResponse:
+        if (err := auth_error(request)) is not None:
+            return err
+        sent = (
+            [
+                {
+                    "id": CAMPAIGN_ID,
+                    "type": "regular",
+                    "status": "sent",
+                    "recipients": {"list_id": LIST_ID},
+                    "settings": {"subject_line": "Spring newsletter"},
+                }
+            ]
+            if state.events
+            else []
+        )
+        return JSONResponse({"campaigns": sent, "total_items": len(sent), "_links": []})
+
+    async def email_activity(request: Request) -> JSONResponse:
+        if (err := auth_error(request)) is not None:
+            return err
+        q = request.query_params
+        count = min(int(q.get("count", 10)), max_count)
+        offset = int(q.get("offset", 0))
+        events = state.events
+        if "since" in q:
+            low = _parse(q["since"])
+            events = [e for e in events if e.at.replace(microsecond=0) > low]
+        by_person: dict[int, list[dict[str, Any]]] = {}
+        for e in events:
+            if e.kind == "sent":
+                continue  # email-activity lists opens, clicks and bounces
+            by_person.setdefault(e.person_id, []).append(
+                {"action": e.kind, "timestamp": _ts(e.at), "ip": "198.51.100.7"}
+            )
+        rows = []
+        for pid in sorted(by_person):
+            p = state.people[pid]
+            rows.append(
+                {
+                    "campaign_id": request.path_params["campaign_id"],
+                    "list_id": LIST_ID,
+                    "list_is_active": True,
+                    "email_id": hashlib.md5(p.email.lower().encode()).hexdigest(),
+                    "email_address": p.email,
+                    "activity": by_person[pid],
+                }
+            )
+        return JSONResponse(
+            {
+                "emails": rows[offset : offset + count],
+                "campaign_id": request.path_params["campaign_id"],
+                "total_items": len(rows),
+                "_links": [],
+            }
+        )
+
+    app = Starlette(
+        routes=[
+            Route("/3.0/ping", ping),
+            Route("/3.0/lists/{list_id}/members", members),
+            Route("/3.0/campaigns", campaigns),
+            Route("/3.0/reports/{campaign_id}/email-activity", email_activity),
+        ]
+    )
+    return faulty(app, state, error_body)
