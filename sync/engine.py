@@ -21,7 +21,7 @@ from sqlalchemy import Connection, Engine, select
 
 from connectors import Connector
 from crmhub.errors import CrmHubError
-from crmhub.records import Activity, Contact, Cursor, Page
+from crmhub.records import Activity, Contact, Cursor, Page, RawRecord
 from crmhub.settings import Settings
 from dedupe import Matcher, build_matcher
 from dedupe.matcher import email_key
@@ -197,6 +197,17 @@ class SyncEngine:
                 with contextlib.suppress(asyncio.CancelledError):
                     await producer
 
+    async def ingest(self, name: str, records: list[RawRecord]) -> RunCounts:
+        """Apply records pushed to crmhub (webhooks, forms) as one page, without a pull.
+
+        Map, stage, match and merge in one transaction; no cursor is involved. Staging makes a
+        repeated delivery of the same record a no-op.
+        """
+        source = load_source(self.settings, name)
+        page = Page(records, next_cursor=None)
+        mapped = await self.mapper.map(source.mapping, records)
+        return await asyncio.to_thread(self._apply_page, source, None, page, mapped, None)
+
     def close(self) -> None:
         """Stop the mapping helper process, if one was started."""
         self.mapper.close()
@@ -252,10 +263,10 @@ class SyncEngine:
     def _apply_page(
         self,
         source: Source,
-        stream: str,
+        stream: str | None,
         page: Page,
         mapped: list[MappedRecord | Rejected],
-        run_id: int,
+        run_id: int | None,
     ) -> RunCounts:
         counts = RunCounts(pulled=len(page.records))
         now = datetime.now(UTC)
@@ -291,7 +302,8 @@ class SyncEngine:
                 counts.deleted += self._apply_deletions(conn, source.name, deletions, now)
             if letters:
                 conn.execute(dead_letter.insert(), letters)
-            save_cursor(conn, source.name, stream, page.next_cursor)
+            if stream is not None:  # pushed records have no cursor
+                save_cursor(conn, source.name, stream, page.next_cursor)
         counts.dead_letters = sum(1 for x in letters if x["scope"] == "record")
         counts.field_issues = len(letters) - counts.dead_letters
         return counts
@@ -449,7 +461,7 @@ def _count(counts: RunCounts, staged: list[Staged]) -> None:
 
 
 def _letter(
-    run_id: int,
+    run_id: int | None,
     source: str,
     scope: str,
     origin: str,

@@ -248,3 +248,21 @@ async def test_mail_in_two_folders_is_one_activity(tmp_path, db, store_url):
     result = await engine.run("mail")
     assert result.counts.activities == 1
     assert result.counts.activities_linked == 1
+
+
+async def test_pushed_records_are_ingested_once(tmp_path, db, store_url):
+    from crmhub.records import RawRecord
+
+    cfg = {"forms": {"type": "jsonl", "path": "unused.jsonl"}}
+    engine = SyncEngine(make_settings(tmp_path, store_url, cfg), db)
+    payload = {
+        "submission_id": "S1",
+        "submitted_at": "2026-10-01T09:00:00Z",
+        "form": "demo",
+        "fields": {"name": "Ann Lee", "email": "ann@example.com"},
+    }
+    records = [RawRecord("", "contact", payload), RawRecord("", "activity", payload)]
+    first = await engine.ingest("forms", records)
+    assert (first.new, first.goldens_created, first.activities_linked) == (2, 1, 1)
+    again = await engine.ingest("forms", records)
+    assert (again.new, again.unchanged) == (0, 2)
