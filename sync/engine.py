@@ -23,7 +23,7 @@ from connectors import Connector
 from crmhub.errors import CrmHubError
 from crmhub.records import Activity, Contact, Cursor, Page, RawRecord
 from crmhub.settings import Settings
-from dedupe import Matcher, build_matcher
+from dedupe import ExactMatcher, Matcher, build_matcher
 from dedupe.matcher import email_key
 from sync.golden import MatchInput, match_and_merge, recompute_goldens
 from sync.mapping_step import MappedRecord, PageMapper, Rejected
@@ -106,7 +106,13 @@ class SyncEngine:
         self.settings = settings
         self.db = db
         m = settings.matching
-        self.matcher = matcher or build_matcher(m.auto_merge, m.review, m.default_region)
+        if matcher is None:
+            matcher = (
+                ExactMatcher()
+                if m.method == "exact"
+                else build_matcher(m.auto_merge, m.review, m.default_region)
+            )
+        self.matcher = matcher
         self._analyzed_at = 0
         self.mapper = PageMapper(m.default_region)
 

@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from sqlalchemy import Connection, bindparam, or_, select
+from sqlalchemy import Connection, bindparam, func, or_, select
 
 from crmhub.records import Contact
 from dedupe import Decision, Matcher, Member, survive
+from dedupe.normalize import prepare
 from sync.staging import chunks
 from sync.store import (
     allocate_ids,
@@ -32,6 +33,10 @@ from sync.store import (
 __all__ = ["MatchInput", "MatchOutcome", "match_and_merge", "recompute_goldens"]
 
 Node = tuple[Literal["r", "g"], int]
+# A blocking key held by more records than this finds no candidates (reported as capped).
+MAX_BLOCK = 200
+# Members per golden record sampled by the chain guard.
+GUARD_SAMPLE = 8
 
 
 @dataclass(slots=True)
@@ -50,6 +55,69 @@ class MatchOutcome:
     goldens_merged: int = 0
     reviews_queued: int = 0
     touched_goldens: set[int] = field(default_factory=set)
+    capped_keys: set[tuple[str, str]] = field(default_factory=set)
+
+
+class _Comparer:
+    """`matcher.compare` with each record normalised once per batch (when the matcher can)."""
+
+    def __init__(self, matcher: Matcher) -> None:
+        self.matcher = matcher
+        self.transitive = bool(getattr(matcher, "transitive", False))
+        self._compare_prepared = getattr(matcher, "compare_prepared", None)
+        self._prepared: dict[int, Any] = {}
+
+    def _prep(self, record_id: int, contact: Contact) -> Any:
+        found = self._prepared.get(record_id)
+        if found is None:
+            found = self._prepared[record_id] = prepare(contact)
+        return found
+
+    def __call__(self, a: int, contact_a: Contact, b: int, contact_b: Contact) -> Decision:
+        if self._compare_prepared is None:
+            return self.matcher.compare(contact_a, contact_b)
+        decision: Decision = self._compare_prepared(
+            self._prep(a, contact_a), self._prep(b, contact_b)
+        )
+        return decision
+
+
+def _load_contacts(conn: Connection, ids: set[int], into: dict[int, Contact]) -> None:
+    query = select(source_record.c.id, source_record.c.data)
+    for rid, data in _in_chunks(conn, query, source_record.c.id, ids - set(into)):
+        into[rid] = Contact.model_validate(data)
+
+
+def _cluster_average(
+    conn: Connection,
+    compare: _Comparer,
+    record: int,
+    golden_a: int,
+    golden_b: int,
+    contacts: dict[int, Contact],
+) -> float:
+    """Average linkage between `golden_a` joined by `record` and `golden_b` (the chain guard).
+
+    Members are sampled (GUARD_SAMPLE each), so a big cluster costs a bounded number of
+    comparisons.
+    """
+    members: dict[int, list[int]] = defaultdict(list)
+    rows = conn.execute(
+        select(membership.c.golden_id, membership.c.record_id)
+        .where(membership.c.golden_id.in_([golden_a, golden_b]))
+        .order_by(membership.c.record_id)
+    )
+    for golden, rid in rows:
+        if len(members[golden]) < GUARD_SAMPLE:
+            members[golden].append(rid)
+    _load_contacts(conn, set(members[golden_a]) | set(members[golden_b]), contacts)
+    side_a = [*members[golden_a], record]
+    scores = [
+        compare(a, contacts[a], b, contacts[b]).probability
+        for a in side_a
+        for b in members[golden_b]
+    ]
+    return sum(scores) / len(scores) if scores else 0.0
 
 
 class _UnionFind:
@@ -102,18 +170,33 @@ def _write_keys(
 
 
 def _candidates(
-    conn: Connection, keys: dict[int, set[tuple[str, str]]]
+    conn: Connection, lookups: dict[int, list[tuple[str, str]]], outcome: MatchOutcome
 ) -> dict[tuple[str, str], list[int]]:
+    """Records holding each lookup key; keys held by more than MAX_BLOCK records are capped
+    (a shared inbox or switchboard number says nothing about who someone is)."""
     by_kind: dict[str, set[str]] = defaultdict(set)
-    for pairs in keys.values():
+    for pairs in lookups.values():
         for kind, value in pairs:
             by_kind[kind].add(value)
     holders: dict[tuple[str, str], list[int]] = defaultdict(list)
     for kind, values in by_kind.items():
+        counted = select(match_key.c.key_value, func.count()).where(match_key.c.key_kind == kind)
+        usable = []
+        for part in chunks(sorted(values)):
+            rows = conn.execute(
+                counted.where(one_of(conn, match_key.c.key_value, part)).group_by(
+                    match_key.c.key_value
+                )
+            )
+            for value, count in rows:
+                if count > MAX_BLOCK:
+                    outcome.capped_keys.add((kind, value))
+                else:
+                    usable.append(value)
         query = select(match_key.c.key_value, match_key.c.record_id).where(
             match_key.c.key_kind == kind
         )
-        for value, record_id in _in_chunks(conn, query, match_key.c.key_value, values):
+        for value, record_id in _in_chunks(conn, query, match_key.c.key_value, usable):
             holders[(kind, value)].append(record_id)
     return holders
 
@@ -144,8 +227,19 @@ def match_and_merge(
         return outcome
     batch = {i.record_id: i for i in inputs}
     keys = _write_keys(conn, matcher, inputs)
-    holders = _candidates(conn, keys)
-    candidate_ids = {rid for ids in holders.values() for rid in ids}
+    lookup = getattr(matcher, "lookup_keys", None)
+    lookups = {
+        i.record_id: (
+            [(k.kind, k.value) for k in lookup(i.contact)] if lookup else sorted(keys[i.record_id])
+        )
+        for i in inputs
+    }
+    holders = _candidates(conn, lookups, outcome)
+    pairs: set[tuple[int, int]] = set()
+    for rid, wanted in lookups.items():
+        for key in wanted:
+            pairs.update((min(rid, o), max(rid, o)) for o in holders.get(key, ()) if o != rid)
+    candidate_ids = {rid for pair in pairs for rid in pair}
     member_of = dict(
         _in_chunks(
             conn,
@@ -154,37 +248,59 @@ def match_and_merge(
             candidate_ids | set(batch),
         )
     )
-    outside = candidate_ids - set(batch)
     contacts: dict[int, Contact] = {rid: i.contact for rid, i in batch.items()}
-    for rid, data in _in_chunks(
-        conn, select(source_record.c.id, source_record.c.data), source_record.c.id, outside
-    ):
-        contacts[rid] = Contact.model_validate(data)
+    _load_contacts(conn, candidate_ids - set(batch), contacts)
     forbidden = _do_not_merge(conn, set(batch))
+    compare = _Comparer(matcher)
 
     uf = _UnionFind()
-    reviews: dict[tuple[int, int], Decision] = {}
-    for rid, item in batch.items():
-        node: Node = ("r", rid)
-        uf.find(node)
+    for rid in batch:
+        uf.find(("r", rid))
         if rid in member_of:
-            uf.union(("g", member_of[rid]), node)
-        others = {c for key in keys[rid] for c in holders.get(key, ()) if c != rid}
-        for other in sorted(others):
-            if other in batch and other > rid:
-                continue  # compared once, from the other side
-            if frozenset((rid, other)) in forbidden or other not in contacts:
-                continue
-            decision = matcher.compare(item.contact, contacts[other])
-            if decision.action == "merge":
-                target: Node = (
-                    ("r", other)
-                    if other in batch or other not in member_of
-                    else ("g", member_of[other])
+            uf.union(("g", member_of[rid]), ("r", rid))
+    reviews: dict[tuple[int, int], Decision] = {}
+    # batch record -> golden record -> its strongest merge decision (and with which member)
+    links: dict[int, dict[int, tuple[Decision, int]]] = defaultdict(dict)
+    for a, b in sorted(pairs):
+        if frozenset((a, b)) in forbidden:
+            continue
+        decision = compare(a, contacts[a], b, contacts[b])
+        if decision.action == "review":
+            reviews[(a, b)] = decision
+        elif decision.action == "merge":
+            if a in batch and b in batch:
+                uf.union(("r", a), ("r", b))
+            else:
+                inside, other = (a, b) if a in batch else (b, a)
+                golden = member_of.get(other)
+                if golden is None:
+                    continue  # a staged record without a golden record: nothing to join
+                best = links[inside].get(golden)
+                if best is None or decision.probability > best[0].probability:
+                    links[inside][golden] = (decision, other)
+    for rid, linked in links.items():
+        ranked = sorted(linked.items(), key=lambda g: -g[1][0].probability)
+        joined = [ranked[0][0]]
+        for golden, (decision, other) in ranked[1:]:
+            # Chain guard: one record may join two existing clusters only when the clusters
+            # themselves look alike on average; otherwise the weaker link goes to review.
+            average = (
+                1.0
+                if compare.transitive
+                else _cluster_average(conn, compare, rid, joined[0], golden, contacts)
+            )
+            if average >= float(getattr(matcher, "review", 0.0)):
+                joined.append(golden)
+            else:
+                held = (
+                    f"held for review: this record would join two golden records ({joined[0]} "
+                    f"and {golden}) whose members match only {average:.2f} on average"
                 )
-                uf.union(target, node)
-            elif decision.action == "review":
-                reviews[(min(rid, other), max(rid, other))] = decision
+                reviews[(min(rid, other), max(rid, other))] = Decision(
+                    "review", decision.probability, {**decision.explanation, "held": held}
+                )
+        for golden_id in joined:
+            uf.union(("g", golden_id), ("r", rid))
 
     new_members: list[dict[str, Any]] = []
     moved: list[dict[str, Any]] = []

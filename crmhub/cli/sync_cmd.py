@@ -101,6 +101,7 @@ _ROWS = (
     ("  unchanged", "unchanged"),
     ("golden records created", "goldens_created"),
     ("records merged into others", "records_merged"),
+    ("pairs queued for review", "reviews_queued"),
     ("activities", "activities"),
     ("  linked to a contact", "activities_linked"),
     ("dead letters (rejected records)", "dead_letters"),
@@ -234,6 +235,8 @@ def register(app: typer.Typer) -> None:
                 f"  crmhub {cfg} golden list --merged\n"
                 f"  crmhub {cfg} golden show 1\n"
                 f"  crmhub {cfg} golden search smith\n"
+                f"  crmhub {cfg} explain leads:L-1001 webforms:F-9001   # why a pair waits for "
+                "review\n"
                 f"  crmhub {cfg} errors\n"
                 f"  crmhub {cfg} export xref --format csv\n"
                 "  (with `make demo`, the commands live in .venv/bin/: "
