@@ -33,6 +33,7 @@ from sync.state import load_cursor, save_cursor
 from sync.store import (
     activity,
     activity_participant,
+    bulk_insert,
     dead_letter,
     match_key,
     membership,
@@ -307,7 +308,7 @@ class SyncEngine:
             if deletions:
                 counts.deleted += self._apply_deletions(conn, source.name, deletions, now)
             if letters:
-                conn.execute(dead_letter.insert(), letters)
+                bulk_insert(conn, dead_letter, letters)
             if stream is not None:  # pushed records have no cursor
                 save_cursor(conn, source.name, stream, page.next_cursor)
         counts.dead_letters = sum(1 for x in letters if x["scope"] == "record")
@@ -403,9 +404,9 @@ class SyncEngine:
                 for key in dict.fromkeys(email_key(p) for p in act.participants)
             )
         if rows:
-            conn.execute(activity.insert(), rows)
+            bulk_insert(conn, activity, rows)
         if participants:
-            conn.execute(activity_participant.insert(), participants)
+            bulk_insert(conn, activity_participant, participants)
         keys = {p["email_key"] for p in participants}
         known: set[str] = set()
         for part in chunks(sorted(keys)):

@@ -21,6 +21,7 @@ from dedupe.normalize import prepare
 from sync.staging import chunks
 from sync.store import (
     allocate_ids,
+    bulk_insert,
     golden_record,
     match_key,
     membership,
@@ -165,7 +166,7 @@ def _write_keys(
         for kind, value in pairs
     ]
     if rows:
-        conn.execute(match_key.insert(), rows)
+        bulk_insert(conn, match_key, rows)
     return keys
 
 
@@ -342,13 +343,13 @@ def match_and_merge(
                     "updated_at": now,
                 }
             )
-        conn.execute(golden_record.insert(), rows)
+        bulk_insert(conn, golden_record, rows)
         outcome.goldens_created += len(ids)
         for records, golden_id in zip(fresh, ids, strict=True):
             method = "new" if len(records) == 1 else "auto"
             new_members.extend(_membership(r, golden_id, method, now) for r in records)
     if new_members:
-        conn.execute(membership.insert(), new_members)
+        bulk_insert(conn, membership, new_members)
     if moved:
         conn.execute(
             membership.update().where(membership.c.record_id == bindparam("b_record")), moved
