@@ -16,6 +16,7 @@ from rich.progress import (
     TaskID,
     TextColumn,
     TimeElapsedColumn,
+    TimeRemainingColumn,
 )
 from rich.table import Table
 
@@ -58,6 +59,7 @@ async def _run_all(
         MofNCompleteColumn(),
         TextColumn("{task.fields[rate]:>8,.0f} rec/s"),
         TimeElapsedColumn(),
+        TimeRemainingColumn(),
         console=err_console,
         disable=quiet,
         transient=False,
