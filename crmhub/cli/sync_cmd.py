@@ -135,8 +135,8 @@ def _summary_table(results: list[dict[str, Any]], totals: dict[str, int]) -> Tab
     table.add_row("time", *[f"{r['seconds']:.1f}s" if "seconds" in r else "" for r in results])
     table.caption = (
         f"store: {totals['contacts']:,} contacts -> {totals['golden_records']:,} golden records, "
-        f"{totals['activities']:,} activities, {totals['open_reviews']:,} open reviews, "
-        f"{totals['dead_letters']:,} dead letters"
+        f"{totals['activities']:,} activities, {totals['open_reviews']:,} pair(s) awaiting "
+        f"review, {totals['dead_letters']:,} dead letters"
     )
     return table
 
@@ -237,8 +237,7 @@ def register(app: typer.Typer) -> None:
                 f"  crmhub {cfg} golden list --merged\n"
                 f"  crmhub {cfg} golden show 1\n"
                 f"  crmhub {cfg} golden search smith\n"
-                f"  crmhub {cfg} explain leads:L-1001 webforms:F-9001   # why a pair waits for "
-                "review\n"
+                f"  crmhub {cfg} explain leads:L-1001 webforms:F-9001\n"
                 f"  crmhub {cfg} errors\n"
                 f"  crmhub {cfg} export xref --format csv\n"
                 "  (with `make demo`, the commands live in .venv/bin/: "
