@@ -317,9 +317,14 @@ class SyncEngine:
 
     @staticmethod
     def _stage(
-        conn: Connection, source: Source, page: Page, kind: str, items: list[MappedRecord]
+        conn: Connection,
+        source: Source,
+        page: Page,
+        kind: str,
+        items: list[MappedRecord],
+        counts: RunCounts,
     ) -> list[Staged]:
-        return stage(
+        staged = stage(
             conn,
             source.name,
             kind,
@@ -334,6 +339,9 @@ class SyncEngine:
                 for m in items
             ],
         )
+        for s in staged:
+            setattr(counts, s.status, getattr(counts, s.status) + 1)
+        return staged
 
     def _apply_contacts(
         self,
@@ -345,8 +353,7 @@ class SyncEngine:
     ) -> None:
         if not items:
             return
-        staged = self._stage(conn, source, page, "contact", items)
-        _count(counts, staged)
+        staged = self._stage(conn, source, page, "contact", items, counts)
         counts.contacts += len(staged)
         inputs = [
             MatchInput(
@@ -375,8 +382,7 @@ class SyncEngine:
     ) -> None:
         if not items:
             return
-        staged = self._stage(conn, source, page, "activity", items)
-        _count(counts, staged)
+        staged = self._stage(conn, source, page, "activity", items, counts)
         counts.activities += len(staged)
         touched = [s for s in staged if s.status != "unchanged"]
         changed_ids = [s.record_id for s in touched if s.status == "changed"]
@@ -460,11 +466,6 @@ class SyncEngine:
 
         with self.db.connect() as conn:
             return store_totals(conn)
-
-
-def _count(counts: RunCounts, staged: list[Staged]) -> None:
-    for s in staged:
-        setattr(counts, s.status, getattr(counts, s.status) + 1)
 
 
 def _letter(
