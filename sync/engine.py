@@ -25,6 +25,7 @@ from crmhub.records import Activity, Contact, Cursor, Page, RawRecord
 from crmhub.settings import Settings
 from dedupe import ExactMatcher, Matcher, build_matcher
 from dedupe.matcher import email_key
+from sync.frequencies import StoreFrequencies
 from sync.golden import MatchInput, match_and_merge, recompute_goldens
 from sync.mapping_step import MappedRecord, PageMapper, Rejected
 from sync.sources import Source, load_source
@@ -114,6 +115,7 @@ class SyncEngine:
                 else build_matcher(m.auto_merge, m.review, m.default_region)
             )
         self.matcher = matcher
+        self.frequencies = StoreFrequencies()
         self._analyzed_at = 0
         self.mapper = PageMapper(m.default_region)
 
@@ -366,7 +368,7 @@ class SyncEngine:
             for s in staged
             if s.status != "unchanged"
         ]
-        outcome = match_and_merge(conn, self.matcher, inputs)
+        outcome = match_and_merge(conn, self.matcher, inputs, frequencies=self.frequencies)
         counts.goldens_created += outcome.goldens_created
         counts.records_merged += outcome.records_merged
         counts.goldens_merged += outcome.goldens_merged

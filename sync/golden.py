@@ -17,7 +17,10 @@ from sqlalchemy import Connection, bindparam, func, or_, select
 
 from crmhub.records import Contact
 from dedupe import Decision, Matcher, Member, survive
-from dedupe.normalize import prepare
+from dedupe.matcher import blocking_keys, lookup_keys
+from dedupe.normalize import Prepared, prepare
+from dedupe.scoring import tf_values
+from sync.frequencies import StoreFrequencies, tf_rows
 from sync.staging import chunks
 from sync.store import (
     allocate_ids,
@@ -36,6 +39,8 @@ __all__ = ["MatchInput", "MatchOutcome", "match_and_merge", "recompute_goldens"]
 Node = tuple[Literal["r", "g"], int]
 # A blocking key held by more records than this finds no candidates (reported as capped).
 MAX_BLOCK = 200
+# Store size from which term frequencies and the store-size prior apply.
+MIN_POPULATION = 2000
 # Members per golden record sampled by the chain guard.
 GUARD_SAMPLE = 8
 
@@ -66,9 +71,9 @@ class _Comparer:
         self.matcher = matcher
         self.transitive = bool(getattr(matcher, "transitive", False))
         self._compare_prepared = getattr(matcher, "compare_prepared", None)
-        self._prepared: dict[int, Any] = {}
+        self._prepared: dict[int, Prepared] = {}
 
-    def _prep(self, record_id: int, contact: Contact) -> Any:
+    def prepared(self, record_id: int, contact: Contact) -> Prepared:
         found = self._prepared.get(record_id)
         if found is None:
             found = self._prepared[record_id] = prepare(contact)
@@ -78,7 +83,7 @@ class _Comparer:
         if self._compare_prepared is None:
             return self.matcher.compare(contact_a, contact_b)
         decision: Decision = self._compare_prepared(
-            self._prep(a, contact_a), self._prep(b, contact_b)
+            self.prepared(a, contact_a), self.prepared(b, contact_b)
         )
         return decision
 
@@ -153,8 +158,25 @@ def _in_chunks(conn: Connection, query: Any, column: Any, values: Iterable[Any])
     return rows
 
 
+def _prefetch_frequencies(
+    conn: Connection, freq: StoreFrequencies, compare: _Comparer, inputs: list[MatchInput]
+) -> None:
+    """Counts for every value the page's comparisons and key caps will ask about."""
+    wanted: list[tuple[str, str]] = []
+    for item in inputs:
+        prepared = compare.prepared(item.record_id, item.contact)
+        wanted += [(k.kind, k.value) for k in blocking_keys(prepared)]
+        wanted += [(k.kind, k.value) for k in lookup_keys(prepared)]
+        wanted += [(kind, v) for kind, vs in tf_values(prepared).items() for v in vs]
+    freq.prefetch(conn, wanted)
+
+
 def _write_keys(
-    conn: Connection, matcher: Matcher, inputs: list[MatchInput]
+    conn: Connection,
+    matcher: Matcher,
+    compare: _Comparer,
+    inputs: list[MatchInput],
+    freq: StoreFrequencies | None,
 ) -> dict[int, set[tuple[str, str]]]:
     keys = {i.record_id: {(k.kind, k.value) for k in matcher.keys(i.contact)} for i in inputs}
     changed = [i.record_id for i in inputs if i.status == "changed"]
@@ -165,6 +187,15 @@ def _write_keys(
         for rid, pairs in keys.items()
         for kind, value in pairs
     ]
+    if freq is not None:
+        # Term-frequency rows: how many contacts share a first name, surname, company...
+        rows += [
+            {"record_id": i.record_id, "key_kind": kind, "key_value": value}
+            for i in inputs
+            for kind, value in dict.fromkeys(
+                tf_rows(tf_values(compare.prepared(i.record_id, i.contact)))
+            )
+        ]
     if rows:
         bulk_insert(conn, match_key, rows)
     return keys
@@ -219,7 +250,11 @@ def _do_not_merge(conn: Connection, ids: set[int]) -> set[frozenset[int]]:
 
 
 def match_and_merge(
-    conn: Connection, matcher: Matcher, inputs: list[MatchInput], now: datetime | None = None
+    conn: Connection,
+    matcher: Matcher,
+    inputs: list[MatchInput],
+    now: datetime | None = None,
+    frequencies: StoreFrequencies | None = None,
 ) -> MatchOutcome:
     """Fold new/changed contacts into golden records; call inside the page's transaction."""
     now = now or datetime.now(UTC)
@@ -227,7 +262,16 @@ def match_and_merge(
     if not inputs:
         return outcome
     batch = {i.record_id: i for i in inputs}
-    keys = _write_keys(conn, matcher, inputs)
+    compare = _Comparer(matcher)
+    if not hasattr(matcher, "frequencies"):
+        frequencies = None  # the exact matcher has no use for them
+    if frequencies is not None:
+        _prefetch_frequencies(conn, frequencies, compare, inputs)
+        # Below a few thousand contacts frequencies are noise (a phone on 2 of 3 records looks
+        # "common"): the matcher keeps its shipped priors until the store is big enough.
+        enough = frequencies.total >= MIN_POPULATION
+        matcher.frequencies = frequencies if enough else None  # type: ignore[attr-defined]
+    keys = _write_keys(conn, matcher, compare, inputs, frequencies)
     lookup = getattr(matcher, "lookup_keys", None)
     lookups = {
         i.record_id: (
@@ -252,7 +296,6 @@ def match_and_merge(
     contacts: dict[int, Contact] = {rid: i.contact for rid, i in batch.items()}
     _load_contacts(conn, candidate_ids - set(batch), contacts)
     forbidden = _do_not_merge(conn, set(batch))
-    compare = _Comparer(matcher)
 
     uf = _UnionFind()
     for rid in batch:
@@ -355,6 +398,7 @@ def match_and_merge(
             membership.update().where(membership.c.record_id == bindparam("b_record")), moved
         )
     _queue_reviews(conn, reviews, now, outcome)
+    _settle_reviews(conn, set(batch), outcome.touched_goldens, now)
     recompute_goldens(conn, outcome.touched_goldens, now)
     return outcome
 
@@ -386,6 +430,43 @@ def _alias(conn: Connection, alias: int, survivor: int, now: datetime) -> None:
         .where(golden_record.c.merged_into == alias)
         .values(merged_into=survivor)
     )
+
+
+def _settle_reviews(
+    conn: Connection, record_ids: set[int], goldens: set[int], now: datetime
+) -> None:
+    """Open review items whose two records now share a golden record need no steward."""
+    goldens = set(goldens)
+    for part in chunks(sorted(record_ids)):
+        goldens.update(
+            conn.execute(
+                select(membership.c.golden_id).where(one_of(conn, membership.c.record_id, part))
+            ).scalars()
+        )
+    a_member = membership.alias("a_member")
+    b_member = membership.alias("b_member")
+    settled: list[int] = []
+    for part in chunks(sorted(goldens)):
+        settled += (
+            conn.execute(
+                select(review_item.c.id)
+                .join(a_member, a_member.c.record_id == review_item.c.record_a)
+                .join(b_member, b_member.c.record_id == review_item.c.record_b)
+                .where(
+                    review_item.c.status == "open",
+                    a_member.c.golden_id == b_member.c.golden_id,
+                    one_of(conn, a_member.c.golden_id, part),
+                )
+            )
+            .scalars()
+            .all()
+        )
+    for part in chunks(settled):
+        conn.execute(
+            review_item.update()
+            .where(one_of(conn, review_item.c.id, part))
+            .values(status="merged", decided_by="matcher", decided_at=now)
+        )
 
 
 def _queue_reviews(
