@@ -143,3 +143,18 @@ def test_help_explains_every_command(tmp_path):
     result = run("--help", cwd=tmp_path)
     for command in ("sync", "init", "demo", "golden", "runs", "errors", "export", "connectors"):
         assert command in result.stdout
+
+
+def test_verbose_logs_carry_ids_not_pii(tmp_path):
+    canary = "canary+7f3a@example.invalid"
+    (tmp_path / "a.csv").write_text(
+        f"id,email,first_name\n1,{canary},Zed\n2,bad@@x,Zed\n", encoding="utf-8"
+    )
+    (tmp_path / "crmhub.toml").write_text(
+        '[connectors.a]\ntype = "csv"\npath = "a.csv"\n', encoding="utf-8"
+    )
+    result = run("-v", "sync", "--quiet", cwd=tmp_path)
+    assert "sync finished connector=a" in result.stderr
+    assert canary not in result.stderr
+    assert "bad@@x" not in result.stderr
+    assert "Zed" not in result.stderr
