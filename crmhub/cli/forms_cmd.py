@@ -87,11 +87,13 @@ def drain(
     from sync.intake import Intake
 
     settings = state(ctx).settings
-    intake = Intake(settings, open_store(settings))
+    db = open_store(settings)
+    intake = Intake(settings, db)
     try:
         report = asyncio.run(intake.drain())
     finally:
         intake.close()
+        db.dispose()
     if as_json:
         print_json(
             {"processed": report.processed, "skipped": report.skipped, "failed": report.failed}
