@@ -172,7 +172,8 @@ async def hosted_form(form: str, request: Request, background: BackgroundTasks) 
     if config is None or not config.hosted:
         return problem(404, f"no hosted form named {form!r}")
     if not _origin_allowed(request, config.allowed_origins):
-        log.warning("form post from a foreign origin", extra={"connector": form})
+        origin = request.headers.get("origin") or "none"
+        log.warning("form post from a foreign origin", extra={"connector": form, "origin": origin})
         return problem(403, "origin not allowed for this form")
     client = request.client.host if request.client else "unknown"
     wait = _limiter(request.app).allow(f"{form}|{client}", config.rate_limit)
