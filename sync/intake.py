@@ -26,10 +26,11 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from connectors.webform import normalise, records_for
 from crmhub.errors import CrmHubError, RecordError
+from crmhub.records import RawRecord
 from crmhub.settings import Settings
 from sync.engine import SyncEngine
 from sync.sources import load_source
-from sync.store import dead_letter, inbox, write_transaction
+from sync.store import dead_letter, inbox, one_of, write_transaction
 
 __all__ = ["JSON_TYPE", "Accepted", "DrainReport", "Intake"]
 
@@ -38,6 +39,8 @@ log = logging.getLogger("crmhub.intake")
 JSON_TYPE = "application/json"
 # A claimed row is left alone this long (the claimant may still be working on it).
 CLAIM_LEASE = timedelta(seconds=60)
+# Rows per claim: one ingest (one transaction) for a burst of deliveries.
+BATCH_SIZE = 200
 # After this many failed attempts (store errors, not bad payloads) a row is marked failed.
 MAX_ATTEMPTS = 5
 
@@ -65,6 +68,8 @@ class Intake:
         self.settings = settings
         self.db = db
         self._engine = engine
+        self._lock = asyncio.Lock()
+        self._again = False
 
     @property
     def engine(self) -> SyncEngine:
@@ -110,113 +115,149 @@ class Intake:
         return await asyncio.to_thread(self.record, connector, delivery_id, content_type, body)
 
     # -- process: after the 2xx ----------------------------------------------------------
-    async def process(self, inbox_id: int) -> bool:
-        """Process one pending row if it can be claimed; True when it was processed."""
-        row = await asyncio.to_thread(self._claim, inbox_id)
-        if row is None:
-            return False
-        name = row["connector"]
-        try:
-            provider = _provider(self.settings, name, row["content_type"])
-            payload = json.loads(row["body"])
-            if not isinstance(payload, dict):
-                raise RecordError("delivery is not a JSON object", connector=name)
-            submission = normalise(provider, payload, row["delivery_id"], row["received_at"])
-            records = records_for(submission, origin=f"inbox:{inbox_id}")
-            counts = await self.engine.ingest(name, records)
-        except (RecordError, ValueError) as exc:
-            # The delivery itself is unusable: dead-letter it (kept, visible), never retry.
-            await asyncio.to_thread(self._fail, row, f"{type(exc).__name__}: {exc}", True)
-            log.warning("delivery dead-lettered", extra={"connector": name, "inbox_id": inbox_id})
-            return False
-        except (CrmHubError, SQLAlchemyError, OSError) as exc:
-            final = row["attempts"] >= MAX_ATTEMPTS
-            await asyncio.to_thread(self._fail, row, f"{type(exc).__name__}: {exc}", final)
-            log.warning(
-                "delivery processing failed",
-                extra={"connector": name, "inbox_id": inbox_id, "error_type": type(exc).__name__},
-            )
-            return False
-        await asyncio.to_thread(self._done, inbox_id)
-        log.info(
-            "delivery processed",
-            extra={"connector": name, "inbox_id": inbox_id, "new": counts.new},
-        )
-        return True
+    async def process_pending(self) -> DrainReport:
+        """Claim and process pending rows in batches until none is left; one loop per process.
 
-    async def drain(self, limit: int | None = None) -> DrainReport:
-        """Process every pending row whose claim has lapsed (startup, or a periodic job)."""
+        Called after each accepted delivery. A call that finds the loop running only flags
+        it to look again, so a burst of deliveries becomes a few batches, not one ingest
+        each; every committed row is seen by the loop before it stops.
+        """
         report = DrainReport()
-        ids = await asyncio.to_thread(self._pending_ids, limit)
-        for inbox_id in ids:
-            if await self.process(inbox_id):
-                report.processed += 1
-                report.ids.append(inbox_id)
-            else:
-                report.skipped += 1
+        if self._lock.locked():
+            self._again = True
+            return report
+        async with self._lock:
+            while True:
+                self._again = False
+                rows = await asyncio.to_thread(self._claim_batch, BATCH_SIZE)
+                if rows:
+                    await self._process_rows(rows, report)
+                elif not self._again:
+                    break
+        return report
+
+    async def drain(self) -> DrainReport:
+        """Process every pending row whose claim has lapsed (startup, a job, or by hand)."""
+        report = await self.process_pending()
         report.failed = await asyncio.to_thread(self._count, "failed")
-        if ids:
+        if report.processed:
             log.info("inbox drained", extra={"processed": report.processed})
         return report
+
+    async def _process_rows(self, rows: list[dict[str, Any]], report: DrainReport) -> None:
+        by_connector: dict[str, list[tuple[dict[str, Any], list[RawRecord]]]] = {}
+        for row in rows:
+            try:
+                by_connector.setdefault(row["connector"], []).append((row, self._records(row)))
+            except (RecordError, ValueError, CrmHubError) as exc:
+                # The delivery itself is unusable: dead-letter it (kept, visible), never retry.
+                await asyncio.to_thread(self._fail, [row], f"{type(exc).__name__}: {exc}", True)
+                log.warning(
+                    "delivery dead-lettered",
+                    extra={"connector": row["connector"], "inbox_id": row["id"]},
+                )
+                report.skipped += 1
+        for name, items in by_connector.items():
+            group = [row for row, _ in items]
+            try:
+                await self.engine.ingest(name, [r for _, records in items for r in records])
+            except (CrmHubError, SQLAlchemyError, OSError) as exc:
+                final = [r for r in group if r["attempts"] >= MAX_ATTEMPTS]
+                retry = [r for r in group if r["attempts"] < MAX_ATTEMPTS]
+                reason = f"{type(exc).__name__}: {exc}"
+                await asyncio.to_thread(self._fail, final, reason, True)
+                await asyncio.to_thread(self._fail, retry, reason, False)
+                log.warning(
+                    "delivery processing failed",
+                    extra={"connector": name, "rows": len(group), "error_type": type(exc).__name__},
+                )
+                report.skipped += len(group)
+                continue
+            ids = [int(r["id"]) for r in group]
+            await asyncio.to_thread(self._done, ids)
+            report.processed += len(ids)
+            report.ids.extend(ids)
+
+    def _records(self, row: dict[str, Any]) -> list[RawRecord]:
+        provider = _provider(self.settings, row["connector"], row["content_type"])
+        payload = json.loads(row["body"])
+        if not isinstance(payload, dict):
+            raise RecordError("delivery is not a JSON object", connector=row["connector"])
+        submission = normalise(provider, payload, row["delivery_id"], row["received_at"])
+        return records_for(submission, origin=f"inbox:{row['id']}")
 
     # -- store helpers (run on a worker thread) -----------------------------------------
     def _lapsed(self, now: datetime) -> Any:
         return or_(inbox.c.claimed_at.is_(None), inbox.c.claimed_at < now - CLAIM_LEASE)
 
-    def _pending_ids(self, limit: int | None) -> list[int]:
-        now = datetime.now(UTC)
-        query = (
-            select(inbox.c.id)
-            .where(inbox.c.status == "pending", self._lapsed(now))
-            .order_by(inbox.c.id)
-        )
-        if limit is not None:
-            query = query.limit(limit)
-        with self.db.connect() as conn:
-            return [int(i) for i in conn.execute(query).scalars()]
-
-    def _claim(self, inbox_id: int) -> dict[str, Any] | None:
+    def _claim_batch(self, limit: int) -> list[dict[str, Any]]:
+        """Claim up to `limit` pending rows; a row another process claimed first is skipped."""
         now = datetime.now(UTC)
         with write_transaction(self.db) as conn:
-            claimed = conn.execute(
-                inbox.update()
-                .where(inbox.c.id == inbox_id, inbox.c.status == "pending", self._lapsed(now))
-                .values(claimed_at=now, attempts=inbox.c.attempts + 1)
-            ).rowcount
-            if claimed != 1:
-                return None
-            row = conn.execute(select(inbox).where(inbox.c.id == inbox_id)).mappings().one()
-            return dict(row)
+            ids = list(
+                conn.execute(
+                    select(inbox.c.id)
+                    .where(inbox.c.status == "pending", self._lapsed(now))
+                    .order_by(inbox.c.id)
+                    .limit(limit)
+                ).scalars()
+            )
+            if not ids:
+                return []
+            # The same condition again: only the rows this update changed are ours.
+            claimed = list(
+                conn.execute(
+                    inbox.update()
+                    .where(
+                        one_of(conn, inbox.c.id, ids),
+                        inbox.c.status == "pending",
+                        self._lapsed(now),
+                    )
+                    .values(claimed_at=now, attempts=inbox.c.attempts + 1)
+                    .returning(inbox.c.id)
+                ).scalars()
+            )
+            if not claimed:
+                return []
+            rows = conn.execute(
+                select(inbox).where(one_of(conn, inbox.c.id, claimed)).order_by(inbox.c.id)
+            ).mappings()
+            return [dict(r) for r in rows]
 
-    def _done(self, inbox_id: int) -> None:
+    def _done(self, ids: list[int]) -> None:
         with write_transaction(self.db) as conn:
             conn.execute(
                 inbox.update()
-                .where(inbox.c.id == inbox_id)
+                .where(one_of(conn, inbox.c.id, ids))
                 .values(status="done", processed_at=datetime.now(UTC), error=None)
             )
 
-    def _fail(self, row: dict[str, Any], reason: str, final: bool) -> None:
+    def _fail(self, rows: list[dict[str, Any]], reason: str, final: bool) -> None:
+        if not rows:
+            return
         now = datetime.now(UTC)
         with write_transaction(self.db) as conn:
             conn.execute(
                 inbox.update()
-                .where(inbox.c.id == row["id"])
+                .where(one_of(conn, inbox.c.id, [int(r["id"]) for r in rows]))
                 .values(status="failed" if final else "pending", error=reason[:2000])
             )
             if final:
                 conn.execute(
                     dead_letter.insert(),
-                    {
-                        "run_id": None,
-                        "source": row["connector"],
-                        "scope": "record",
-                        "origin": f"inbox:{row['id']} delivery {row['delivery_id']}"[:500],
-                        "field": None,
-                        "reason": reason[:2000],
-                        "raw": row["body"],
-                        "created_at": now,
-                    },
+                    [
+                        {
+                            "run_id": None,
+                            "source": row["connector"],
+                            "scope": "record",
+                            "origin": f"inbox:{row['id']} delivery {row['delivery_id']}"[:500],
+                            "field": None,
+                            "reason": reason[:2000],
+                            "raw": row["body"],
+                            "created_at": now,
+                        }
+                        for row in rows
+                    ],
                 )
 
     def _count(self, status: str) -> int:

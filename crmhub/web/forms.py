@@ -207,8 +207,6 @@ async def hosted_form(form: str, request: Request, background: BackgroundTasks) 
         "fields": fields,
     }
     intake = intake_of(request.app)
-    accepted = await intake.accept(
-        form, f"hosted:{submission_id}", kind, orjson.dumps(payload).decode()
-    )
-    background.add_task(intake.process, accepted.inbox_id)
+    await intake.accept(form, f"hosted:{submission_id}", kind, orjson.dumps(payload).decode())
+    background.add_task(intake.process_pending)
     return _thanks(config)

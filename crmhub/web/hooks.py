@@ -124,5 +124,5 @@ async def form_hook(connector: str, request: Request, background: BackgroundTask
             "duplicate delivery", extra={"connector": connector, "inbox_id": accepted.inbox_id}
         )
         return JSONResponse({"status": "duplicate", "delivery": delivery})
-    background.add_task(intake.process, accepted.inbox_id)
+    background.add_task(intake.process_pending)
     return JSONResponse({"status": "accepted", "delivery": delivery})

@@ -14,19 +14,15 @@ from crmhub.web import create_app
 from sync.intake import Intake
 
 
-async def _stuck(self: Intake, inbox_id: int) -> bool:
+async def _stuck(self: Intake) -> object:
     await asyncio.sleep(3600)  # the process is killed long before this returns
-    return False
-
-
-async def _nothing(self: Intake, limit: int | None = None) -> object:
     return None
 
 
 def main() -> None:
     config, port = sys.argv[1], int(sys.argv[2])
-    Intake.process = _stuck  # type: ignore[method-assign]
-    Intake.drain = _nothing  # type: ignore[method-assign,assignment]
+    Intake.process_pending = _stuck  # type: ignore[method-assign,assignment]
+    Intake.drain = _stuck  # type: ignore[method-assign,assignment]
     settings = load_settings(config)
     app = create_app(settings, open_store(settings, migrate=True))
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="error")
