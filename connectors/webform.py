@@ -73,6 +73,11 @@ class WebformConfig(ConnectorConfig):
     rate_limit: int = Field(10, ge=1, description="hosted-form posts per minute per client IP")
     max_body_bytes: int = Field(262_144, ge=1024, description="larger bodies get 413")
     max_json_depth: int = Field(32, ge=2, description="deeper JSON gets 400")
+    process: Literal["inline", "drain"] = Field(
+        "inline",
+        description="inline: the web process maps and matches right after the 2xx; drain: it "
+        "only accepts, and `crmhub forms drain --follow` (another process) processes",
+    )
     form_fields: list[str] = Field(
         default_factory=lambda: ["name", "email", "phone", "company", "message"],
         description="fields of the `crmhub forms snippet` form",

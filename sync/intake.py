@@ -40,7 +40,7 @@ JSON_TYPE = "application/json"
 # A claimed row is left alone this long (the claimant may still be working on it).
 CLAIM_LEASE = timedelta(seconds=60)
 # Rows per claim: one ingest (one transaction) for a burst of deliveries.
-BATCH_SIZE = 200
+BATCH_SIZE = 100  # 200 records: mapped in-process (sync/mapping_step.POOL_THRESHOLD)
 # After this many failed attempts (store errors, not bad payloads) a row is marked failed.
 MAX_ATTEMPTS = 5
 
@@ -160,7 +160,10 @@ class Intake:
         for name, items in by_connector.items():
             group = [row for row, _ in items]
             try:
-                await self.engine.ingest(name, [r for _, records in items for r in records])
+                records = [r for _, recs in items for r in recs]
+                # On a thread with its own loop: mapping and matching are CPU work, and the
+                # web server's loop must keep answering deliveries meanwhile.
+                await asyncio.to_thread(asyncio.run, self.engine.ingest(name, records))
             except (CrmHubError, SQLAlchemyError, OSError) as exc:
                 final = [r for r in group if r["attempts"] >= MAX_ATTEMPTS]
                 retry = [r for r in group if r["attempts"] < MAX_ATTEMPTS]

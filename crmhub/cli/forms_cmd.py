@@ -81,27 +81,44 @@ def snippet(
 @forms_app.command("drain")
 def drain(
     ctx: typer.Context,
+    follow: bool = typer.Option(
+        False, "--follow", help="Keep draining until Ctrl-C (for connectors with process = drain)."
+    ),
+    interval: float = typer.Option(0.2, help="Seconds between polls with --follow."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable counts."),
 ) -> None:
-    """Process inbox deliveries that were acknowledged but not processed (after a crash)."""
-    from sync.intake import Intake
+    """Process inbox deliveries that were acknowledged but not processed yet."""
+    from sync.intake import DrainReport, Intake
 
     settings = state(ctx).settings
     db = open_store(settings)
     intake = Intake(settings, db)
+
+    async def run() -> DrainReport:
+        total = DrainReport()
+        while True:
+            report = await intake.drain()
+            total.processed += report.processed
+            total.skipped += report.skipped
+            total.failed = report.failed
+            if not follow:
+                return total
+            await asyncio.sleep(interval)
+
     try:
-        report = asyncio.run(intake.drain())
+        report = asyncio.run(run())
+    except KeyboardInterrupt:
+        return
     finally:
         intake.close()
         db.dispose()
+    counts = {"processed": report.processed, "skipped": report.skipped, "failed": report.failed}
     if as_json:
-        print_json(
-            {"processed": report.processed, "skipped": report.skipped, "failed": report.failed}
-        )
+        print_json(counts)
     else:
         console.print(
-            f"processed {report.processed}, skipped {report.skipped} (claimed elsewhere), "
-            f"failed in total {report.failed}"
+            f"processed {report.processed}, skipped {report.skipped}, "
+            f"failed (in total) {report.failed}"
         )
 
 

@@ -208,5 +208,6 @@ async def hosted_form(form: str, request: Request, background: BackgroundTasks) 
     }
     intake = intake_of(request.app)
     await intake.accept(form, f"hosted:{submission_id}", kind, orjson.dumps(payload).decode())
-    background.add_task(intake.process_pending)
+    if config.process == "inline":
+        background.add_task(intake.process_pending)
     return _thanks(config)

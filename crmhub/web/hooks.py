@@ -124,5 +124,6 @@ async def form_hook(connector: str, request: Request, background: BackgroundTask
             "duplicate delivery", extra={"connector": connector, "inbox_id": accepted.inbox_id}
         )
         return JSONResponse({"status": "duplicate", "delivery": delivery})
-    background.add_task(intake.process_pending)
+    if config.process == "inline":
+        background.add_task(intake.process_pending)
     return JSONResponse({"status": "accepted", "delivery": delivery})

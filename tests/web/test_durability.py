@@ -151,3 +151,29 @@ def test_end_to_end_submission_is_a_golden_record_within_a_second(app, db):
     assert elapsed < 1.0, f"took {elapsed:.3f}s"
     (contact,) = records(db, "generic", "contact")
     assert golden_of(db, contact["id"])["emails"] == ["kai@roe.example"]
+
+
+async def test_process_drain_mode_only_accepts_and_the_drain_processes(tmp_path, store_url, db):
+    from crmhub.web import create_app
+    from tests.conftest import make_settings
+    from tests.web.conftest import connectors
+
+    tables = connectors()
+    tables["generic"]["process"] = "drain"
+    settings = make_settings(tmp_path, store_url, tables)
+    app = create_app(settings, db)
+    body = json.dumps(fixture("generic_submission.json")).encode()
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://crmhub") as client:
+        response = await client.post(
+            "/hooks/forms/generic", content=body, headers=signed("generic", body)
+        )
+    assert response.status_code == 200
+    assert inbox_rows(db)[0]["status"] == "pending"  # answered, not processed here
+    assert activities(db, "generic") == []
+    intake = Intake(settings, db)
+    try:
+        assert (await intake.drain()).processed == 1
+    finally:
+        intake.close()
+    assert len(activities(db, "generic")) == 1
