@@ -186,7 +186,13 @@ class Intake:
         payload = json.loads(row["body"])
         if not isinstance(payload, dict):
             raise RecordError("delivery is not a JSON object", connector=row["connector"])
-        submission = normalise(provider, payload, row["delivery_id"], row["received_at"])
+        try:
+            submission = normalise(provider, payload, row["delivery_id"], row["received_at"])
+        except (AttributeError, TypeError, KeyError) as exc:
+            # A payload near the provider's shape but not in it (a list where an object goes).
+            raise RecordError(
+                f"not a {provider} payload: {type(exc).__name__}", connector=row["connector"]
+            ) from exc
         return records_for(submission, origin=f"inbox:{row['id']}")
 
     # -- store helpers (run on a worker thread) -----------------------------------------

@@ -204,3 +204,16 @@ async def test_unsigned_providers_without_timestamp_still_dedupe_by_event_id(pro
         f"/hooks/forms/{provider}", content=again, headers=signed(provider, again)
     )
     assert (first.json()["status"], second.json()["status"]) == ("accepted", "duplicate")
+
+
+async def test_odd_shapes_inside_a_valid_payload_are_dead_lettered(client, db):
+    body = json.dumps(
+        {"event_id": "evt-odd", "form_response": {"answers": [{"type": "text", "field": "x"}]}}
+    ).encode()
+    response = await client.post(
+        "/hooks/forms/typeform", content=body, headers=signed("typeform", body)
+    )
+    assert response.status_code == 200
+    (row,) = inbox_rows(db)
+    assert row["status"] == "failed"
+    assert len(dead_letters(db, "typeform")) == 1
