@@ -135,6 +135,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=10_000)
     parser.add_argument("--rate", type=float, default=200.0, help="deliveries per second")
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument(
+        "--wait", type=float, default=900, help="max seconds to wait for processing"
+    )
     parser.add_argument("--store", default="", help="store URL (default: a fresh SQLite file)")
     parser.add_argument(
         "--process",
@@ -179,6 +182,7 @@ def main() -> None:
                 time.sleep(0.1)
         url = f"http://127.0.0.1:{port}/hooks/forms/bench"
         result = asyncio.run(_send(args.n, args.rate, url, args.concurrency))
+        print(json.dumps({"answered": result}), file=sys.stderr, flush=True)
         sent_done = time.perf_counter()
         if args.process == "after":
             drainer = subprocess.Popen([*drain_cmd, "--follow"], env=env, stdout=subprocess.DEVNULL)
@@ -188,6 +192,8 @@ def main() -> None:
             if done != last:
                 last, stalled_since = done, time.perf_counter()
             elif time.perf_counter() - stalled_since > 60:
+                break
+            if time.perf_counter() - sent_done > args.wait:
                 break
             time.sleep(0.5)
         result["processing_lag_s"] = round(time.perf_counter() - sent_done, 2)
