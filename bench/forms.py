@@ -27,6 +27,7 @@ from typing import Any
 import httpx
 from sqlalchemy import func, select
 
+from bench.synthetic import FIRST, LAST
 from connectors.webform import sign_generic
 from sync.migrate import upgrade
 from sync.store import activity, inbox, make_engine, source_record
@@ -42,12 +43,15 @@ def _free_port() -> int:
 
 def _payload(i: int, rng: random.Random) -> dict[str, Any]:
     person = rng.randrange(i) if i > 10 and rng.random() < 0.1 else i  # 10% repeat people
+    # Varied names (bench/synthetic.py lists): one shared surname would put every person in
+    # one matching block and measure the blocking, not the intake.
+    first, last = FIRST[person % len(FIRST)], LAST[(person // len(FIRST)) % len(LAST)]
     return {
         "submission_id": f"bench-{i}",
         "form": "bench",
         "fields": {
-            "name": f"Person{person} Bench",
-            "email": f"person{person}@bench.example",
+            "name": f"{first} {last}",
+            "email": f"{first.lower()}.{last.lower()}{person}@bench.example",
             "company": f"Company {person % 500}",
             "message": "Please call me back about pricing.",
         },
