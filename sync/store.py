@@ -55,6 +55,7 @@ __all__ = [
     "connector_state",
     "dead_letter",
     "golden_record",
+    "inbox",
     "make_engine",
     "match_key",
     "membership",
@@ -223,6 +224,25 @@ dead_letter = Table(
     Column("reason", Text, nullable=False),
     Column("raw", Text),
     Column("created_at", UTCDateTime(), nullable=False),
+)
+
+# Pushed deliveries (webhooks, hosted forms), written and committed before the sender gets its
+# 2xx; processed afterwards. UNIQUE (connector, delivery_id) makes a replay a no-op.
+inbox = Table(
+    "inbox",
+    metadata,
+    Column("id", _ID, primary_key=True, autoincrement=True),
+    Column("connector", String(200), nullable=False),
+    Column("delivery_id", String(200), nullable=False),
+    Column("received_at", UTCDateTime(), nullable=False),
+    Column("content_type", String(100), nullable=False),
+    Column("body", Text, nullable=False),  # the raw delivery, as signed
+    Column("status", String(20), nullable=False, index=True),  # pending | done | failed
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("claimed_at", UTCDateTime()),
+    Column("processed_at", UTCDateTime()),
+    Column("error", Text),
+    UniqueConstraint("connector", "delivery_id", name="uq_inbox_delivery"),
 )
 
 
