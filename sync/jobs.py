@@ -18,6 +18,7 @@ Run states: queued -> running -> succeeded | failed | retrying (-> running ...) 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from datetime import UTC, datetime, timedelta
@@ -27,7 +28,7 @@ import httpx
 from arq import Retry, cron
 from arq.connections import ArqRedis, RedisSettings
 from arq.constants import in_progress_key_prefix, job_key_prefix
-from sqlalchemy import Engine, delete, select, update
+from sqlalchemy import Engine, delete, func, select, update
 
 from crmhub.errors import ConfigError, CrmHubError, RateLimitedError, TransientError
 from crmhub.settings import Settings
@@ -101,14 +102,22 @@ def _set_state(db: Engine, run_id: int, state: str, error: str | None) -> None:
         conn.execute(update(sync_run).where(sync_run.c.id == run_id).values(**values))
 
 
-def _continuable(db: Engine, run_id: int | None, name: str) -> bool:
-    if run_id is None:
-        return False
+def _claim_row(db: Engine, run_id: int | None, name: str, full: bool) -> int:
+    """The run row this attempt continues: its own if still queued/retrying, else the
+    connector's latest queued one (left by an interrupted attempt), else a new one."""
     with db.connect() as conn:
-        row = conn.execute(
-            select(sync_run.c.state, sync_run.c.connector).where(sync_run.c.id == run_id)
-        ).first()
-    return row is not None and row.connector == name and row.state in _CONTINUABLE
+        if run_id is not None:
+            row = conn.execute(
+                select(sync_run.c.state, sync_run.c.connector).where(sync_run.c.id == run_id)
+            ).first()
+            if row is not None and row.connector == name and row.state in _CONTINUABLE:
+                return run_id
+        latest = conn.execute(
+            select(func.max(sync_run.c.id)).where(
+                sync_run.c.connector == name, sync_run.c.state.in_(_CONTINUABLE)
+            )
+        ).scalar()
+    return int(latest) if latest is not None else _insert_queued(db, name, full)
 
 
 async def enqueue_sync(
@@ -141,10 +150,7 @@ async def sync_connector(
     db: Engine = ctx["db"]
     job_try: int = ctx.get("job_try", 1)
     last_try = job_try >= settings.queue.max_tries
-    if not _continuable(db, run_id, name):
-        # A retried attempt after an interruption, or a job queued without a row.
-        run_id = _insert_queued(db, name, full)
-    assert run_id is not None
+    run_id = _claim_row(db, run_id, name, full)
     lease = Lease(
         ctx["redis"], lease_key(settings.queue.namespace, name), settings.queue.lease_seconds
     )
@@ -178,9 +184,17 @@ async def sync_connector(
         record_run(name, "failed", time.perf_counter() - started, {})
         return {"connector": name, "run_id": run_id, "state": "failed", "error": str(exc)}
     except LeaseLost:
-        # Another worker holds the connector now; it resumes from our last committed page.
+        # Redis lost the lease or another worker took over. Leave a queued row so the run
+        # resumes from our last committed page even if Redis lost the job too (reconciler).
         record_run(name, "interrupted", time.perf_counter() - started, {})
+        _insert_queued(db, name, full)
         return {"connector": name, "run_id": run_id, "state": "interrupted"}
+    except asyncio.CancelledError:
+        # Worker shutdown (SIGTERM) or job timeout: the current page committed, the run is
+        # `interrupted`; a queued row marks it for resumption and arq keeps the job.
+        record_run(name, "interrupted", time.perf_counter() - started, {})
+        _insert_queued(db, name, full)
+        raise
     record_run(name, result.state, result.seconds, result.as_dict()["counts"])
     return {"connector": name, "run_id": run_id, "state": result.state}
 

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import socket
+import warnings
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -124,7 +125,9 @@ async def _reconcile_forever(settings: Settings, db: Engine) -> None:
                 await redis.aclose()
 
 
-async def run_worker(settings: Settings, *, burst: bool = False) -> None:
+async def run_worker(
+    settings: Settings, *, burst: bool = False, handle_signals: bool = True, poll_delay: float = 0.5
+) -> None:
     """Run until SIGTERM/SIGINT (or, with `burst`, until the queue is empty)."""
     db = open_db(settings)
     engine = SyncEngine(settings, db)
@@ -138,7 +141,8 @@ async def run_worker(settings: Settings, *, burst: bool = False) -> None:
                 **worker_settings(settings),
                 ctx={"settings": settings, "db": db, "engine": engine},
                 burst=burst,
-                handle_signals=True,
+                handle_signals=handle_signals,
+                poll_delay=poll_delay,
                 health_check_key=health_key_prefix(settings) + me,
             )
             worker.on_stop = lambda _sig: stopping.set()
@@ -151,7 +155,9 @@ async def run_worker(settings: Settings, *, burst: bool = False) -> None:
             except (RedisError, OSError) as exc:
                 log.warning("worker lost Redis; reconnecting", extra={"error": type(exc).__name__})
             finally:
-                with contextlib.suppress(RedisError, OSError):
+                # arq's close() calls redis-py's deprecated close(); the warning is arq's.
+                with contextlib.suppress(RedisError, OSError), warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)
                     await worker.close()
             if burst:
                 break

@@ -34,6 +34,7 @@ def create_app(settings: Settings, db: Engine) -> FastAPI:
         return {"status": "ok"}
 
     # Feature routers are added below, one line each (webhooks, steward UI and API, metrics).
+    app.include_router(__import__("crmhub.web.metrics", fromlist=["router"]).router)
     return app
 
 
