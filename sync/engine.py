@@ -173,12 +173,19 @@ class SyncEngine:
         queue = asyncio.Queue(maxsize=2)
 
         async def produce() -> None:
+            cancelled = False
             try:
                 async for page in connector.pull(stream, cursor):  # type: ignore[arg-type]
                     task = asyncio.ensure_future(self.mapper.map(source.mapping, page.records))
                     await queue.put((page, task))
+            except asyncio.CancelledError:
+                # The consumer is gone (run cancelled): waiting to hand it the end marker
+                # on a full queue would hang the shutdown.
+                cancelled = True
+                raise
             finally:
-                await queue.put(None)
+                if not cancelled:
+                    await queue.put(None)
 
         producer = asyncio.create_task(produce())
         try:

@@ -158,8 +158,9 @@ async def sync_connector(
         holder = await lease.holder()
         log.info("connector locked elsewhere", extra={"connector": name, "holder": holder})
         if last_try:
-            _set_state(db, run_id, "failed", f"{name} stayed locked by {holder}")
-            return {"connector": name, "run_id": run_id, "state": "failed"}
+            # Out of tries but not failed: the row stays queued and the reconciler queues it
+            # again under the connector's own job id once the running job has ended.
+            return {"connector": name, "run_id": run_id, "state": "queued"}
         raise Retry(defer=settings.queue.lease_seconds)
     started = time.perf_counter()
     try:

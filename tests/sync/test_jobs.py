@@ -264,6 +264,10 @@ async def test_a_locked_connector_is_deferred_not_run(
         await sync_connector({**ctx, "job_try": 1}, "leads", False, run_id)
     assert caught.value.defer_score == 7000
     assert [(r.id, r.state) for r in runs(db)] == [(run_id, "queued")]
+    # Out of tries while still locked: not failed, left queued for the reconciler.
+    result = await sync_connector({**ctx, "job_try": 5}, "leads", False, run_id)
+    assert result["state"] == "queued"
+    assert [(r.id, r.state) for r in runs(db)] == [(run_id, "queued")]
 
 
 # -- schedules -------------------------------------------------------------------------------

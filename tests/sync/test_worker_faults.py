@@ -348,9 +348,10 @@ async def test_two_workers_never_run_one_connector_at_once(
 
     def settled() -> bool:
         rows = run_rows(db)
-        return bool(rows) and all(r.state in ("succeeded", "failed") for r in rows)
+        return bool(rows) and all(r.state == "succeeded" for r in rows)
 
-    await wait_for("every run to end", settled, 120, pool)
+    # Requests refused by the lock stay queued and are run later: every run ends succeeded.
+    await wait_for("every run to end", settled, 180, pool)
     rows = [r for r in run_rows(db) if r.state == "succeeded"]
     assert refused > 0  # some requests found a run already queued or running
     assert len(rows) >= 2
