@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -29,6 +30,7 @@ from arq import Retry, cron
 from arq.connections import ArqRedis, RedisSettings
 from arq.constants import in_progress_key_prefix, job_key_prefix
 from sqlalchemy import Engine, delete, func, select, update
+from sqlalchemy.exc import DBAPIError
 
 from crmhub.errors import ConfigError, CrmHubError, RateLimitedError, TransientError
 from crmhub.settings import Settings
@@ -68,8 +70,25 @@ def redis_settings(settings: Settings, retries: int = 10) -> RedisSettings:
     return rs
 
 
+def is_transient_db_error(exc: DBAPIError) -> bool:
+    """Deadlock, serialization failure, dropped connection, SQLite busy: the page's
+    transaction rolled back whole, so running again from the cursor is safe."""
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    return (
+        exc.connection_invalidated
+        or sqlstate in ("40P01", "40001", "57P01", "08006", "08003")
+        or "database is locked" in str(exc.orig)
+    )
+
+
 def retry_delay(settings: Settings, job_try: int, exc: BaseException) -> float:
-    """Exponential backoff from `retry_backoff`, never sooner than the source's Retry-After."""
+    """Exponential backoff from `retry_backoff`, never sooner than the source's Retry-After.
+
+    Database conflicts (two runs merging into the same golden records) retry within seconds,
+    with jitter so the two runs do not collide again.
+    """
+    if isinstance(exc, DBAPIError):
+        return round(random.uniform(0.5, 2.0) * job_try, 2)
     backoff = float(settings.queue.retry_backoff * 2 ** max(0, job_try - 1))
     after: float | None = None
     if isinstance(exc, RateLimitedError):
@@ -172,12 +191,17 @@ async def sync_connector(
         record_run(name, "failed", time.perf_counter() - started, {})
         log.warning("sync config error", extra={"connector": name, "run_id": run_id})
         return {"connector": name, "run_id": run_id, "state": "failed", "error": str(exc)}
-    except (TransientError, httpx.TransportError) as exc:
+    except (TransientError, httpx.TransportError, DBAPIError) as exc:
+        if isinstance(exc, DBAPIError) and not is_transient_db_error(exc):
+            raise
         record_run(name, "failed" if last_try else "retrying", time.perf_counter() - started, {})
         if last_try:
+            if isinstance(exc, DBAPIError):  # the engine recorded it as interrupted
+                _set_state(db, run_id, "failed", f"database: {type(exc.orig).__name__}")
             return {"connector": name, "run_id": run_id, "state": "failed"}
         delay = retry_delay(settings, job_try, exc)
-        _set_state(db, run_id, "retrying", f"{exc} (retry {job_try} in {delay:.0f}s)")
+        reason = f"database: {type(exc.orig).__name__}" if isinstance(exc, DBAPIError) else exc
+        _set_state(db, run_id, "retrying", f"{reason} (retry {job_try} in {delay:.0f}s)")
         log.info("sync retrying", extra={"connector": name, "run_id": run_id, "delay": delay})
         raise Retry(defer=delay) from exc
     except CrmHubError as exc:

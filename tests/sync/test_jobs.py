@@ -427,3 +427,35 @@ async def test_metrics_endpoint_reports_runs_and_queue(
 async def run_worker_once(settings: Settings, db: Engine, redis: ArqRedis) -> None:
     await enqueue_sync(redis, settings, db, "leads")
     await run_worker(settings, burst=True, handle_signals=False, poll_delay=0.05)
+
+
+@pytest.mark.postgres
+def test_database_conflicts_and_dropped_connections_count_as_transient(pg_url: str) -> None:
+    import psycopg
+    from sqlalchemy import text
+    from sqlalchemy.exc import DBAPIError
+
+    from sync.jobs import is_transient_db_error
+    from tests.conftest import PG_ADMIN_URL
+
+    db = make_engine(pg_url)
+
+    def error_of(sql: str) -> DBAPIError:
+        with db.connect() as conn, pytest.raises(DBAPIError) as caught:
+            conn.execute(text(sql))
+        return caught.value
+
+    raise_as = "DO $$ BEGIN RAISE EXCEPTION 'x' USING ERRCODE = '{}'; END $$"
+    assert is_transient_db_error(error_of(raise_as.format("deadlock_detected")))
+    assert is_transient_db_error(error_of(raise_as.format("serialization_failure")))
+    assert not is_transient_db_error(error_of(raise_as.format("unique_violation")))
+    assert not is_transient_db_error(error_of("SELECT no_such_column FROM sync_run"))
+    # The backend terminated under a live connection (failover, pg_terminate_backend).
+    with db.connect() as conn:
+        pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", [pid])
+        with pytest.raises(DBAPIError) as caught:
+            conn.execute(text("SELECT 1"))
+    assert is_transient_db_error(caught.value)
+    db.dispose()
