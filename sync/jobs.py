@@ -195,9 +195,12 @@ async def sync_connector(
         if isinstance(exc, DBAPIError) and not is_transient_db_error(exc):
             raise
         record_run(name, "failed" if last_try else "retrying", time.perf_counter() - started, {})
+        if last_try and isinstance(exc, DBAPIError):
+            # A conflict with another run is no fault of this connector, and every committed
+            # page moved its cursor on: stay queued, the reconciler runs it again.
+            _insert_queued(db, name, full)
+            return {"connector": name, "run_id": run_id, "state": "queued"}
         if last_try:
-            if isinstance(exc, DBAPIError):  # the engine recorded it as interrupted
-                _set_state(db, run_id, "failed", f"database: {type(exc.orig).__name__}")
             return {"connector": name, "run_id": run_id, "state": "failed"}
         delay = retry_delay(settings, job_try, exc)
         reason = f"database: {type(exc.orig).__name__}" if isinstance(exc, DBAPIError) else exc
