@@ -126,14 +126,16 @@ class SyncEngine:
         full: bool = False,
         progress: Callable[[PageReport], None] | None = None,
         client: httpx.AsyncClient | None = None,
+        run_id: int | None = None,
     ) -> RunResult:
         """Sync connector `name` to the store; returns the run's counts and state.
 
         Config errors raise before a run is recorded. Connector errors end the run as
         `failed` (recorded with the error) and are re-raised for the caller to report.
+        `run_id` continues a run row recorded earlier (a queued background job).
         """
         source = load_source(self.settings, name)
-        run_id = self._start_run(name, full)
+        run_id = self._start_run(name, full, run_id)
         started = time.perf_counter()
         counts = RunCounts()
         log.info("sync started", extra={"connector": name, "run_id": run_id, "full": full})
@@ -180,21 +182,36 @@ class SyncEngine:
         queue = asyncio.Queue(maxsize=2)
 
         async def produce() -> None:
+            cancelled = False
             try:
                 async for page in connector.pull(stream, cursor):  # type: ignore[arg-type]
                     task = asyncio.ensure_future(self.mapper.map(source.mapping, page.records))
                     await queue.put((page, task))
+            except asyncio.CancelledError:
+                # The consumer is gone (run cancelled): waiting to hand it the end marker
+                # on a full queue would hang the shutdown.
+                cancelled = True
+                raise
             finally:
-                await queue.put(None)
+                if not cancelled:
+                    await queue.put(None)
 
         producer = asyncio.create_task(produce())
         try:
             while (item := await queue.get()) is not None:
                 page, mapping_task = item
                 mapped = await mapping_task
-                page_counts = await asyncio.to_thread(
-                    self._apply_page, source, stream, page, mapped, run_id
+                applying = asyncio.ensure_future(
+                    asyncio.to_thread(self._apply_page, source, stream, page, mapped, run_id)
                 )
+                try:
+                    page_counts = await asyncio.shield(applying)
+                except asyncio.CancelledError:
+                    # Graceful stop (SIGTERM): the page's transaction is under way in a thread;
+                    # let it commit before the run is marked interrupted and the lock released.
+                    with contextlib.suppress(Exception):
+                        await applying
+                    raise
                 counts.add(page_counts)
                 await asyncio.to_thread(self._refresh_statistics, counts.new)
                 if progress is not None:
@@ -236,7 +253,7 @@ class SyncEngine:
         self._analyzed_at = staged
 
     # -- run bookkeeping ------------------------------------------------------------
-    def _start_run(self, name: str, full: bool) -> int:
+    def _start_run(self, name: str, full: bool, run_id: int | None = None) -> int:
         now = datetime.now(UTC)
         with write_transaction(self.db) as conn:
             # A run still marked running was killed; it can no longer finish.
@@ -245,6 +262,15 @@ class SyncEngine:
                 .where(sync_run.c.connector == name, sync_run.c.state == "running")
                 .values(state="interrupted", finished_at=now, error="process ended mid-run")
             )
+            if run_id is not None:
+                # A queued (or retrying) run row written by `crmhub sync --enqueue` or the
+                # scheduler: it starts now.
+                conn.execute(
+                    sync_run.update()
+                    .where(sync_run.c.id == run_id)
+                    .values(state="running", started_at=now, finished_at=None, error=None)
+                )
+                return run_id
             return int(
                 conn.execute(
                     sync_run.insert().returning(sync_run.c.id),

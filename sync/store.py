@@ -105,7 +105,8 @@ sync_run = Table(
     metadata,
     Column("id", _ID, primary_key=True, autoincrement=True),
     Column("connector", String(200), nullable=False, index=True),
-    Column("state", String(20), nullable=False),  # running | succeeded | failed
+    # queued | running | retrying | succeeded | failed | interrupted
+    Column("state", String(20), nullable=False),
     Column("full_refresh", Integer, nullable=False, default=0),
     Column("started_at", UTCDateTime(), nullable=False),
     Column("finished_at", UTCDateTime()),
