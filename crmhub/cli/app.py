@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from crmhub import __version__
-from crmhub.cli import golden_cmd, ops_cmd, serve_cmd, sync_cmd
+from crmhub.cli import golden_cmd, ops_cmd, review_cmd, serve_cmd, sync_cmd
 from crmhub.cli.common import AppState, die, setup_logging
 from crmhub.errors import CrmHubError
 
@@ -55,6 +55,7 @@ sync_cmd.register(app)
 golden_cmd.register(app)
 ops_cmd.register(app)
 serve_cmd.register(app)
+review_cmd.register(app)
 
 
 def main() -> None:

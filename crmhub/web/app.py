@@ -10,6 +10,8 @@ from sqlalchemy import Engine
 
 from crmhub import __version__
 from crmhub.settings import Settings
+from crmhub.web import api as steward_api
+from crmhub.web import steward as steward_ui
 
 __all__ = ["create_app", "get_db", "get_settings"]
 
@@ -34,6 +36,8 @@ def create_app(settings: Settings, db: Engine) -> FastAPI:
         return {"status": "ok"}
 
     # Feature routers are added below, one line each (webhooks, steward UI and API, metrics).
+    app.include_router(steward_api.router)
+    app.include_router(steward_ui.router)
     return app
 
 

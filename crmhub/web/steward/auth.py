@@ -1,0 +1,155 @@
+"""Who is asking: web sessions (cookie + CSRF) for the UI, bearer API tokens for the REST API.
+
+Every route but sign-in and /healthz depends on one of these. Roles are checked here too, so
+a route states what it needs (`Depends(ui_role("steward"))`) and cannot forget it.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import quote
+
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import Engine
+
+from sync.users import Role, User, session_user, token_user
+
+__all__ = [
+    "CSRF_FIELD",
+    "CSRF_HEADER",
+    "SESSION_COOKIE",
+    "LoginThrottle",
+    "WebSession",
+    "api_role",
+    "db_of",
+    "throttle_of",
+    "ui_role",
+    "ui_session",
+]
+
+SESSION_COOKIE = "crmhub_session"
+CSRF_FIELD = "csrf_token"
+CSRF_HEADER = "X-CSRF-Token"
+
+_bearer = HTTPBearer(auto_error=False, description="An API token from `crmhub users token`.")
+
+
+@dataclass(frozen=True, slots=True)
+class WebSession:
+    user: User
+    csrf: str
+    session_id: str
+
+
+def db_of(request: Request) -> Engine:
+    db: Engine = request.app.state.db
+    return db
+
+
+class LoginThrottle:
+    """At most `limit` failed sign-ins per name (and per client) in `window` seconds."""
+
+    def __init__(self, limit: int = 5, window: float = 900.0) -> None:
+        self.limit = limit
+        self.window = window
+        self._failures: dict[str, deque[float]] = {}
+
+    def _recent(self, key: str) -> deque[float]:
+        now = time.monotonic()
+        times = self._failures.setdefault(key, deque())
+        while times and now - times[0] > self.window:
+            times.popleft()
+        return times
+
+    def blocked(self, *keys: str) -> bool:
+        return any(len(self._recent(k)) >= self.limit for k in keys)
+
+    def failed(self, *keys: str) -> None:
+        for key in keys:
+            self._recent(key).append(time.monotonic())
+
+    def succeeded(self, *keys: str) -> None:
+        for key in keys:
+            self._failures.pop(key, None)
+
+
+def throttle_of(request: Request) -> LoginThrottle:
+    throttle = getattr(request.app.state, "login_throttle", None)
+    if throttle is None:
+        throttle = request.app.state.login_throttle = LoginThrottle()
+    assert isinstance(throttle, LoginThrottle)
+    return throttle
+
+
+def _to_login(request: Request) -> HTTPException:
+    target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    if request.headers.get("HX-Request"):
+        # htmx swaps fragments: tell it to load the sign-in page as a whole.
+        return HTTPException(401, "sign in first", headers={"HX-Redirect": "/login"})
+    return HTTPException(303, "sign in first", headers={"Location": f"/login?next={quote(target)}"})
+
+
+def ui_session(request: Request) -> WebSession:
+    """The signed-in user of a UI request; anonymous requests go to the sign-in page."""
+    session_id = request.cookies.get(SESSION_COOKIE)
+    found = None
+    if session_id:
+        with db_of(request).connect() as conn:
+            found = session_user(conn, session_id)
+    if found is None:
+        raise _to_login(request)
+    return WebSession(found[0], found[1], session_id or "")
+
+
+async def _check_csrf(request: Request, session: WebSession) -> None:
+    if request.method in ("GET", "HEAD", "OPTIONS"):
+        return
+    sent = request.headers.get(CSRF_HEADER)
+    if not sent:
+        form = await request.form()
+        value = form.get(CSRF_FIELD)
+        sent = value if isinstance(value, str) else None
+    if not sent or not secrets.compare_digest(sent, session.csrf):
+        raise HTTPException(403, "missing or wrong CSRF token: reload the page and try again")
+
+
+_session = Depends(ui_session)
+_bearer_credentials = Depends(_bearer)
+
+
+def ui_role(needed: Role) -> Callable[..., object]:
+    """Dependency: a signed-in user with at least role `needed`; state changes need CSRF."""
+
+    async def dependency(request: Request, session: WebSession = _session) -> WebSession:
+        if not session.user.can(needed):
+            raise HTTPException(403, f"this needs the {needed} role")
+        await _check_csrf(request, session)
+        return session
+
+    return dependency
+
+
+def api_role(needed: Role) -> Callable[..., object]:
+    """Dependency: the user behind a bearer API token, with at least role `needed`."""
+
+    def dependency(
+        request: Request, credentials: HTTPAuthorizationCredentials | None = _bearer_credentials
+    ) -> User:
+        user = None
+        if credentials is not None and credentials.scheme.lower() == "bearer":
+            with db_of(request).connect() as conn:
+                user = token_user(conn, credentials.credentials)
+        if user is None:
+            raise HTTPException(
+                401, "a valid API token is needed", headers={"WWW-Authenticate": "Bearer"}
+            )
+        if not user.can(needed):
+            raise HTTPException(403, f"this needs the {needed} role")
+        return user
+
+    return dependency
