@@ -52,7 +52,8 @@ def db_of(request: Request) -> Engine:
 
 
 class LoginThrottle:
-    """At most `limit` failed sign-ins per name (and per client) in `window` seconds."""
+    """Failed sign-ins in the last `window` seconds: at most `limit` per name, and four times
+    that per client address (a shared office NAT should not lock everyone out at once)."""
 
     def __init__(self, limit: int = 5, window: float = 900.0) -> None:
         self.limit = limit
@@ -66,16 +67,18 @@ class LoginThrottle:
             times.popleft()
         return times
 
-    def blocked(self, *keys: str) -> bool:
-        return any(len(self._recent(k)) >= self.limit for k in keys)
+    def blocked(self, name: str, client: str) -> bool:
+        return (
+            len(self._recent(f"user:{name}")) >= self.limit
+            or len(self._recent(f"ip:{client}")) >= 4 * self.limit
+        )
 
-    def failed(self, *keys: str) -> None:
-        for key in keys:
-            self._recent(key).append(time.monotonic())
+    def failed(self, name: str, client: str) -> None:
+        self._recent(f"user:{name}").append(time.monotonic())
+        self._recent(f"ip:{client}").append(time.monotonic())
 
-    def succeeded(self, *keys: str) -> None:
-        for key in keys:
-            self._failures.pop(key, None)
+    def succeeded(self, name: str) -> None:
+        self._failures.pop(f"user:{name}", None)
 
 
 def throttle_of(request: Request) -> LoginThrottle:

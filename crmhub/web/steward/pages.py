@@ -104,9 +104,8 @@ def login(
     next: str = Form("/queue"),
 ) -> Response:
     throttle = throttle_of(request)
-    client = f"ip:{request.client.host if request.client else '?'}"
-    keys = (f"user:{name}", client)
-    if throttle.blocked(*keys):
+    client = request.client.host if request.client else "?"
+    if throttle.blocked(name, client):
         log.warning("sign-in throttled for a name or client")
         return render(
             request,
@@ -119,7 +118,7 @@ def login(
     with db_of(request).connect() as conn:
         user = authenticate(conn, name, password)
     if user is None:
-        throttle.failed(*keys)
+        throttle.failed(name, client)
         return render(
             request,
             "login.html",
@@ -128,7 +127,7 @@ def login(
             next=_safe_next(next),
             error="Wrong name or password.",
         )
-    throttle.succeeded(*keys)
+    throttle.succeeded(name)
     session_id, _csrf = create_session(db_of(request), user)
     log.info("user %s signed in", user.id)
     response = _see_other(_safe_next(next))
