@@ -161,3 +161,17 @@ async def test_skip_leaves_the_open_queue_until_undone(tmp_path, db, store_url):
         assert review.list_reviews(conn, status="skipped")[1] == 1
     review.undo_last(db, "sam")
     assert first["id"] in [i["id"] for i in _open(db)]
+
+
+async def test_logs_carry_ids_not_personal_data(tmp_path, db, store_url, caplog):
+    await seed_reviews(tmp_path, store_url, db, count=1)
+    item = _open(db)[0]
+    caplog.set_level("DEBUG")
+    caplog.clear()
+    review.approve(db, item["id"], "sam", choices={"first_name": item["b"]["record_id"]})
+    review.unmerge(db, item["b"]["record_id"], "sam")
+    review.undo_last(db, "sam")
+    text = caplog.text
+    assert f"review {item['id']} approved by sam" in text
+    for personal in ("Anna", "Keller", item["a"]["email"], item["b"]["email"]):
+        assert personal not in text
