@@ -125,14 +125,14 @@ def _queue_query(
     min_score: float | None,
     max_score: float | None,
     source: str | None,
+    joined: bool = True,
 ) -> Select[Any]:
     a, b = _A, _B
-    query = (
-        select(*columns)
-        .select_from(review_item)
-        .join(a, a.c.id == review_item.c.record_a)
-        .join(b, b.c.id == review_item.c.record_b)
-    )
+    query = select(*columns).select_from(review_item)
+    if joined or source:  # the count needs the records only to filter by source
+        query = query.join(a, a.c.id == review_item.c.record_a).join(
+            b, b.c.id == review_item.c.record_b
+        )
     if status != "all":
         query = query.where(review_item.c.status == status)
     if min_score is not None:
@@ -158,12 +158,17 @@ def list_reviews(
     if status not in (*STATUSES, "all"):
         raise ReviewError(f"unknown status {status!r}: use one of {', '.join(STATUSES)} or all")
 
-    def query_of(columns: list[Any]) -> Select[Any]:
+    def query_of(columns: list[Any], joined: bool = True) -> Select[Any]:
         return _queue_query(
-            columns, status=status, min_score=min_score, max_score=max_score, source=source
+            columns,
+            status=status,
+            min_score=min_score,
+            max_score=max_score,
+            source=source,
+            joined=joined,
         )
 
-    total = int(conn.execute(query_of([func.count()])).scalar_one())
+    total = int(conn.execute(query_of([func.count()], joined=False)).scalar_one())
     a, b = _A, _B
     columns = [
         review_item.c.id,
