@@ -6,7 +6,7 @@ import re
 
 from sqlalchemy import select
 
-from sync.store import audit_log, web_session
+from sync.store import audit_log, review_item, web_session
 from tests.web.conftest import PASSWORD
 
 CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
@@ -141,3 +141,34 @@ async def test_search_escapes_html_and_survives_sql_metacharacters(workspace):
         assert "Anna Keller" in found.text or "Ann Keller" in found.text
         long = await client.get("/search", params={"q": "x" * 5000})
         assert long.status_code == 200
+
+
+async def test_hostile_and_huge_values_render_escaped(workspace, db):
+    from sqlalchemy import update
+
+    from sync.store import source_record
+
+    hostile = '<script>alert("x")</script><img src=x onerror=alert(1)>'
+    async with workspace.client() as client:
+        await sign_in(client, "viewer")
+        first = (await client.get("/queue/next")).headers["location"]
+        review_id = int(first.rsplit("/", 1)[1])
+        with db.begin() as conn:
+            record_a = conn.execute(
+                select(review_item.c.record_a).where(review_item.c.id == review_id)
+            ).scalar_one()
+            data = conn.execute(
+                select(source_record.c.data).where(source_record.c.id == record_a)
+            ).scalar_one()
+            conn.execute(
+                update(source_record)
+                .where(source_record.c.id == record_a)
+                .values(data={**data, "full_name": hostile, "company": "C" * 20000})
+            )
+        for url in ("/queue", first):
+            page = await client.get(url)
+            assert page.status_code == 200
+            assert "<script>alert" not in page.text
+            assert "<img src=x" not in page.text
+            assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in page.text
+        assert "C" * 20000 in page.text  # shown whole; the CSS wraps it
