@@ -91,10 +91,7 @@ def fill(db: Engine, items: int, seed: int = 7) -> None:
             )
             conn.execute(
                 membership.insert(),
-                [
-                    {"record_id": i, "golden_id": i, "method": "new", "decided_at": now}
-                    for i in ids
-                ],
+                [{"record_id": i, "golden_id": i, "method": "new", "decided_at": now} for i in ids],
             )
         for start in range(0, items, CHUNK):
             conn.execute(

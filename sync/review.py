@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import random
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
@@ -36,6 +37,7 @@ from sync.store import (
 )
 
 __all__ = [
+    "BUCKETS",
     "CHOOSABLE_FIELDS",
     "AlreadyDecidedError",
     "NotFoundError",
@@ -43,7 +45,10 @@ __all__ = [
     "StaleDecisionError",
     "apply_field_choices",
     "approve",
+    "approve_bucket",
     "audit_entries",
+    "bucket_counts",
+    "bucket_preview",
     "list_reviews",
     "reject",
     "review_counts",
@@ -672,6 +677,107 @@ def unmerge(db: Engine, record_id: int, actor: str) -> dict[str, Any]:
         "new_golden_id": new_id,
         "audit_id": audit_id,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Bulk approval by rule bucket: a named rule over the matcher's per-field evidence; a steward
+# looks at a random sample, then approves the whole bucket (each pair audited on its own).
+
+
+def _levels(explanation: dict[str, Any] | None) -> dict[str, str]:
+    fields = (explanation or {}).get("fields") or {}
+    return {name: str(entry.get("level")) for name, entry in fields.items()}
+
+
+def _no_conflict(levels: dict[str, str]) -> bool:
+    return "different" not in levels.values()
+
+
+BUCKETS: dict[str, tuple[str, Any]] = {
+    "same-email": (
+        "Same canonical email, no conflicting field",
+        lambda lv: lv.get("email") == "exact" and _no_conflict(lv),
+    ),
+    "same-phone": (
+        "Same phone number, no conflicting field",
+        lambda lv: lv.get("phone") == "exact" and _no_conflict(lv),
+    ),
+    "same-name-company": (
+        "Same name (or nickname) at the same company, no conflicting field",
+        lambda lv: (
+            lv.get("first_name") in ("exact", "nickname")
+            and lv.get("last_name") == "exact"
+            and lv.get("company") == "exact"
+            and _no_conflict(lv)
+        ),
+    ),
+}
+
+
+def _bucket_ids(conn: Connection, bucket: str) -> list[int]:
+    if bucket not in BUCKETS:
+        raise NotFoundError(f"no bucket {bucket!r}: use one of {', '.join(BUCKETS)}")
+    rule = BUCKETS[bucket][1]
+    rows = conn.execute(
+        select(review_item.c.id, review_item.c.explanation)
+        .where(review_item.c.status == "open")
+        .order_by(review_item.c.id)
+        .execution_options(yield_per=2000)
+    )
+    return [int(i) for i, explanation in rows if rule(_levels(explanation))]
+
+
+def bucket_counts(conn: Connection) -> list[dict[str, Any]]:
+    """Each bucket with its label and how many open pairs fall in it."""
+    counts = dict.fromkeys(BUCKETS, 0)
+    rows = conn.execute(
+        select(review_item.c.explanation)
+        .where(review_item.c.status == "open")
+        .execution_options(yield_per=2000)
+    )
+    for (explanation,) in rows:
+        levels = _levels(explanation)
+        for name, (_label, rule) in BUCKETS.items():
+            if rule(levels):
+                counts[name] += 1
+    return [{"bucket": n, "label": BUCKETS[n][0], "count": c} for n, c in counts.items()]
+
+
+def bucket_preview(
+    conn: Connection, bucket: str, *, sample: int = 5, seed: int | None = None
+) -> dict[str, Any]:
+    """The bucket's size and a random sample of its pairs to look at before approving."""
+    ids = _bucket_ids(conn, bucket)
+    picked = sorted(random.Random(seed).sample(ids, min(sample, len(ids))))
+    return {
+        "bucket": bucket,
+        "label": BUCKETS[bucket][0],
+        "count": len(ids),
+        "sample": [show_review(conn, i) for i in picked],
+    }
+
+
+def approve_bucket(db: Engine, bucket: str, actor: str, *, expected: int) -> dict[str, Any]:
+    """Approve every open pair in `bucket`, if it still holds `expected` pairs (the count the
+    steward confirmed); pairs decided meanwhile by someone else are left out."""
+    with db.connect() as conn:
+        ids = _bucket_ids(conn, bucket)
+    if len(ids) != expected:
+        raise StaleDecisionError(
+            f"bucket {bucket!r} holds {len(ids)} pairs now, not the {expected} you confirmed; "
+            "preview it again",
+            bucket=bucket,
+        )
+    approved, passed = [], []
+    for review_id in ids:
+        try:
+            approve(db, review_id, actor)
+        except (AlreadyDecidedError, ReviewError):
+            passed.append(review_id)  # resolved by an earlier merge in this bucket, or gone
+        else:
+            approved.append(review_id)
+    log.info("bucket %s: %s approved by %s", bucket, len(approved), actor)
+    return {"bucket": bucket, "approved": len(approved), "passed_over": passed}
 
 
 # ---------------------------------------------------------------------------------------------

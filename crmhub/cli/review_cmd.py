@@ -241,6 +241,71 @@ def undo(ctx: typer.Context, actor: str | None = ACTOR) -> None:
     console.print(f"undid {result['action']} (audit entry {result['undid']})")
 
 
+@review_app.command()
+def buckets(
+    ctx: typer.Context,
+    bucket: str | None = typer.Argument(None, help="Show a sample of this bucket."),
+    sample: int = typer.Option(5, help="How many random pairs to show."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Rule buckets of open pairs with counts; with BUCKET, a random sample of it."""
+    from sync.review import NotFoundError, bucket_counts, bucket_preview
+
+    with open_store(state(ctx).settings).connect() as conn:
+        if bucket is None:
+            rows = bucket_counts(conn)
+            if as_json:
+                print_json(rows)
+                return
+            table = Table(title="Buckets of open pairs", title_justify="left")
+            for column in ("bucket", "pairs", "rule"):
+                table.add_column(column)
+            for r in rows:
+                table.add_row(r["bucket"], str(r["count"]), r["label"])
+            console.print(table)
+            return
+        try:
+            preview = bucket_preview(conn, bucket, sample=sample)
+        except NotFoundError as exc:
+            die(str(exc))
+    if as_json:
+        print_json(preview)
+        return
+    console.print(f"{escape(preview['label'])}: {preview['count']} pairs. A random sample:")
+    for item in preview["sample"]:
+        a, b = item["a"]["data"], item["b"]["data"]
+        console.print(
+            f"  #{item['id']} p={item['probability']:.3f}  "
+            f"{escape(str(a.get('full_name')))} / {escape(str(b.get('full_name')))}"
+        )
+    console.print(
+        f"Approve all with: crmhub review approve-bucket {bucket} --expect {preview['count']}"
+    )
+
+
+@review_app.command("approve-bucket")
+def approve_bucket(
+    ctx: typer.Context,
+    bucket: str = typer.Argument(..., help="Bucket name (see `crmhub review buckets`)."),
+    expect: int = typer.Option(..., help="The pair count you previewed (guards against drift)."),
+    actor: str | None = ACTOR,
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Approve every open pair in a bucket (each pair audited on its own)."""
+    from sync.review import approve_bucket
+
+    try:
+        result = approve_bucket(
+            open_store(state(ctx).settings), bucket, actor or _default_actor(), expected=expect
+        )
+    except Exception as exc:
+        _fail(exc)
+    if as_json:
+        print_json(result)
+    else:
+        console.print(f"bucket {bucket}: {result['approved']} pairs approved")
+
+
 @users_app.command("add")
 def users_add(
     ctx: typer.Context,

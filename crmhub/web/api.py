@@ -140,6 +140,42 @@ def undo(request: Request, user: User = steward) -> dict[str, Any]:
         raise http_error(exc) from None
 
 
+class BucketApproval(BaseModel):
+    expected_count: int = Field(ge=0, description="the count the preview showed")
+
+
+@router.get("/buckets")
+def buckets(request: Request, user: User = viewer) -> list[dict[str, Any]]:
+    """Rule buckets of open pairs (e.g. same email, no conflicting field) with counts."""
+    with db_of(request).connect() as conn:
+        return review.bucket_counts(conn)
+
+
+@router.get("/buckets/{bucket}")
+def bucket_preview(
+    request: Request, bucket: str, sample: int = Query(5, ge=0, le=50), user: User = viewer
+) -> dict[str, Any]:
+    """A bucket's size and a random sample of its pairs."""
+    try:
+        with db_of(request).connect() as conn:
+            return review.bucket_preview(conn, bucket, sample=sample)
+    except DedupeError as exc:
+        raise http_error(exc) from None
+
+
+@router.post("/buckets/{bucket}/approve")
+def bucket_approve(
+    request: Request, bucket: str, body: BucketApproval, user: User = steward
+) -> dict[str, Any]:
+    """Approve the whole bucket if it still holds `expected_count` pairs (else 409)."""
+    try:
+        return review.approve_bucket(
+            db_of(request), bucket, user.name, expected=body.expected_count
+        )
+    except DedupeError as exc:
+        raise http_error(exc) from None
+
+
 @router.get("/golden")
 def golden_search(
     request: Request,

@@ -175,3 +175,23 @@ async def test_logs_carry_ids_not_personal_data(tmp_path, db, store_url, caplog)
     assert f"review {item['id']} approved by sam" in text
     for personal in ("Anna", "Keller", item["a"]["email"], item["b"]["email"]):
         assert personal not in text
+
+
+async def test_bucket_preview_then_approve_all_with_a_count_guard(tmp_path, db, store_url):
+    await seed_reviews(tmp_path, store_url, db, count=3)
+    with db.connect() as conn:
+        counts = {b["bucket"]: b["count"] for b in review.bucket_counts(conn)}
+        assert counts == {"same-email": 0, "same-phone": 0, "same-name-company": 3}
+        preview = review.bucket_preview(conn, "same-name-company", sample=2, seed=1)
+        assert preview["count"] == 3
+        assert len(preview["sample"]) == 2
+        with pytest.raises(review.NotFoundError, match="no bucket 'nope'"):
+            review.bucket_preview(conn, "nope")
+    with pytest.raises(review.StaleDecisionError, match="holds 3 pairs now, not the 4"):
+        review.approve_bucket(db, "same-name-company", "sam", expected=4)
+    result = review.approve_bucket(db, "same-name-company", "sam", expected=3)
+    assert result["approved"] == 3
+    with db.connect() as conn:
+        assert review.review_counts(conn)["approved"] == 3
+        actions = [e["action"] for e in review.audit_entries(conn)]
+    assert actions == ["review.approve"] * 3

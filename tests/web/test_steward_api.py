@@ -122,3 +122,19 @@ async def test_openapi_documents_the_api(workspace):
         schema = (await anon.get("/openapi.json")).json()
     assert "/api/v1/review/{review_id}/approve" in schema["paths"]
     assert "/queue" not in schema["paths"]  # UI pages stay out of the API schema
+
+
+async def test_bucket_approval_over_http(workspace):
+    async with workspace.client("viewer") as viewer, workspace.client("steward") as steward:
+        buckets = {b["bucket"]: b["count"] for b in (await viewer.get("/api/v1/buckets")).json()}
+        assert buckets["same-name-company"] == 3
+        preview = (await viewer.get("/api/v1/buckets/same-name-company?sample=2")).json()
+        assert len(preview["sample"]) == 2
+        body = {"expected_count": 3}
+        url = "/api/v1/buckets/same-name-company/approve"
+        assert (await viewer.post(url, json=body)).status_code == 403
+        assert (await steward.post(url, json={"expected_count": 2})).status_code == 409
+        done = await steward.post(url, json=body)
+        assert done.status_code == 200
+        assert done.json()["approved"] == 3
+        assert (await viewer.get("/api/v1/buckets/unknown")).status_code == 404

@@ -172,3 +172,24 @@ async def test_hostile_and_huge_values_render_escaped(workspace, db):
             assert "<img src=x" not in page.text
             assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in page.text
         assert "C" * 20000 in page.text  # shown whole; the CSS wraps it
+
+
+async def test_bucket_pages_preview_and_confirm(workspace, db):
+    async with workspace.client() as client:
+        csrf = await sign_in(client, "steward")
+        listing = await client.get("/buckets")
+        assert 'href="/buckets/same-name-company"' in listing.text
+        preview = await client.get("/buckets/same-name-company")
+        assert preview.text.count('class="open-review"') == 3
+        assert 'name="expected_count" value="3"' in preview.text
+        url = "/buckets/same-name-company/approve"
+        unconfirmed = await client.post(url, data={"csrf_token": csrf, "expected_count": "3"})
+        assert unconfirmed.headers["location"] == "/buckets/same-name-company"
+        done = await client.post(
+            url, data={"csrf_token": csrf, "expected_count": "3", "confirm": "yes"}
+        )
+        assert done.status_code == 303
+        after = await client.get(done.headers["location"])
+        assert "3 pairs approved" in after.text
+        with db.connect() as conn:
+            assert len(conn.execute(select(audit_log)).all()) == 3

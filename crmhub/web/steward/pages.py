@@ -351,6 +351,45 @@ def unmerge(
     return _see_other(f"/golden/{result['new_golden_id']}?{urlencode({'done': done})}")
 
 
+@router.get("/buckets")
+def buckets(request: Request, done: str | None = None, session: WebSession = viewer) -> Response:
+    """Rule buckets of open pairs, for bulk approval."""
+    with db_of(request).connect() as conn:
+        rows = review.bucket_counts(conn)
+    return render(request, "buckets.html", session, rows=rows, done=done)
+
+
+@router.get("/buckets/{bucket}")
+def bucket(request: Request, bucket: str, session: WebSession = viewer) -> Response:
+    """A random sample of a bucket, and the confirmation to approve all of it."""
+    try:
+        with db_of(request).connect() as conn:
+            preview = review.bucket_preview(conn, bucket, sample=5)
+    except review.NotFoundError as exc:
+        raise HTTPException(404, str(exc)) from None
+    return render(request, "bucket.html", session, p=preview)
+
+
+@router.post("/buckets/{bucket}/approve")
+def bucket_approve(
+    request: Request,
+    bucket: str,
+    expected_count: int = Form(...),
+    confirm: str = Form(""),
+    session: WebSession = steward,
+) -> Response:
+    if confirm != "yes":
+        return _see_other(f"/buckets/{bucket}")
+    try:
+        result = review.approve_bucket(
+            db_of(request), bucket, session.user.name, expected=expected_count
+        )
+    except DedupeError as exc:
+        return _see_other(f"/buckets?{urlencode({'done': str(exc)})}")
+    done = f"bucket {bucket}: {result['approved']} pairs approved"
+    return _see_other(f"/buckets?{urlencode({'done': done})}")
+
+
 @router.get("/search")
 def search(request: Request, q: str = "", session: WebSession = viewer) -> Response:
     """Golden records by email, phone, name or company."""
