@@ -39,6 +39,7 @@ from sync.store import (
 __all__ = [
     "BUCKETS",
     "CHOOSABLE_FIELDS",
+    "COUNT_CAP",
     "AlreadyDecidedError",
     "NotFoundError",
     "ReviewError",
@@ -60,6 +61,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+COUNT_CAP = 10_000  # filtered totals above this read "more than 10,000"
 STATUSES = ("open", "approved", "rejected", "skipped", "resolved")
 # Fields a steward may pick per merge; emails and phones keep every distinct value anyway.
 CHOOSABLE_FIELDS: tuple[str, ...] = tuple(f for f in SCALAR_CONTACT_FIELDS if f != "consent")
@@ -173,7 +175,12 @@ def list_reviews(
             joined=joined,
         )
 
-    total = int(conn.execute(query_of([func.count()], joined=False)).scalar_one())
+    if source:
+        # A source filter cannot use the queue index: count at most COUNT_CAP + 1 rows.
+        capped = query_of([review_item.c.id], joined=False).limit(COUNT_CAP + 1).subquery()
+        total = int(conn.execute(select(func.count()).select_from(capped)).scalar_one())
+    else:
+        total = int(conn.execute(query_of([func.count()], joined=False)).scalar_one())
     a, b = _A, _B
     columns = [
         review_item.c.id,

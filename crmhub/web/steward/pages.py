@@ -191,7 +191,7 @@ def queue(
         )
         counts = review.review_counts(conn)
     query = {k: v for k, v in filters.items() if v is not None}
-    pages = max(1, (total + PAGE_SIZE - 1) // PAGE_SIZE)
+    pages = max(1, (min(total, review.COUNT_CAP) + PAGE_SIZE - 1) // PAGE_SIZE)
     template = "queue_table.html" if request.headers.get("HX-Request") else "queue.html"
     return render(
         request,
@@ -206,6 +206,7 @@ def queue(
         prev_url=f"/queue?{urlencode({**query, 'page': page - 1})}" if page > 1 else None,
         next_url=f"/queue?{urlencode({**query, 'page': page + 1})}" if page < pages else None,
         statuses=(*review.STATUSES, "all"),
+        count_cap=review.COUNT_CAP,
         done=done,
     )
 
