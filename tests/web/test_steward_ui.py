@@ -193,3 +193,39 @@ async def test_bucket_pages_preview_and_confirm(workspace, db):
         assert "3 pairs approved" in after.text
         with db.connect() as conn:
             assert len(conn.execute(select(audit_log)).all()) == 3
+
+
+async def test_sources_page_shows_quality_runs_and_dead_letters(workspace, db):
+    from datetime import UTC, datetime
+
+    from sync import review
+    from sync.store import dead_letter
+
+    with db.begin() as conn:
+        conn.execute(
+            dead_letter.insert().values(
+                source="crm",
+                scope="record",
+                origin="crm.csv:9",
+                reason="email <b>missing</b>",
+                created_at=datetime.now(UTC),
+            )
+        )
+    with db.connect() as conn:
+        first = review.list_reviews(conn)[0][0]["id"]
+    review.approve(db, first, "steward")
+    async with workspace.client() as client:
+        await sign_in(client, "viewer")
+        page = await client.get("/sources")
+        assert page.status_code == 200
+        row = re.search(r"<tr>\s*<td>crm</td>(.*?)</tr>", page.text, re.S).group(1)
+        cells = re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)
+        assert cells[0] == "6"  # contacts
+        assert cells[1] == "33%"  # 2 of 6 now share a golden record
+        assert cells[2] == "100%"  # first name
+        assert cells[8] == "50%"  # city
+        assert 'href="/errors?source=crm">1</a>' in page.text
+        assert "succeeded" in page.text  # the seeding run
+        errors = await client.get("/errors", params={"source": "crm"})
+        assert "crm.csv:9" in errors.text
+        assert "email &lt;b&gt;missing&lt;/b&gt;" in errors.text

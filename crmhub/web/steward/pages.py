@@ -26,7 +26,8 @@ from crmhub.web.steward.auth import (
     ui_role,
 )
 from sync import review
-from sync.queries import golden_detail, search_golden
+from sync.quality import QUALITY_FIELDS, source_quality
+from sync.queries import dead_letters, golden_detail, list_runs, search_golden
 from sync.users import SESSION_TTL, authenticate, create_session, end_session
 
 __all__ = ["router"]
@@ -389,6 +390,32 @@ def bucket_approve(
         return _see_other(f"/buckets?{urlencode({'done': str(exc)})}")
     done = f"bucket {bucket}: {result['approved']} pairs approved"
     return _see_other(f"/buckets?{urlencode({'done': done})}")
+
+
+@router.get("/sources")
+def sources(request: Request, session: WebSession = viewer) -> Response:
+    """Connectors, their recent runs, and data quality per source."""
+    settings = request.app.state.settings
+    with db_of(request).connect() as conn:
+        quality = source_quality(conn)
+        runs = list_runs(conn, limit=30)
+    return render(
+        request,
+        "sources.html",
+        session,
+        connectors=sorted(settings.connectors),
+        quality=quality,
+        runs=runs,
+        fields=QUALITY_FIELDS,
+    )
+
+
+@router.get("/errors")
+def errors(request: Request, source: str | None = None, session: WebSession = viewer) -> Response:
+    """Dead letters: records (and field values) a source sent that could not be used."""
+    with db_of(request).connect() as conn:
+        rows = dead_letters(conn, source=source or None, limit=200)
+    return render(request, "errors.html", session, rows=rows, source=source or "")
 
 
 @router.get("/search")
