@@ -195,12 +195,24 @@ def list_reviews(
         b.c.source.label("b_source"),
         b.c.data.label("b_data"),
     ]
-    query = query_of(columns)
-    rows = conn.execute(
-        query.order_by(review_item.c.probability.desc(), review_item.c.id)
+    order = (review_item.c.probability.desc(), review_item.c.id)
+    # Page the ids on the queue index first, then join the records of those rows only:
+    # a deep OFFSET would otherwise join every skipped row (seen: 1 s at 100k on SQLite).
+    page = (
+        query_of([review_item.c.id], joined=False)
+        .order_by(*order)
         .limit(max(1, min(limit, 500)))
         .offset(max(0, offset))
+        .scalar_subquery()
+        if not source
+        else None
     )
+    query = query_of(columns).order_by(*order)
+    if page is not None:
+        query = query.where(review_item.c.id.in_(page))
+    else:
+        query = query.limit(max(1, min(limit, 500))).offset(max(0, offset))
+    rows = conn.execute(query)
     items = [
         {
             "id": r.id,
