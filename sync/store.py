@@ -62,6 +62,8 @@ __all__ = [
     "one_of",
     "review_item",
     "source_record",
+    "store_secret",
+    "suppression",
     "sync_run",
     "web_session",
     "write_transaction",
@@ -268,6 +270,23 @@ field_choice = Table(
     Column("field", String(100), primary_key=True),
     Column("record_id", ForeignKey("source_record.id", ondelete="CASCADE"), nullable=False),
     Column("created_by", String(200), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+)
+
+# Erasure (sync/erasure.py): keyed hashes of erased identities, and the store's own key.
+suppression = Table(
+    "suppression",
+    metadata,
+    Column("hash", String(64), primary_key=True),  # HMAC-SHA256, keyed by store_secret
+    Column("created_by", String(200), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+)
+
+store_secret = Table(
+    "store_secret",
+    metadata,
+    Column("name", String(50), primary_key=True),
+    Column("value", String(200), nullable=False),
     Column("created_at", UTCDateTime(), nullable=False),
 )
 

@@ -366,6 +366,34 @@ def users_token(
     sys.stdout.write(token + "\n")
 
 
+def forget(
+    ctx: typer.Context,
+    identifier: str = typer.Argument(..., help="An email, a phone number, or golden:ID."),
+    actor: str | None = ACTOR,
+    yes: bool = typer.Option(False, "--yes", help="Do not ask for confirmation."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Erase a person everywhere; only keyed hashes stay, so a later sync can skip them."""
+    from sync.erasure import forget as erase
+
+    if not yes and not typer.confirm(
+        "Erase this person from every source record? This cannot be undone"
+    ):
+        raise typer.Exit(1)
+    try:
+        result = erase(open_store(state(ctx).settings), identifier, actor or _default_actor())
+    except Exception as exc:
+        _fail(exc)
+    if as_json:
+        print_json(result)
+    else:
+        console.print(
+            f"erased {result['golden_records']} golden record(s), "
+            f"{result['source_records']} source record(s), {result['activities']} activities"
+        )
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(review_app, name="review")
     app.add_typer(users_app, name="users")
+    app.command()(forget)

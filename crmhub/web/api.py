@@ -231,6 +231,21 @@ def audit(
         return review.audit_entries(conn, actor=actor, limit=limit, offset=offset)
 
 
+class ForgetBody(BaseModel):
+    identifier: str = Field(min_length=3, max_length=300, description="email, phone or golden:ID")
+
+
+@router.post("/forget")
+def forget(request: Request, body: ForgetBody, user: User = admin) -> dict[str, Any]:
+    """Erase a person everywhere (admins only); the audit entry names nobody."""
+    from sync.erasure import forget as erase
+
+    try:
+        return erase(db_of(request), body.identifier, user.name)
+    except DedupeError as exc:
+        raise http_error(exc) from None
+
+
 @router.get("/users")
 def users(request: Request, user: User = admin) -> list[dict[str, Any]]:
     """Local users and their roles (admins only)."""

@@ -138,3 +138,14 @@ async def test_bucket_approval_over_http(workspace):
         assert done.status_code == 200
         assert done.json()["approved"] == 3
         assert (await viewer.get("/api/v1/buckets/unknown")).status_code == 404
+
+
+async def test_forget_is_for_admins(workspace):
+    body = {"identifier": "anna@keller.example"}
+    async with workspace.client("steward") as steward, workspace.client("admin") as admin:
+        assert (await steward.post("/api/v1/forget", json=body)).status_code == 403
+        erased = await admin.post("/api/v1/forget", json=body)
+        assert erased.status_code == 200
+        assert erased.json()["source_records"] == 1  # not merged: one record
+        again = await admin.post("/api/v1/forget", json=body)
+        assert again.status_code == 404

@@ -418,6 +418,37 @@ def errors(request: Request, source: str | None = None, session: WebSession = vi
     return render(request, "errors.html", session, rows=rows, source=source or "")
 
 
+admin = Depends(ui_role("admin"))
+
+
+@router.get("/admin/forget")
+def forget_form(request: Request, done: str | None = None, session: WebSession = admin) -> Response:
+    """Erasure: remove a person everywhere (admins only)."""
+    return render(request, "forget.html", session, done=done)
+
+
+@router.post("/admin/forget")
+def forget(
+    request: Request,
+    identifier: str = Form(..., max_length=300),
+    confirm: str = Form(""),
+    session: WebSession = admin,
+) -> Response:
+    from sync.erasure import forget as erase
+
+    if confirm != "yes":
+        return _see_other("/admin/forget")
+    try:
+        result = erase(db_of(request), identifier, session.user.name)
+    except DedupeError as exc:
+        return _see_other(f"/admin/forget?{urlencode({'done': str(exc)})}")
+    done = (
+        f"erased {result['golden_records']} golden record(s), "
+        f"{result['source_records']} source record(s), {result['activities']} activities"
+    )
+    return _see_other(f"/admin/forget?{urlencode({'done': done})}")
+
+
 @router.get("/search")
 def search(request: Request, q: str = "", session: WebSession = viewer) -> Response:
     """Golden records by email, phone, name or company."""
