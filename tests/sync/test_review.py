@@ -48,22 +48,25 @@ async def test_approve_merges_with_a_field_choice_and_undo_splits_again(tmp_path
     item = _open(db)[0]
     with db.connect() as conn:
         shown = review.show_review(conn, item["id"])
-    ann = next(s for s in (shown["a"], shown["b"]) if s["data"]["first_name"] == "Ann")
+    # Survivorship alone keeps "Ann" (the newer record); the steward picks "Anna".
+    anna = next(s for s in (shown["a"], shown["b"]) if s["data"]["first_name"] == "Anna")
     result = review.approve(
-        db, item["id"], "sam", choices={"first_name": ann["record_id"]}, seen=shown["seen"]
+        db, item["id"], "sam", choices={"first_name": anna["record_id"]}, seen=shown["seen"]
     )
     with db.connect() as conn:
         merged = golden_detail(conn, result["golden_id"])
         assert merged is not None
         assert len(merged["members"]) == 2
-        assert merged["fields"]["first_name"] == "Ann"  # the steward's pick, not the newest
-        assert merged["lineage"]["first_name"]["record_id"] == ann["record_id"]
+        assert merged["fields"]["first_name"] == "Anna"  # the steward's pick, not the newest
+        assert merged["fields"]["full_name"] == "Ann Keller"  # unpicked: survivorship
+        assert merged["lineage"]["first_name"]["record_id"] == anna["record_id"]
         assert resolve_golden_id(conn, result["merged"]) == result["golden_id"]
         assert {m["method"] for m in merged["members"]} == {"steward"}
         entry = conn.execute(select(audit_log).where(audit_log.c.id == result["audit_id"])).one()
         assert (entry.actor, entry.action) == ("sam", "review.approve")
         assert entry.details["review_id"] == item["id"]
         assert "Ann" not in str(entry.details)  # ids and states only, no personal data
+        assert "Keller" not in str(entry.details)
     assert item["id"] not in [i["id"] for i in _open(db)]
 
     with pytest.raises(review.AlreadyDecidedError, match="approved by sam"):

@@ -121,8 +121,10 @@ async def test_steward_works_the_queue_in_chromium(server, shots):
                 "nickname"
             )
             await snap("compare")
-            # Keep "Ann" for the first name, then merge with the keyboard.
-            await page.locator("tr[data-field=first_name] label", has_text="Ann").last.click()
+            # Keep "Anna" (survivorship alone would keep the newer "Ann"), merge by keyboard.
+            await page.locator(
+                "tr[data-field=first_name] label", has_text=re.compile(r"Anna$")
+            ).click()
             await page.locator("body").click(position={"x": 5, "y": 5})  # focus off the radio
             await page.keyboard.press("m")
             await expect(page.locator(".flash")).to_contain_text("approved #")
@@ -145,9 +147,11 @@ async def test_steward_works_the_queue_in_chromium(server, shots):
             await expect(page.locator(".flash")).to_contain_text("undid review.skip")
             await expect(rows.nth(0)).to_contain_text("undo")
 
-            # The merged golden record: "Ann" kept, two members; split one off again.
+            # The merged golden record: "Anna" kept, two members; split one off again.
             await page.locator("table.audit a", has_text="golden #").first.click()
-            await expect(page.locator("table.fields")).to_contain_text("Ann")
+            await expect(page.locator("table.fields tr", has_text="first_name")).to_contain_text(
+                "Anna"
+            )
             await expect(page.locator("button.unmerge")).to_have_count(2)
             await snap("golden")
             await page.locator("button.unmerge").last.click()

@@ -61,7 +61,7 @@ async def test_review_and_users_commands(tmp_path, sqlite_url):
     assert "nickname" in shown.stdout
 
     approved = crmhub(
-        tmp_path, "review", "approve", str(first["id"]), "--keep", "first_name=b", "--as", "sam",
+        tmp_path, "review", "approve", str(first["id"]), "--keep", "first_name=a", "--as", "sam",
         "--json",
     )  # fmt: skip
     assert approved.returncode == 0, approved.stderr
@@ -77,7 +77,7 @@ async def test_review_and_users_commands(tmp_path, sqlite_url):
     assert "no review item 99999" in missing.stderr
 
     golden = json.loads(crmhub(tmp_path, "golden", "show", str(golden_id), "--json").stdout)
-    assert golden["fields"]["first_name"] == "Ann"
+    assert golden["fields"]["first_name"] == "Anna"  # A kept; B is newer
     undone = crmhub(tmp_path, "review", "undo", "--as", "sam")
     assert undone.returncode == 0, undone.stderr
     assert "undid review.approve" in undone.stdout

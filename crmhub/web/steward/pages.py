@@ -79,7 +79,13 @@ def _see_other(url: str) -> RedirectResponse:
 
 def _safe_next(target: str | None) -> str:
     """Only same-site paths: `next=//evil.example` must not bounce a user off-site."""
-    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
+    if (
+        target
+        and target.startswith("/")
+        and not target.startswith("//")
+        and "\\" not in target
+        and all(ch.isprintable() and ch != " " for ch in target)  # browsers drop tabs: "/\t/x"
+    ):
         return target
     return "/queue"
 
