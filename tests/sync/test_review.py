@@ -198,3 +198,31 @@ async def test_bucket_preview_then_approve_all_with_a_count_guard(tmp_path, db, 
         assert review.review_counts(conn)["approved"] == 3
         actions = [e["action"] for e in review.audit_entries(conn)]
     assert actions == ["review.approve"] * 3
+
+
+async def test_merge_and_unmerge_stick_across_later_syncs(tmp_path, db, store_url):
+    settings = await seed_reviews(tmp_path, store_url, db, count=2)
+    first, second = _open(db)
+    merged = review.approve(db, first["id"], "sam")
+    review.approve(db, second["id"], "sam")
+    split = review.unmerge(db, second["b"]["record_id"], "sam")
+    csv_path = tmp_path / "crm.csv"
+    csv_path.write_text(csv_path.read_text().replace(",Berlin", ",Hamburg"), encoding="utf-8")
+    csv_path.write_text(csv_path.read_text().replace("GmbH,\n", "GmbH,Hamburg\n"), "utf-8")
+    engine = SyncEngine(settings, db)
+    try:
+        counts = (await engine.run("crm")).as_dict()["counts"]
+    finally:
+        engine.close()
+    assert counts["changed"] == 4  # every record re-matched
+    with db.connect() as conn:
+        together = golden_detail(conn, merged["golden_id"])
+        assert {m["record_id"] for m in together["members"]} == {
+            first["a"]["record_id"],
+            first["b"]["record_id"],
+        }
+        assert together["fields"]["city"] == "Hamburg"
+        alone = golden_detail(conn, split["new_golden_id"])
+        assert [m["record_id"] for m in alone["members"]] == [second["b"]["record_id"]]
+        statuses = conn.execute(select(review_item.c.status)).scalars().all()
+    assert sorted(statuses) == ["approved", "approved"]  # nothing re-queued
