@@ -64,9 +64,9 @@ def server(tmp_path, sqlite_url) -> Iterator[str]:
 
 
 @pytest.fixture
-def shots() -> Path:
-    """Screenshots go to $CRMHUB_SCREENSHOTS (kept) or a throwaway directory."""
-    target = Path(os.environ.get("CRMHUB_TEST_SCREENSHOTS", "/tmp/crmhub-steward-screens"))
+def shots(tmp_path) -> Path:
+    """Screenshots go to $STEWARD_SCREENSHOTS when set (to look at them), else a tmp dir."""
+    target = Path(os.environ.get("STEWARD_SCREENSHOTS") or tmp_path / "screens")
     target.mkdir(parents=True, exist_ok=True)
     return target
 
