@@ -255,8 +255,14 @@ def _fingerprint(status: str, hash_a: str, hash_b: str, golden_a: Any, golden_b:
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
+def _known_id(value: int, what: str) -> None:
+    if not 0 < value < 2**63:  # beyond the 64-bit id range: no such row (and no driver error)
+        raise NotFoundError(f"no {what} {value}")
+
+
 def show_review(conn: Connection, review_id: int) -> dict[str, Any]:
     """A review item with both records side by side, differing fields and per-field evidence."""
+    _known_id(review_id, "review item")
     item = conn.execute(select(review_item).where(review_item.c.id == review_id)).first()
     if item is None:
         raise NotFoundError(f"no review item {review_id}", review_id=review_id)
@@ -345,6 +351,7 @@ def _audit(
 
 
 def _lock_open_item(conn: Connection, review_id: int, seen: str | None) -> Any:
+    _known_id(review_id, "review item")
     query = select(review_item).where(review_item.c.id == review_id)
     if conn.dialect.name == "postgresql":
         query = query.with_for_update()  # two stewards on one pair: the second waits, then sees
@@ -635,6 +642,7 @@ def unmerge(db: Engine, record_id: int, actor: str) -> dict[str, Any]:
     do_not_merge constraints against the other members keep later syncs from folding it back.
     """
     now = datetime.now(UTC)
+    _known_id(record_id, "source record")
     with write_transaction(db) as conn:
         golden_id = conn.execute(
             select(membership.c.golden_id).where(membership.c.record_id == record_id)

@@ -6,13 +6,13 @@ users. The operations are sync/review.py's, the same as the CLI's and the stewar
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from pydantic import BaseModel, Field
 
 from crmhub.errors import DedupeError
-from crmhub.web.steward.auth import api_role, db_of
+from crmhub.web.steward.auth import MAX_ID, DbId, api_role, db_of
 from sync import review
 from sync.queries import golden_detail, list_golden, search_golden
 from sync.users import User, UserError, add_user, list_users
@@ -27,7 +27,7 @@ admin = Depends(api_role("admin"))
 
 
 class ApproveBody(BaseModel):
-    choices: dict[str, int] = Field(
+    choices: dict[str, Annotated[int, Field(ge=1, le=MAX_ID)]] = Field(
         default_factory=dict, description="field -> record id whose value the merge keeps"
     )
     seen: str | None = Field(None, description="`seen` from GET /review/{id}: refuse if stale")
@@ -38,7 +38,7 @@ class RejectBody(BaseModel):
 
 
 class UnmergeBody(BaseModel):
-    record_id: int
+    record_id: int = Field(ge=1, le=MAX_ID)
 
 
 class NewUser(BaseModel):
@@ -66,7 +66,7 @@ def review_list(
     max_score: float | None = Query(None, ge=0, le=1),
     source: str | None = None,
     limit: int = Query(50, ge=1, le=500),
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=10**9),
     user: User = viewer,
 ) -> dict[str, Any]:
     """The review queue, most probable first, with the total and counts per status."""
@@ -88,7 +88,7 @@ def review_list(
 
 
 @router.get("/review/{review_id}")
-def review_show(request: Request, review_id: int, user: User = viewer) -> dict[str, Any]:
+def review_show(request: Request, review_id: DbId, user: User = viewer) -> dict[str, Any]:
     """One pair side by side: fields, which differ, the matcher's evidence, `seen`."""
     try:
         with db_of(request).connect() as conn:
@@ -99,7 +99,7 @@ def review_show(request: Request, review_id: int, user: User = viewer) -> dict[s
 
 @router.post("/review/{review_id}/approve")
 def review_approve(
-    request: Request, review_id: int, body: ApproveBody | None = None, user: User = steward
+    request: Request, review_id: DbId, body: ApproveBody | None = None, user: User = steward
 ) -> dict[str, Any]:
     """Same person: merge the two golden records, keeping the chosen value per field."""
     body = body or ApproveBody()
@@ -113,7 +113,7 @@ def review_approve(
 
 @router.post("/review/{review_id}/reject")
 def review_reject(
-    request: Request, review_id: int, body: RejectBody | None = None, user: User = steward
+    request: Request, review_id: DbId, body: RejectBody | None = None, user: User = steward
 ) -> dict[str, Any]:
     """Not the same person: a do-not-merge constraint later syncs honour."""
     try:
@@ -123,7 +123,7 @@ def review_reject(
 
 
 @router.post("/review/{review_id}/skip")
-def review_skip(request: Request, review_id: int, user: User = steward) -> dict[str, Any]:
+def review_skip(request: Request, review_id: DbId, user: User = steward) -> dict[str, Any]:
     """Put the pair aside; it leaves the open queue."""
     try:
         return review.skip(db_of(request), review_id, user.name)
@@ -181,7 +181,7 @@ def golden_search(
     request: Request,
     q: str | None = Query(None, max_length=200, description="email, phone, name or company"),
     limit: int = Query(50, ge=1, le=500),
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=10**9),
     user: User = viewer,
 ) -> list[dict[str, Any]]:
     """Golden records matching `q` (or all, oldest first)."""
@@ -192,7 +192,7 @@ def golden_search(
 
 
 @router.get("/golden/{golden_id}")
-def golden_get(request: Request, golden_id: int, user: User = viewer) -> dict[str, Any]:
+def golden_get(request: Request, golden_id: DbId, user: User = viewer) -> dict[str, Any]:
     """A golden record: fields with lineage, members, activity timeline."""
     with db_of(request).connect() as conn:
         detail = golden_detail(conn, golden_id)
@@ -203,7 +203,7 @@ def golden_get(request: Request, golden_id: int, user: User = viewer) -> dict[st
 
 @router.post("/golden/{golden_id}/unmerge")
 def golden_unmerge(
-    request: Request, golden_id: int, body: UnmergeBody, user: User = steward
+    request: Request, golden_id: DbId, body: UnmergeBody, user: User = steward
 ) -> dict[str, Any]:
     """Split a member record off into a golden record of its own."""
     with db_of(request).connect() as conn:
@@ -223,7 +223,7 @@ def audit(
     request: Request,
     actor: str | None = None,
     limit: int = Query(100, ge=1, le=1000),
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=10**9),
     user: User = viewer,
 ) -> list[dict[str, Any]]:
     """Steward actions, newest first (ids and states; no personal data)."""

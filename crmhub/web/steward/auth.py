@@ -11,9 +11,10 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Annotated
 from urllib.parse import quote
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Path, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine
 
@@ -22,8 +23,11 @@ from sync.users import Role, User, session_user, token_user
 __all__ = [
     "CSRF_FIELD",
     "CSRF_HEADER",
+    "MAX_ID",
     "SESSION_COOKIE",
+    "DbId",
     "LoginThrottle",
+    "PageNo",
     "WebSession",
     "api_role",
     "db_of",
@@ -31,6 +35,10 @@ __all__ = [
     "ui_role",
     "ui_session",
 ]
+
+MAX_ID = 2**63 - 1  # ids are 64-bit on both back ends; larger ones are simply unknown
+DbId = Annotated[int, Path(ge=1, le=MAX_ID)]
+PageNo = Annotated[int, Query(ge=1, le=1_000_000)]
 
 SESSION_COOKIE = "crmhub_session"
 CSRF_FIELD = "csrf_token"

@@ -19,7 +19,10 @@ from fastapi.templating import Jinja2Templates
 from crmhub.errors import DedupeError
 from crmhub.web.steward.auth import (
     CSRF_FIELD,
+    MAX_ID,
     SESSION_COOKIE,
+    DbId,
+    PageNo,
     WebSession,
     db_of,
     throttle_of,
@@ -177,7 +180,7 @@ def queue(
     min_score: str | None = None,
     max_score: str | None = None,
     source: str | None = None,
-    page: int = 1,
+    page: PageNo = 1,
     done: str | None = None,
     session: WebSession = viewer,
 ) -> Response:
@@ -248,14 +251,14 @@ def _compare(
 
 @router.get("/review/{review_id}")
 def compare(
-    request: Request, review_id: int, done: str | None = None, session: WebSession = viewer
+    request: Request, review_id: DbId, done: str | None = None, session: WebSession = viewer
 ) -> Response:
     """Two records side by side: differences highlighted, the matcher's evidence per field."""
     return _compare(request, session, review_id, None, done)
 
 
 @router.post("/review/{review_id}/approve")
-async def approve(request: Request, review_id: int, session: WebSession = steward) -> Response:
+async def approve(request: Request, review_id: DbId, session: WebSession = steward) -> Response:
     form = await request.form()
     choices: dict[str, int] = {}
     for key, value in form.multi_items():
@@ -278,7 +281,7 @@ async def approve(request: Request, review_id: int, session: WebSession = stewar
 
 
 @router.post("/review/{review_id}/reject")
-async def reject(request: Request, review_id: int, session: WebSession = steward) -> Response:
+async def reject(request: Request, review_id: DbId, session: WebSession = steward) -> Response:
     seen = (await request.form()).get("seen")
     return await _decide(
         request,
@@ -295,7 +298,7 @@ async def reject(request: Request, review_id: int, session: WebSession = steward
 
 
 @router.post("/review/{review_id}/skip")
-async def skip(request: Request, review_id: int, session: WebSession = steward) -> Response:
+async def skip(request: Request, review_id: DbId, session: WebSession = steward) -> Response:
     return await _decide(
         request,
         session,
@@ -330,7 +333,7 @@ def undo(request: Request, session: WebSession = steward) -> Response:
 
 @router.get("/golden/{golden_id}")
 def golden(
-    request: Request, golden_id: int, done: str | None = None, session: WebSession = viewer
+    request: Request, golden_id: DbId, done: str | None = None, session: WebSession = viewer
 ) -> Response:
     """A golden record: fields with their source, member records, timeline."""
     with db_of(request).connect() as conn:
@@ -343,8 +346,8 @@ def golden(
 @router.post("/golden/{golden_id}/unmerge")
 def unmerge(
     request: Request,
-    golden_id: int,
-    record_id: int = Form(...),
+    golden_id: DbId,
+    record_id: int = Form(..., ge=1, le=MAX_ID),
     session: WebSession = steward,
 ) -> Response:
     with db_of(request).connect() as conn:
@@ -467,7 +470,7 @@ def search(request: Request, q: str = "", session: WebSession = viewer) -> Respo
 
 @router.get("/audit")
 def audit(
-    request: Request, page: int = 1, done: str | None = None, session: WebSession = viewer
+    request: Request, page: PageNo = 1, done: str | None = None, session: WebSession = viewer
 ) -> Response:
     """Every steward action, newest first."""
     page = max(1, page)
