@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from pydantic import BaseModel, Field
 
 from crmhub.errors import DedupeError
-from crmhub.web.steward.auth import MAX_ID, DbId, api_role, db_of
+from crmhub.web.steward.auth import MAX_ID, DbId, api_role, clean_text, db_of
 from sync import review
 from sync.queries import golden_detail, list_golden, search_golden
 from sync.users import User, UserError, add_user, list_users
@@ -77,7 +77,7 @@ def review_list(
                 status=status,
                 min_score=min_score,
                 max_score=max_score,
-                source=source,
+                source=clean_text(source),
                 limit=limit,
                 offset=offset,
             )
@@ -186,6 +186,7 @@ def golden_search(
 ) -> list[dict[str, Any]]:
     """Golden records matching `q` (or all, oldest first)."""
     with db_of(request).connect() as conn:
+        q = clean_text(q)
         if q:
             return search_golden(conn, q, limit=limit)
         return list_golden(conn, limit=limit, offset=offset)
@@ -228,7 +229,7 @@ def audit(
 ) -> list[dict[str, Any]]:
     """Steward actions, newest first (ids and states; no personal data)."""
     with db_of(request).connect() as conn:
-        return review.audit_entries(conn, actor=actor, limit=limit, offset=offset)
+        return review.audit_entries(conn, actor=clean_text(actor), limit=limit, offset=offset)
 
 
 class ForgetBody(BaseModel):
@@ -241,7 +242,7 @@ def forget(request: Request, body: ForgetBody, user: User = admin) -> dict[str, 
     from sync.erasure import forget as erase
 
     try:
-        return erase(db_of(request), body.identifier, user.name)
+        return erase(db_of(request), clean_text(body.identifier) or "", user.name)
     except DedupeError as exc:
         raise http_error(exc) from None
 

@@ -59,4 +59,6 @@ async def test_ui_pages_take_odd_input_without_a_server_error(workspace):
                 response = await client.post(url, data={"csrf_token": csrf, "record_id": odd})
                 if response.status_code >= 500:
                     failures.append((url, response.status_code))
+        nul = await client.post("/login", data={"name": "ad\x00min", "password": "x\x00"})
+        assert nul.status_code == 401
         assert not failures, failures

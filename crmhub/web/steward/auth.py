@@ -30,6 +30,7 @@ __all__ = [
     "PageNo",
     "WebSession",
     "api_role",
+    "clean_text",
     "db_of",
     "throttle_of",
     "ui_role",
@@ -52,6 +53,14 @@ class WebSession:
     user: User
     csrf: str
     session_id: str
+
+
+def clean_text(value: str | None) -> str | None:
+    """User text bound for a query: without NUL and other control characters (PostgreSQL
+    refuses NUL in text; none of them can match stored data anyway)."""
+    if value is None:
+        return None
+    return "".join(ch for ch in value if ch.isprintable() or ch == " ")
 
 
 def db_of(request: Request) -> Engine:

@@ -24,6 +24,7 @@ from crmhub.web.steward.auth import (
     DbId,
     PageNo,
     WebSession,
+    clean_text,
     db_of,
     throttle_of,
     ui_role,
@@ -113,6 +114,7 @@ def login(
     password: str = Form(..., max_length=1000),
     next: str = Form("/queue"),
 ) -> Response:
+    name = clean_text(name) or ""
     throttle = throttle_of(request)
     client = request.client.host if request.client else "?"
     if throttle.blocked(name, client):
@@ -186,6 +188,7 @@ def queue(
 ) -> Response:
     """The merge-review queue, best first; filters, paging, counts."""
     page = max(1, page)
+    source = clean_text(source)
     status = status if status in (*review.STATUSES, "all") else "open"
     low, high = _float(min_score), _float(max_score)
     filters = {"status": status, "min_score": low, "max_score": high, "source": source or None}
@@ -423,6 +426,7 @@ def sources(request: Request, session: WebSession = viewer) -> Response:
 def errors(request: Request, source: str | None = None, session: WebSession = viewer) -> Response:
     """Dead letters: records (and field values) a source sent that could not be used."""
     with db_of(request).connect() as conn:
+        source = clean_text(source)
         rows = dead_letters(conn, source=source or None, limit=200)
     return render(request, "errors.html", session, rows=rows, source=source or "")
 
@@ -448,7 +452,7 @@ def forget(
     if confirm != "yes":
         return _see_other("/admin/forget")
     try:
-        result = erase(db_of(request), identifier, session.user.name)
+        result = erase(db_of(request), clean_text(identifier) or "", session.user.name)
     except DedupeError as exc:
         return _see_other(f"/admin/forget?{urlencode({'done': str(exc)})}")
     done = (
@@ -462,6 +466,7 @@ def forget(
 def search(request: Request, q: str = "", session: WebSession = viewer) -> Response:
     """Golden records by email, phone, name or company."""
     rows: list[dict[str, Any]] = []
+    q = clean_text(q) or ""
     if q.strip():
         with db_of(request).connect() as conn:
             rows = search_golden(conn, q[:200], limit=50)
