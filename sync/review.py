@@ -62,7 +62,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 COUNT_CAP = 10_000  # filtered totals above this read "more than 10,000"
-STATUSES = ("open", "approved", "rejected", "skipped", "resolved")
+# "merged": settled without a decision of its own, because its records came to share a
+# golden record (another approval, or the pipeline, which marks them the same way).
+STATUSES = ("open", "approved", "rejected", "skipped", "merged")
 # Fields a steward may pick per merge; emails and phones keep every distinct value anyway.
 CHOOSABLE_FIELDS: tuple[str, ...] = tuple(f for f in SCALAR_CONTACT_FIELDS if f != "consent")
 _COMPARE_FIELDS: tuple[str, ...] = (
@@ -589,7 +591,7 @@ def approve(
                 )
             ).scalars()
         ]
-        _decide(conn, resolved, "resolved", actor, now)
+        _decide(conn, resolved, "merged", actor, now)
         details["resolved"] = resolved
         _recompute(conn, {survivor}, now)
         audit_id = _audit(conn, actor, "review.approve", details, now)

@@ -53,7 +53,7 @@ def _short(value: Any) -> str:
 @review_app.command("list")
 def list_(
     ctx: typer.Context,
-    status: str = typer.Option("open", help="open, skipped, approved, rejected, resolved, all."),
+    status: str = typer.Option("open", help="open, skipped, approved, rejected, merged, all."),
     min_score: float | None = typer.Option(None, help="Only pairs at or above this probability."),
     max_score: float | None = typer.Option(None, help="Only pairs at or below this probability."),
     source: str | None = typer.Option(None, help="Only pairs with a record from this source."),
