@@ -12,7 +12,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import (
@@ -54,6 +54,10 @@ class QueueSettings(_Section):
 
 
 class MatchingSettings(_Section):
+    method: Literal["probabilistic", "exact"] = Field(
+        "probabilistic",
+        description="probabilistic: fuzzy Fellegi-Sunter matching; exact: same email key or phone",
+    )
     auto_merge: float = Field(0.95, ge=0, le=1, description="merge at or above this probability")
     review: float = Field(0.80, ge=0, le=1, description="queue for review at or above this")
     default_region: str = Field("US", description="ISO country for phones without +prefix")

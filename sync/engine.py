@@ -23,8 +23,9 @@ from connectors import Connector
 from crmhub.errors import CrmHubError
 from crmhub.records import Activity, Contact, Cursor, Page, RawRecord
 from crmhub.settings import Settings
-from dedupe import Matcher, build_matcher
+from dedupe import ExactMatcher, Matcher, build_matcher
 from dedupe.matcher import email_key
+from sync.frequencies import StoreFrequencies
 from sync.golden import MatchInput, match_and_merge, recompute_goldens
 from sync.mapping_step import MappedRecord, PageMapper, Rejected
 from sync.sources import Source, load_source
@@ -33,6 +34,7 @@ from sync.state import load_cursor, save_cursor
 from sync.store import (
     activity,
     activity_participant,
+    bulk_insert,
     dead_letter,
     match_key,
     membership,
@@ -106,7 +108,14 @@ class SyncEngine:
         self.settings = settings
         self.db = db
         m = settings.matching
-        self.matcher = matcher or build_matcher(m.auto_merge, m.review, m.default_region)
+        if matcher is None:
+            matcher = (
+                ExactMatcher()
+                if m.method == "exact"
+                else build_matcher(m.auto_merge, m.review, m.default_region)
+            )
+        self.matcher = matcher
+        self.frequencies = StoreFrequencies()
         self._analyzed_at = 0
         self.mapper = PageMapper(m.default_region)
 
@@ -301,7 +310,7 @@ class SyncEngine:
             if deletions:
                 counts.deleted += self._apply_deletions(conn, source.name, deletions, now)
             if letters:
-                conn.execute(dead_letter.insert(), letters)
+                bulk_insert(conn, dead_letter, letters)
             if stream is not None:  # pushed records have no cursor
                 save_cursor(conn, source.name, stream, page.next_cursor)
         counts.dead_letters = sum(1 for x in letters if x["scope"] == "record")
@@ -310,9 +319,14 @@ class SyncEngine:
 
     @staticmethod
     def _stage(
-        conn: Connection, source: Source, page: Page, kind: str, items: list[MappedRecord]
+        conn: Connection,
+        source: Source,
+        page: Page,
+        kind: str,
+        items: list[MappedRecord],
+        counts: RunCounts,
     ) -> list[Staged]:
-        return stage(
+        staged = stage(
             conn,
             source.name,
             kind,
@@ -327,6 +341,9 @@ class SyncEngine:
                 for m in items
             ],
         )
+        for s in staged:
+            setattr(counts, s.status, getattr(counts, s.status) + 1)
+        return staged
 
     def _apply_contacts(
         self,
@@ -338,8 +355,7 @@ class SyncEngine:
     ) -> None:
         if not items:
             return
-        staged = self._stage(conn, source, page, "contact", items)
-        _count(counts, staged)
+        staged = self._stage(conn, source, page, "contact", items, counts)
         counts.contacts += len(staged)
         inputs = [
             MatchInput(
@@ -352,7 +368,7 @@ class SyncEngine:
             for s in staged
             if s.status != "unchanged"
         ]
-        outcome = match_and_merge(conn, self.matcher, inputs)
+        outcome = match_and_merge(conn, self.matcher, inputs, frequencies=self.frequencies)
         counts.goldens_created += outcome.goldens_created
         counts.records_merged += outcome.records_merged
         counts.goldens_merged += outcome.goldens_merged
@@ -368,8 +384,7 @@ class SyncEngine:
     ) -> None:
         if not items:
             return
-        staged = self._stage(conn, source, page, "activity", items)
-        _count(counts, staged)
+        staged = self._stage(conn, source, page, "activity", items, counts)
         counts.activities += len(staged)
         touched = [s for s in staged if s.status != "unchanged"]
         changed_ids = [s.record_id for s in touched if s.status == "changed"]
@@ -397,9 +412,9 @@ class SyncEngine:
                 for key in dict.fromkeys(email_key(p) for p in act.participants)
             )
         if rows:
-            conn.execute(activity.insert(), rows)
+            bulk_insert(conn, activity, rows)
         if participants:
-            conn.execute(activity_participant.insert(), participants)
+            bulk_insert(conn, activity_participant, participants)
         keys = {p["email_key"] for p in participants}
         known: set[str] = set()
         for part in chunks(sorted(keys)):
@@ -453,11 +468,6 @@ class SyncEngine:
 
         with self.db.connect() as conn:
             return store_totals(conn)
-
-
-def _count(counts: RunCounts, staged: list[Staged]) -> None:
-    for s in staged:
-        setattr(counts, s.status, getattr(counts, s.status) + 1)
 
 
 def _letter(

@@ -16,6 +16,7 @@ from rich.progress import (
     TaskID,
     TextColumn,
     TimeElapsedColumn,
+    TimeRemainingColumn,
 )
 from rich.table import Table
 
@@ -58,6 +59,7 @@ async def _run_all(
         MofNCompleteColumn(),
         TextColumn("{task.fields[rate]:>8,.0f} rec/s"),
         TimeElapsedColumn(),
+        TimeRemainingColumn(),
         console=err_console,
         disable=quiet,
         transient=False,
@@ -101,6 +103,7 @@ _ROWS = (
     ("  unchanged", "unchanged"),
     ("golden records created", "goldens_created"),
     ("records merged into others", "records_merged"),
+    ("pairs queued for review", "reviews_queued"),
     ("activities", "activities"),
     ("  linked to a contact", "activities_linked"),
     ("dead letters (rejected records)", "dead_letters"),
@@ -132,8 +135,8 @@ def _summary_table(results: list[dict[str, Any]], totals: dict[str, int]) -> Tab
     table.add_row("time", *[f"{r['seconds']:.1f}s" if "seconds" in r else "" for r in results])
     table.caption = (
         f"store: {totals['contacts']:,} contacts -> {totals['golden_records']:,} golden records, "
-        f"{totals['activities']:,} activities, {totals['open_reviews']:,} open reviews, "
-        f"{totals['dead_letters']:,} dead letters"
+        f"{totals['activities']:,} activities, {totals['open_reviews']:,} pair(s) awaiting "
+        f"review, {totals['dead_letters']:,} dead letters"
     )
     return table
 
@@ -234,6 +237,7 @@ def register(app: typer.Typer) -> None:
                 f"  crmhub {cfg} golden list --merged\n"
                 f"  crmhub {cfg} golden show 1\n"
                 f"  crmhub {cfg} golden search smith\n"
+                f"  crmhub {cfg} explain leads:L-1001 webforms:F-9001\n"
                 f"  crmhub {cfg} errors\n"
                 f"  crmhub {cfg} export xref --format csv\n"
                 "  (with `make demo`, the commands live in .venv/bin/: "
