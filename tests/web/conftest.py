@@ -15,6 +15,20 @@ from tests.steward_data import seed_reviews
 PASSWORD = "correct horse battery"
 
 
+@pytest.fixture(autouse=True)
+def quick_argon2(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real argon2id, with test-sized cost: the defaults take ~0.4 s a hash on a busy CI box,
+    and every workspace hashes three passwords. Hashes carry their parameters, so verifying
+    works the same."""
+    from argon2 import PasswordHasher
+
+    import sync.users
+
+    monkeypatch.setattr(
+        sync.users, "_hasher", PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1)
+    )
+
+
 @dataclass
 class Workspace:
     app: FastAPI
