@@ -98,12 +98,11 @@ def _goldens_for(conn: Connection, identifier: str) -> set[int]:
             match_key.c.key_value == email_key(text.lower())
         )
     else:
+        # Erasure must not guess: the full international number, matched exactly (E.164).
         digits = "".join(ch for ch in text if ch.isdigit())
-        if len(digits) < 6:
+        if len(digits) < 8:
             return set()
-        condition = (match_key.c.key_kind == "phone") & (
-            match_key.c.key_value.like(f"%{digits[-9:]}")
-        )
+        condition = (match_key.c.key_kind == "phone") & (match_key.c.key_value == f"+{digits}")
     return set(
         conn.execute(
             select(membership.c.golden_id)

@@ -55,3 +55,29 @@ async def test_forget_erases_the_person_and_keeps_only_hashes(tmp_path, db, stor
         forget(db, "anna@keller.example", "admin")  # already gone
     with pytest.raises(review.NotFoundError):
         forget(db, "12", "admin")
+
+
+async def test_forget_by_phone_needs_the_full_number(tmp_path, db, store_url):
+    from sync.engine import SyncEngine
+    from tests.conftest import make_settings
+
+    (tmp_path / "p.csv").write_text(
+        "id,first_name,last_name,phone,country\n1,Lena,Vogt,+49 30 1234567,DE\n"
+        "2,Omar,Haddad,+1 415 555 0132,US\n",
+        encoding="utf-8",
+    )
+    settings = make_settings(
+        tmp_path, store_url, {"p": {"type": "csv", "path": str(tmp_path / "p.csv")}}
+    )
+    engine = SyncEngine(settings, db)
+    try:
+        await engine.run("p")
+    finally:
+        engine.close()
+    with pytest.raises(review.NotFoundError):
+        forget(db, "1234567", "admin")  # a suffix is not an identity
+    assert forget(db, "+49 30 1234567", "admin")["source_records"] == 1
+    with db.connect() as conn:
+        names = [g["name"] for g in search_golden(conn, "a")]
+    assert "Omar Haddad" in names
+    assert "Lena Vogt" not in names
