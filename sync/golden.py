@@ -39,6 +39,8 @@ __all__ = ["MatchInput", "MatchOutcome", "match_and_merge", "recompute_goldens"]
 Node = tuple[Literal["r", "g"], int]
 # A blocking key held by more records than this finds no candidates (reported as capped).
 MAX_BLOCK = 200
+# pg_advisory_xact_lock key that serialises match-and-merge on PostgreSQL ("crmhub" in hex).
+MERGE_LOCK = 0x63726D687562
 # Store size from which term frequencies and the store-size prior apply.
 MIN_POPULATION = 2000
 # Members per golden record sampled by the chain guard.
@@ -262,6 +264,11 @@ def match_and_merge(
     if not inputs:
         return outcome
     batch = {i.record_id: i for i in inputs}
+    if conn.dialect.name == "postgresql":
+        # One merger at a time across all workers: merges touch golden records of any source,
+        # in any order, and concurrent ones deadlock. (SQLite's BEGIN IMMEDIATE already
+        # serialises writers.) Released when the page's transaction ends.
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MERGE_LOCK})")
     compare = _Comparer(matcher)
     if not hasattr(matcher, "frequencies"):
         frequencies = None  # the exact matcher has no use for them

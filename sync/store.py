@@ -50,10 +50,13 @@ __all__ = [
     "activity",
     "activity_participant",
     "allocate_ids",
+    "api_token",
+    "app_user",
     "audit_log",
     "bulk_insert",
     "connector_state",
     "dead_letter",
+    "field_choice",
     "golden_record",
     "inbox",
     "make_engine",
@@ -64,7 +67,10 @@ __all__ = [
     "one_of",
     "review_item",
     "source_record",
+    "store_secret",
+    "suppression",
     "sync_run",
+    "web_session",
     "write_transaction",
 ]
 
@@ -192,6 +198,8 @@ review_item = Table(
     Column("created_at", UTCDateTime(), nullable=False),
     UniqueConstraint("record_a", "record_b", name="uq_review_pair"),
 )
+# The steward queue: open items, best first (migration 0002_steward).
+Index("ix_review_item_queue", review_item.c.status, review_item.c.probability)
 
 merge_constraint = Table(
     "merge_constraint",
@@ -244,6 +252,67 @@ inbox = Table(
     Column("processed_at", UTCDateTime()),
     Column("error", Text),
     UniqueConstraint("connector", "delivery_id", name="uq_inbox_delivery"),
+)
+
+
+# Steward workspace (migration 0002_steward): users, their credentials, field choices.
+app_user = Table(
+    "app_user",
+    metadata,
+    Column("id", _ID, primary_key=True, autoincrement=True),
+    Column("name", String(100), nullable=False, unique=True),
+    Column("password_hash", String(200), nullable=False),
+    Column("role", String(20), nullable=False),  # viewer | steward | admin
+    Column("disabled", Integer, nullable=False, default=0),
+    Column("created_at", UTCDateTime(), nullable=False),
+)
+
+api_token = Table(
+    "api_token",
+    metadata,
+    Column("id", _ID, primary_key=True, autoincrement=True),
+    Column("user_id", ForeignKey("app_user.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("token_hash", String(64), nullable=False, unique=True),  # sha256 of the token
+    Column("label", String(100), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("last_used_at", UTCDateTime()),
+)
+
+web_session = Table(
+    "web_session",
+    metadata,
+    Column("id_hash", String(64), primary_key=True),  # sha256 of the cookie value
+    Column("user_id", ForeignKey("app_user.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("csrf_token", String(64), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("expires_at", UTCDateTime(), nullable=False),
+)
+
+field_choice = Table(
+    "field_choice",
+    metadata,
+    Column("golden_id", ForeignKey("golden_record.id"), primary_key=True),
+    Column("field", String(100), primary_key=True),
+    Column("record_id", ForeignKey("source_record.id", ondelete="CASCADE"), nullable=False),
+    Column("created_by", String(200), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+)
+
+# Erasure (sync/erasure.py): keyed hashes of erased identities, and the store's own key.
+suppression = Table(
+    "suppression",
+    metadata,
+    Column("hash", String(64), primary_key=True),  # HMAC-SHA256, keyed by store_secret
+    Column("created_by", String(200), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+)
+
+store_secret = Table(
+    "store_secret",
+    metadata,
+    Column("name", String(50), primary_key=True),
+    Column("value", String(200), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
 )
 
 

@@ -12,6 +12,7 @@ from crmhub.cli import (
     forms_cmd,
     golden_cmd,
     ops_cmd,
+    review_cmd,
     serve_cmd,
     sync_cmd,
     worker_cmd,
@@ -66,6 +67,7 @@ ops_cmd.register(app)
 serve_cmd.register(app)
 forms_cmd.register(app)
 worker_cmd.register(app)
+review_cmd.register(app)
 
 
 def main() -> None:

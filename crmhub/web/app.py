@@ -10,7 +10,9 @@ from sqlalchemy import Engine
 
 from crmhub import __version__
 from crmhub.settings import Settings
+from crmhub.web import api as steward_api
 from crmhub.web import hooks, metrics
+from crmhub.web import steward as steward_ui
 
 __all__ = ["create_app", "get_db", "get_settings"]
 
@@ -37,6 +39,8 @@ def create_app(settings: Settings, db: Engine) -> FastAPI:
     # Feature routers are added below, one line each (webhooks, steward UI and API, metrics).
     app.include_router(hooks.router)  # /hooks/forms/{connector}, /f/{form}, inbox drain
     app.include_router(metrics.router)  # /metrics (Prometheus)
+    app.include_router(steward_api.router)  # /api/v1/...
+    app.include_router(steward_ui.router)  # the steward UI
     return app
 
 

@@ -1,4 +1,5 @@
-"""Shared helpers for the intake tests: signed requests per provider, a live server."""
+"""Shared helpers: signed intake requests and a live server (web forms); a steward
+workspace with review items and one user per role (steward UI and API)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,9 @@ from connectors.webform import sign_generic
 from crmhub.settings import Settings
 from crmhub.web import create_app
 from sync.store import activity, dead_letter, golden_record, inbox, membership, source_record
+from sync.users import add_user, create_token
 from tests.conftest import make_settings
+from tests.steward_data import seed_reviews
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "webform"
 SECRET = "whsec_test_0123456789"
@@ -192,3 +196,42 @@ def wait_until(check: Callable[[], bool], timeout: float = 5.0) -> float:
             raise AssertionError(f"condition not met within {timeout}s")
         time.sleep(0.01)
     return time.monotonic() - start
+
+
+PASSWORD = "correct horse battery"
+
+
+@pytest.fixture(autouse=True)
+def quick_argon2(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real argon2id, with test-sized cost: the defaults take ~0.4 s a hash on a busy CI box,
+    and every workspace hashes three passwords. Hashes carry their parameters, so verifying
+    works the same."""
+    from argon2 import PasswordHasher
+
+    import sync.users
+
+    monkeypatch.setattr(
+        sync.users, "_hasher", PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1)
+    )
+
+
+@dataclass
+class Workspace:
+    app: FastAPI
+    tokens: dict[str, str]
+
+    def client(self, role: str | None = None) -> httpx.AsyncClient:
+        headers = {"Authorization": f"Bearer {self.tokens[role]}"} if role else {}
+        return httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=self.app), base_url="http://crmhub", headers=headers
+        )
+
+
+@pytest.fixture
+async def workspace(tmp_path, db, store_url) -> Workspace:
+    settings = await seed_reviews(tmp_path, store_url, db, count=3)
+    tokens = {}
+    for role in ("viewer", "steward", "admin"):
+        add_user(db, role, PASSWORD, role)
+        tokens[role] = create_token(db, role, "tests")
+    return Workspace(create_app(settings, db), tokens)
