@@ -25,6 +25,7 @@ from crmhub.records import Activity, Contact, Cursor, Page, RawRecord
 from crmhub.settings import Settings
 from dedupe import ExactMatcher, Matcher, build_matcher
 from dedupe.matcher import email_key
+from sync.erasure import is_suppressed
 from sync.frequencies import StoreFrequencies
 from sync.golden import MatchInput, match_and_merge, recompute_goldens
 from sync.mapping_step import MappedRecord, PageMapper, Rejected
@@ -40,6 +41,7 @@ from sync.store import (
     membership,
     one_of,
     source_record,
+    suppression,
     sync_run,
     write_transaction,
 )
@@ -65,6 +67,7 @@ class RunCounts:
     records_merged: int = 0
     goldens_merged: int = 0
     reviews_queued: int = 0
+    suppressed: int = 0
 
     def add(self, other: RunCounts) -> None:
         for name in self.__dataclass_fields__:
@@ -381,6 +384,7 @@ class SyncEngine:
     ) -> None:
         if not items:
             return
+        items = self._without_erased(conn, source, items, counts)
         staged = self._stage(conn, source, page, "contact", items, counts)
         counts.contacts += len(staged)
         inputs = [
@@ -399,6 +403,22 @@ class SyncEngine:
         counts.records_merged += outcome.records_merged
         counts.goldens_merged += outcome.goldens_merged
         counts.reviews_queued += outcome.reviews_queued
+
+    @staticmethod
+    def _without_erased(
+        conn: Connection, source: Source, items: list[MappedRecord], counts: RunCounts
+    ) -> list[MappedRecord]:
+        """Erased people stay erased: their records are not staged again (nothing is kept
+        of them, not even a dead letter)."""
+        if conn.execute(select(suppression.c.hash).limit(1)).first() is None:
+            return items  # no erasure yet: nothing to look up
+        kept = [
+            m
+            for m in items
+            if not is_suppressed(conn, source.name, m.external_id, Contact.model_validate(m.data))
+        ]
+        counts.suppressed += len(items) - len(kept)
+        return kept
 
     def _apply_activities(
         self,

@@ -537,3 +537,8 @@ def recompute_goldens(conn: Connection, golden_ids: set[int], now: datetime | No
         .values(version=golden_record.c.version + 1),
         rows,
     )
+    # Stewards' per-field choices override survivorship (imported here: review builds on
+    # this module).
+    from sync.review import apply_field_choices
+
+    apply_field_choices(conn, golden_ids)

@@ -81,3 +81,26 @@ async def test_forget_by_phone_needs_the_full_number(tmp_path, db, store_url):
         names = [g["name"] for g in search_golden(conn, "a")]
     assert "Omar Haddad" in names
     assert "Lena Vogt" not in names
+
+
+async def test_an_erased_person_is_not_brought_back_by_later_syncs(tmp_path, db, store_url):
+    from sync.engine import SyncEngine
+    from sync.erasure import forget
+    from sync.queries import search_golden
+    from tests.conftest import make_settings
+
+    path = tmp_path / "crm.csv"
+    path.write_text(
+        "id,first_name,last_name,email\n1,Erin,Gone,erin@example.com\n"
+        "2,Kept,Here,kept@example.com\n",
+        encoding="utf-8",
+    )
+    settings = make_settings(tmp_path, store_url, {"crm": {"type": "csv", "path": str(path)}})
+    engine = SyncEngine(settings, db)
+    await engine.run("crm")
+    forget(db, "erin@example.com", "admin")
+    again = await engine.run("crm", full=True)
+    assert again.counts.suppressed == 1
+    with db.connect() as conn:
+        assert search_golden(conn, "erin@example.com") == []
+        assert len(search_golden(conn, "kept@example.com")) == 1

@@ -226,3 +226,25 @@ async def test_merge_and_unmerge_stick_across_later_syncs(tmp_path, db, store_ur
         assert [m["record_id"] for m in alone["members"]] == [second["b"]["record_id"]]
         statuses = conn.execute(select(review_item.c.status)).scalars().all()
     assert sorted(statuses) == ["approved", "approved"]  # nothing re-queued
+
+
+async def test_a_stewards_field_choice_survives_later_syncs(tmp_path, db, store_url):
+    settings = await seed_reviews(tmp_path, store_url, db, count=1)
+    [item] = _open(db)
+    with db.connect() as conn:
+        shown = review.show_review(conn, item["id"])
+    anna = next(s for s in (shown["a"], shown["b"]) if s["data"]["first_name"] == "Anna")
+    result = review.approve(db, item["id"], "sam", choices={"first_name": anna["record_id"]})
+    # The source changes the other record (a new city): its golden record is recomputed.
+    csv_path = tmp_path / "crm.csv"
+    csv_path.write_text(
+        csv_path.read_text(encoding="utf-8").replace("Keller GmbH,\n", "Keller GmbH,Hamburg\n"),
+        encoding="utf-8",
+    )
+    outcome = await SyncEngine(settings, db).run("crm")
+    assert outcome.counts.changed == 1
+    with db.connect() as conn:
+        merged = golden_detail(conn, result["golden_id"])
+    assert merged is not None
+    assert merged["fields"]["city"] == "Hamburg"  # the new value arrived ...
+    assert merged["fields"]["first_name"] == "Anna"  # ... and the steward's pick held
