@@ -25,6 +25,7 @@ from crmhub.records import Activity, Contact, Cursor, Page, RawRecord
 from crmhub.settings import Settings
 from dedupe import ExactMatcher, Matcher, build_matcher
 from dedupe.matcher import email_key
+from sync import writeback
 from sync.golden import MatchInput, match_and_merge, recompute_goldens
 from sync.mapping_step import MappedRecord, PageMapper, Rejected
 from sync.sources import Source, load_source
@@ -116,6 +117,7 @@ class SyncEngine:
         self.matcher = matcher
         self._analyzed_at = 0
         self.mapper = PageMapper(m.default_region)
+        writeback.install(db, settings)  # golden changes enqueue pushes where configured
 
     async def run(
         self,

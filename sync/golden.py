@@ -18,6 +18,7 @@ from sqlalchemy import Connection, bindparam, func, or_, select
 from crmhub.records import Contact
 from dedupe import Decision, Matcher, Member, survive
 from dedupe.normalize import prepare
+from sync import writeback
 from sync.staging import chunks
 from sync.store import (
     allocate_ids,
@@ -328,7 +329,7 @@ def match_and_merge(
                 moved.append({"b_record": r, "golden_id": golden_id, "decided_at": now})
     if fresh:
         ids = allocate_ids(conn, golden_record, len(fresh))
-        rows = []
+        rows: list[dict[str, Any]] = []
         for golden_id, records in zip(ids, fresh, strict=True):
             fields, lineage = survive(
                 [Member(r, batch[r].updated_at, batch[r].data) for r in records]
@@ -345,6 +346,13 @@ def match_and_merge(
             )
         bulk_insert(conn, golden_record, rows)
         outcome.goldens_created += len(ids)
+        if len(ids) < sum(len(r) for r in fresh):  # a new golden record of several tools
+            writeback.golden_changed(
+                conn,
+                {r["id"]: r["fields"] for r in rows},
+                {r["id"]: r["lineage"] for r in rows},
+                now,
+            )
         for records, golden_id in zip(fresh, ids, strict=True):
             method = "new" if len(records) == 1 else "auto"
             new_members.extend(_membership(r, golden_id, method, now) for r in records)
@@ -439,7 +447,7 @@ def recompute_goldens(conn: Connection, golden_ids: set[int], now: datetime | No
         conn, query, membership.c.golden_id, golden_ids
     ):
         members[golden_id].append(Member(rid, updated_at, data))
-    rows = []
+    rows: list[dict[str, Any]] = []
     for golden_id in golden_ids:
         fields, lineage = survive(members[golden_id]) if members[golden_id] else ({}, {})
         rows.append({"b_id": golden_id, "fields": fields, "lineage": lineage, "updated_at": now})
@@ -448,4 +456,11 @@ def recompute_goldens(conn: Connection, golden_ids: set[int], now: datetime | No
         .where(golden_record.c.id == bindparam("b_id"))
         .values(version=golden_record.c.version + 1),
         rows,
+    )
+    # Write-back: the pushes these values call for commit with them (no-op unless configured).
+    writeback.golden_changed(
+        conn,
+        {r["b_id"]: r["fields"] for r in rows},
+        {r["b_id"]: r["lineage"] for r in rows},
+        now,
     )
