@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 from sqlalchemy import Connection, Engine, func, or_, select, update
@@ -145,9 +146,18 @@ def _record_sent(conn: Connection, row: Any, now: datetime) -> None:
             conn.execute(writeback_ledger.insert().values(**key, **values))
 
 
+def _redact(text: str, payload: dict[str, Any]) -> str:
+    """Vendor paths can hold the address (HubSpot by email): keep it out of stored reasons."""
+    email = payload.get("email")
+    if isinstance(email, str) and email:
+        for form in {email, quote(email, safe=""), quote(email)}:
+            text = text.replace(form, "<email>")
+    return text
+
+
 def _record_error(conn: Connection, row: Any, exc: Exception, now: datetime) -> str:
     attempts = row.attempts + 1
-    reason = str(exc)[:1000]
+    reason = _redact(str(exc), dict(row.payload))[:1000]
     permanent = not isinstance(exc, TransientError)
     if permanent or attempts >= MAX_ATTEMPTS:
         if isinstance(exc, PermanentError) and exc.context.get("status") == 404:
@@ -222,7 +232,9 @@ async def relay(
                 outcome = _record_error(conn, row, exc, now())
             if outcome == "failed":
                 report.failed += 1
-                report.errors.append(f"outbox row {row.id} ({row.connector} {row.action}): {exc}")
+                reason = _redact(str(exc), dict(row.payload))
+                where = f"outbox row {row.id} ({row.connector} {row.action})"
+                report.errors.append(f"{where}: {reason}")
             else:
                 report.retried += 1
             continue

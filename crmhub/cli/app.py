@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from crmhub import __version__
-from crmhub.cli import explain_cmd, golden_cmd, ops_cmd, serve_cmd, sync_cmd
+from crmhub.cli import explain_cmd, golden_cmd, ops_cmd, outbox_cmd, serve_cmd, sync_cmd
 from crmhub.cli.common import AppState, die, setup_logging
 from crmhub.errors import CrmHubError
 
@@ -56,6 +56,7 @@ golden_cmd.register(app)
 explain_cmd.register(app)
 ops_cmd.register(app)
 serve_cmd.register(app)
+outbox_cmd.register(app)
 
 
 def main() -> None:

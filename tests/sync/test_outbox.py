@@ -251,3 +251,44 @@ async def test_connectors_without_writeback_get_nothing(tmp_path: Path, sqlite_u
         hub.tools["mailchimp"].state.touch([1], status="unsubscribed")
         await hub.sync("mailchimp")
         assert hub.rows() == []
+
+
+def test_cli_sync_pushes_and_outbox_lists_without_addresses(tmp_path: Path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    with running("mailchimp") as mc, running("hubspot") as hs:
+        for tool in (mc, hs):
+            tool.state.add_people(3)
+        mc.state.touch([1], status="unsubscribed")
+        lines = [f'[store]\nurl = "sqlite:///{tmp_path / "crm.db"}"\n[matching]\nmethod = "exact"']
+        for name, tool in (("mc", mc), ("hs", hs)):
+            lines.append(f"[connectors.{name}]")
+            for key, value in VENDORS[tool.vendor.kind].config(tool.url, TOKEN).items():
+                lines.append(f"{key} = {json.dumps(value)}")
+            lines.append("writeback = { consent = true }")
+        config = tmp_path / "crmhub.toml"
+        config.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CRMHUB_")}
+
+        def cli(*args: str) -> Any:
+            done = subprocess.run(
+                [sys.executable, "-m", "crmhub", "--config", str(config), *args, "--json"],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=60,
+            )
+            assert done.returncode == 0, done.stderr
+            return json.loads(done.stdout)
+
+        synced = cli("sync")
+        assert synced["outbox"]["sent"] == 1  # the Mailchimp opt-out, pushed to HubSpot
+        assert hs.state.people[1].status == "unsubscribed"
+        listed = cli("outbox")
+        assert listed["counts"] == {"pending": 0, "sent": 1, "failed": 0}
+        assert listed["rows"][0]["connector"] == "hs"
+        assert "person1@example.com" not in json.dumps(listed)
+        assert cli("outbox", "relay")["claimed"] == 0
