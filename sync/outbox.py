@@ -206,6 +206,9 @@ async def relay(
     """Deliver up to `limit` due outbox rows; the body of the arq job and `crmhub outbox
     relay`. `after_push(row_id)` runs between the vendor's answer and marking the row sent
     (a test hook for the crash window)."""
+    if client is None:  # one connection pool for the whole pass, not one per push
+        async with httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=10.0)) as own:
+            return await relay(settings, db, own, limit=limit, now=now, after_push=after_push)
     from sync.sources import load_source
 
     started = time.monotonic()

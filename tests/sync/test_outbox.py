@@ -292,3 +292,36 @@ def test_cli_sync_pushes_and_outbox_lists_without_addresses(tmp_path: Path) -> N
         assert listed["rows"][0]["connector"] == "hs"
         assert "person1@example.com" not in json.dumps(listed)
         assert cli("outbox", "relay")["claimed"] == 0
+
+
+async def test_the_relay_paces_itself_under_the_accounts_rate_budget(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """The vendor enforces 10 requests/s; the budget is 10/s: no 429, and no faster."""
+    with running("mailchimp") as mc, running("hubspot") as hs:
+        for tool in (mc, hs):
+            tool.state.add_people(25)
+        table = {}
+        for name, tool, rate in (("mc", mc, 10_000), ("hs", hs, 10)):
+            table[name] = {
+                **VENDORS[tool.vendor.kind].config(tool.url, TOKEN),
+                "rate_limit": rate,
+                "writeback": {"consent": True},
+            }
+        settings = make_settings(tmp_path, sqlite_url, table)
+        settings.matching.method = "exact"
+        db = make_engine(sqlite_url)
+        engine = SyncEngine(settings, db)
+        await engine.run("hs")
+        await engine.run("mc")
+        mc.state.touch(list(range(1, 21)), status="unsubscribed")
+        await engine.run("mc")
+        hs.state.enforce_rate = 10
+        hs.state.statuses.clear()
+        started = datetime.now(UTC)
+        report = await relay(settings, db)
+        seconds = (datetime.now(UTC) - started).total_seconds()
+        db.dispose()
+    assert report.sent == 20
+    assert 429 not in hs.state.statuses
+    assert seconds >= 1.5  # 20 requests at 10/s with a burst of one
