@@ -26,7 +26,7 @@ import httpx
 from sqlalchemy import Connection, Engine, func, or_, select, update
 
 from connectors.base import Connector, Recipient
-from crmhub.errors import ConfigError, ConnectorError, PermanentError, TransientError
+from crmhub.errors import AuthError, ConfigError, ConnectorError, PermanentError, TransientError
 from crmhub.settings import Settings
 from sync.store import outbox, write_transaction, writeback_ledger
 from sync.writeback import (
@@ -43,10 +43,12 @@ from sync.writeback import (
 __all__ = [
     "MAX_ATTEMPTS",
     "RelayReport",
+    "disclosures",
     "enqueue",
     "enqueue_erasure",
     "outbox_counts",
     "relay",
+    "requeue_failed",
     "resend_erasure",
 ]
 
@@ -158,7 +160,8 @@ def _redact(text: str, payload: dict[str, Any]) -> str:
 def _record_error(conn: Connection, row: Any, exc: Exception, now: datetime) -> str:
     attempts = row.attempts + 1
     reason = _redact(str(exc), dict(row.payload))[:1000]
-    permanent = not isinstance(exc, TransientError)
+    # Refused credentials are the operator's to fix, not a reason to drop an opt-out.
+    permanent = not isinstance(exc, (TransientError, AuthError))
     if permanent or attempts >= MAX_ATTEMPTS:
         if isinstance(exc, PermanentError) and exc.context.get("status") == 404:
             reason = f"contact gone at the vendor (404): {reason}"
@@ -256,3 +259,45 @@ def outbox_counts(conn: Connection) -> dict[str, int]:
     counts = {"pending": 0, "sent": 0, "failed": 0}
     counts.update({status: int(n) for status, n in rows})
     return counts
+
+
+def requeue_failed(conn: Connection, *, connector: str | None = None) -> int:
+    """Put failed rows back in the queue (after fixing a credential or a config)."""
+    query = update(outbox).where(outbox.c.status == "failed")
+    if connector is not None:
+        query = query.where(outbox.c.connector == connector)
+    result = conn.execute(
+        query.values(status="pending", attempts=0, next_attempt_at=datetime.now(UTC))
+    )
+    return int(result.rowcount)
+
+
+def disclosures(conn: Connection, golden_id: int) -> list[dict[str, Any]]:
+    """Which tools were told what about a golden record, and when (the Art. 19 record):
+    delivered values come from the ledger as hashes, pending and failed pushes from the
+    outbox. For the steward UI's golden-record page."""
+    told = [
+        {"connector": c, "field": f, "status": "sent", "at": at}
+        for c, f, at in conn.execute(
+            select(
+                writeback_ledger.c.connector, writeback_ledger.c.field, writeback_ledger.c.pushed_at
+            )
+            .where(writeback_ledger.c.golden_id == golden_id)
+            .order_by(writeback_ledger.c.pushed_at)
+        )
+    ]
+    open_rows = [
+        {"connector": c, "field": a, "status": st, "at": at, "error": err}
+        for c, a, st, at, err in conn.execute(
+            select(
+                outbox.c.connector,
+                outbox.c.action,
+                outbox.c.status,
+                outbox.c.created_at,
+                outbox.c.last_error,
+            )
+            .where(outbox.c.golden_id == golden_id, outbox.c.status != "sent")
+            .order_by(outbox.c.id)
+        )
+    ]
+    return told + open_rows

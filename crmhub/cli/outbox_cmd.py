@@ -138,5 +138,25 @@ def outbox_relay(
         raise typer.Exit(EXIT_ERROR)
 
 
+@outbox_app.command("retry")
+def outbox_retry(
+    ctx: typer.Context,
+    connector: str | None = typer.Option(None, "--connector", help="Only this tool's rows."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable."),
+) -> None:
+    """Put failed rows back in the queue (after fixing what `crmhub outbox` reported)."""
+    from sync.outbox import requeue_failed
+    from sync.store import write_transaction
+
+    db = open_store(state(ctx).settings)
+    with write_transaction(db) as conn:
+        count = requeue_failed(conn, connector=connector)
+    db.dispose()
+    if as_json:
+        print_json({"requeued": count})
+    else:
+        console.print(f"{count} failed row(s) queued again; `crmhub outbox relay` sends them.")
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(outbox_app, name="outbox")

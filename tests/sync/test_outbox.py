@@ -22,7 +22,7 @@ from sqlalchemy import Engine, select
 import connectors.http as http
 from crmhub.settings import Settings
 from sync.engine import SyncEngine
-from sync.outbox import LEASE, outbox_counts, relay
+from sync.outbox import LEASE, disclosures, outbox_counts, relay, requeue_failed
 from sync.store import make_engine, membership, outbox, source_record, write_transaction
 from sync.writeback import enqueue_erasure, resend_erasure
 from tests.conftest import make_settings
@@ -207,8 +207,8 @@ async def test_429_and_5xx_storms_lose_no_push(lite_hub: Hub) -> None:
 async def test_a_contact_gone_at_the_vendor_fails_once_and_is_not_retried(lite_hub: Hub) -> None:
     hub = lite_hub
     await hub.sync()
-    del hub.tools["activecampaign"].state.people[5]  # gone, and no deleted feed to tell us
-    hub.tools["mailchimp"].state.touch([5], status="unsubscribed")
+    del hub.tools["activecampaign"].state.people[6]  # gone, and no deleted feed to tell us
+    hub.tools["mailchimp"].state.touch([6], status="unsubscribed")
     await hub.sync("mailchimp")
     report = await relay(hub.settings, hub.db)
     assert (report.sent, report.failed) == (2, 1)
@@ -217,6 +217,18 @@ async def test_a_contact_gone_at_the_vendor_fails_once_and_is_not_retried(lite_h
     assert "contact gone at the vendor (404)" in failed.last_error
     later = datetime.now(UTC) + timedelta(days=1)
     assert (await relay(hub.settings, hub.db, now=lambda: later)).claimed == 0
+    with hub.db.connect() as conn:
+        shown = disclosures(conn, failed.golden_id)
+    assert {(d["connector"], d["status"]) for d in shown} == {
+        ("hubspot", "sent"),
+        ("klaviyo", "sent"),
+        ("activecampaign", "failed"),
+    }
+    # The contact comes back at the vendor; the steward re-queues; it goes out.
+    hub.tools["activecampaign"].state.add_people(1)
+    with write_transaction(hub.db) as conn:
+        assert requeue_failed(conn, connector="activecampaign") == 1
+    assert (await relay(hub.settings, hub.db)).sent == 1
 
 
 async def test_an_erasure_reaches_all_four_and_is_re_sent_when_the_person_reappears(
@@ -325,3 +337,20 @@ async def test_the_relay_paces_itself_under_the_accounts_rate_budget(
     assert report.sent == 20
     assert 429 not in hs.state.statuses
     assert seconds >= 1.5  # 20 requests at 10/s with a burst of one
+
+
+async def test_refused_credentials_keep_the_push_queued(lite_hub: Hub) -> None:
+    from tests.fakes.server import Fault
+
+    hub = lite_hub
+    await hub.sync()
+    hub.tools["hubspot"].state.faults.append(Fault(401, path="unsubscribe-all"))
+    hub.tools["mailchimp"].state.touch([1], status="unsubscribed")
+    await hub.sync("mailchimp")
+    report = await relay(hub.settings, hub.db)
+    assert (report.sent, report.retried, report.failed) == (2, 1, 0)
+    (waiting,) = hub.rows(status="pending")
+    assert "credentials were refused" in waiting.last_error
+    later = datetime.now(UTC) + timedelta(hours=1)
+    assert (await relay(hub.settings, hub.db, now=lambda: later)).sent == 1
+    assert hub.tools["hubspot"].state.people[1].status == "unsubscribed"
