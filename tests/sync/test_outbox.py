@@ -149,12 +149,18 @@ async def test_relay_killed_after_the_vendors_200_repeats_the_push_harmlessly(
     await hub.sync("hubspot")
     assert len(hub.rows(status="pending")) == 3
 
-    def crash(row_id: int) -> None:
-        raise SystemExit(f"killed after pushing row {row_id}")
+    crashed: list[int] = []
 
-    with pytest.raises(SystemExit):
+    class Killed(Exception):
+        pass
+
+    def crash(row_id: int) -> None:
+        crashed.append(row_id)
+        raise Killed(f"killed after pushing row {row_id}")
+
+    with pytest.raises(Killed):
         await relay(hub.settings, hub.db, after_push=crash)
-    first = hub.rows()[0]
+    (first,) = (r for r in hub.rows() if r.id == crashed[0])
     assert first.status == "pending"  # the vendor has it; the store does not know yet
     # The dead relay's batch stays leased (no second relay pushes it concurrently) ...
     assert (await relay(hub.settings, hub.db)).claimed == 0
@@ -165,7 +171,8 @@ async def test_relay_killed_after_the_vendors_200_repeats_the_push_harmlessly(
     with hub.db.connect() as conn:
         assert outbox_counts(conn) == {"pending": 0, "sent": 3, "failed": 0}
     assert set(_status(hub, 4).values()) == {"unsubscribed"}
-    # The crashed row's vendor saw the push twice (its state absorbed the repeat).
+    # The crashed row's vendor saw the push twice (its state absorbed the repeat); rows of
+    # other tools in flight at the kill may have repeated too, none was lost.
     marker = {
         "activecampaign": "/contacts/4/contactLists",
         "hubspot": "unsubscribe-all",
@@ -174,7 +181,12 @@ async def test_relay_killed_after_the_vendors_200_repeats_the_push_harmlessly(
     }
     for kind, tool in hub.tools.items():
         calls = sum(marker[kind] in path for path in tool.state.requests)
-        assert calls == (2 if kind == first.connector else 1 if kind != "hubspot" else 0)
+        if kind == "hubspot":
+            assert calls == 0  # the source of the opt-out is not told it
+        elif kind == first.connector:
+            assert calls == 2
+        else:
+            assert calls in (1, 2)
 
 
 async def test_429_and_5xx_storms_lose_no_push(lite_hub: Hub) -> None:
