@@ -258,6 +258,10 @@ async def test_an_erasure_reaches_all_four_and_is_re_sent_when_the_person_reappe
         assert "person6@example.com" in tool.state.erased
     sent = hub.rows(action="erase")
     assert all(r.payload == {"scrubbed": True} for r in sent)  # no PII kept once delivered
+    # A re-sync of every tool brings nobody back and asks for nothing new.
+    await hub.sync()
+    assert len(hub.rows()) == 4
+    assert all(t.state.by_email("person6@example.com") is None for t in hub.tools.values())
     # The person is re-imported into HubSpot; the suppression check (steward branch)
     # calls resend_erasure for the reappearing record, and the erasure goes out again.
     again = hub.tools["hubspot"].state.add_people(1)[0]
