@@ -13,12 +13,18 @@ from __future__ import annotations
 import hashlib
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, SecretStr
 
-from connectors.base import Stream
-from connectors.http import HttpConnector, HttpConnectorConfig, header_auth
+from connectors.base import Recipient, Stream
+from connectors.http import (
+    ApiClient,
+    HttpConnector,
+    HttpConnectorConfig,
+    header_auth,
+    tolerate_missing,
+)
 from connectors.pagination import Watermark, seek_pages
 from connectors.registry import register
 from crmhub.errors import PermanentError
@@ -26,6 +32,10 @@ from crmhub.records import Cursor, Page, RawRecord
 from crmhub.transforms import parse_datetime
 
 __all__ = ["ActiveCampaignConnector"]
+
+# Canonical field -> contact attribute.
+CONTACT_ATTRIBUTES = {"first_name": "firstName", "last_name": "lastName", "phone": "phone"}
+UNSUBSCRIBED = "2"
 
 
 @register("activecampaign", label="ActiveCampaign")
@@ -43,6 +53,7 @@ class ActiveCampaignConnector(HttpConnector["ActiveCampaignConnector.Config"]):
     default_rate = 5.0  # 5 requests/second per account, shared by every key
     max_page_size = 100
     secret_name = "api_token"
+    writable_fields: ClassVar[frozenset[str]] = frozenset(CONTACT_ATTRIBUTES)
 
     def base_url(self) -> str:
         base = self.config.base_url.rstrip("/")
@@ -60,6 +71,75 @@ class ActiveCampaignConnector(HttpConnector["ActiveCampaignConnector.Config"]):
             body = await api.request_json("GET", "/users/me", stream="contacts")
         user = (body.get("user") or {}).get("username") if isinstance(body, dict) else None
         return f"ActiveCampaign at {api.base_url}: key accepted (user {user})"
+
+    # -- write-back -------------------------------------------------------------------
+
+    async def _contact_id(self, api: ApiClient, who: Recipient) -> str | None:
+        """The contact id: the staged external id, else a lookup by email (None: no one)."""
+        if who.external_id:
+            return who.external_id
+        if not who.email:
+            return None
+        body = await api.request_json(
+            "GET", "/contacts", params={"email": who.email}, stream="writeback"
+        )
+        found = body.get("contacts") if isinstance(body, dict) else None
+        return str(found[0]["id"]) if found else None
+
+    def _gone(self) -> PermanentError:
+        return PermanentError(
+            f"{self.name}: the contact no longer exists in ActiveCampaign",
+            connector=self.name,
+            stream="writeback",
+            status=404,
+        )
+
+    async def push_consent(self, who: Recipient, status: Literal["unsubscribed"]) -> None:
+        """Set every list membership of the contact to status 2 (unsubscribed)."""
+        api = self.api()
+        async with api.session():
+            cid = await self._contact_id(api, who)
+            if cid is None:
+                raise self._gone()
+            body = await api.request_json(
+                "GET", f"/contacts/{cid}/contactLists", stream="writeback"
+            )
+            for membership in (body or {}).get("contactLists") or []:
+                if str(membership.get("status")) == UNSUBSCRIBED:
+                    continue
+                await api.request_json(
+                    "POST",
+                    "/contactLists",
+                    json_body={
+                        "contactList": {
+                            "list": membership.get("list"),
+                            "contact": cid,
+                            "status": int(UNSUBSCRIBED),
+                        }
+                    },
+                    stream="writeback",
+                )
+
+    async def update_fields(self, who: Recipient, fields: dict[str, Any]) -> None:
+        attrs = {CONTACT_ATTRIBUTES[k]: v for k, v in fields.items() if k in CONTACT_ATTRIBUTES}
+        api = self.api()
+        async with api.session():
+            cid = await self._contact_id(api, who)
+            if cid is None:
+                raise self._gone()
+            await api.request_json(
+                "PUT", f"/contacts/{cid}", json_body={"contact": attrs}, stream="writeback"
+            )
+
+    async def erase(self, who: Recipient) -> None:
+        """ActiveCampaign has no privacy-delete endpoint: DELETE the contact (404 = gone)."""
+        api = self.api()
+        async with api.session():
+            cid = await self._contact_id(api, who)
+            if cid is not None:
+                await tolerate_missing(
+                    api.request_json("DELETE", f"/contacts/{cid}", stream="writeback")
+                )
 
     async def pull(self, stream: Stream, cursor: Cursor | None) -> AsyncIterator[Page]:
         api = self.api()

@@ -14,6 +14,10 @@ A new source kind is one module, `connectors/<kind>.py`::
             yield Page(records, next_cursor)
 
 plus `mappings/acme.toml`, which maps its payloads into the canonical model.
+
+A connector that can also *write* to its tool (opt-outs, erasures, golden field values; see
+docs/connectors.md "Write-back") implements the optional `WriteBack` protocol below. The
+outbox relay (sync/outbox.py) is its only caller.
 """
 
 from __future__ import annotations
@@ -22,7 +26,16 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    ClassVar,
+    Generic,
+    Literal,
+    Protocol,
+    TypeVar,
+    runtime_checkable,
+)
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
@@ -32,7 +45,15 @@ from crmhub.records import Cursor, Page
 if TYPE_CHECKING:
     from crmhub.settings import Settings
 
-__all__ = ["Connector", "ConnectorConfig", "ConnectorContext", "Stream"]
+__all__ = [
+    "Connector",
+    "ConnectorConfig",
+    "ConnectorContext",
+    "Recipient",
+    "Stream",
+    "WriteBack",
+    "WriteBackConfig",
+]
 
 Stream = Literal["contacts", "activities"]
 
@@ -50,6 +71,58 @@ class ConnectorConfig(BaseModel):
     schedule: str | None = Field(None, description="cron expression for background syncs")
     mapping: str | None = Field(None, description="override mapping file (TOML)")
     enabled: bool = Field(True, description="false keeps the table but skips the connector")
+
+
+class WriteBackConfig(BaseModel):
+    """`writeback = { consent = true, erasure = true, fields = [...] }`: what crmhub may push.
+
+    Everything is off by default: a tool is only written to when its owner opted in.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    consent: bool = Field(False, description="push opt-outs (unsubscribes) from other tools")
+    erasure: bool = Field(False, description="call the vendor's privacy deletion on erasure")
+    fields: list[str] = Field(
+        default_factory=list,
+        description="golden fields to push when they change (first_name, company, phone ...)",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.consent or self.erasure or bool(self.fields)
+
+
+@dataclass(frozen=True, slots=True)
+class Recipient:
+    """One person as one tool knows them: its id for them and/or their email (either may be
+    missing; each connector says which it needs)."""
+
+    email: str | None
+    external_id: str | None = None
+
+
+@runtime_checkable
+class WriteBack(Protocol):
+    """The optional write capability of a connector.
+
+    Contract for every method:
+    - Idempotent: the outbox delivers at least once, so a repeat must leave the same state
+      (upsert by email or id, the vendors' own GDPR endpoints, Mailchimp's subscriber hash).
+    - A person the tool no longer has raises `PermanentError` with `status=404` from
+      `push_consent`/`update_fields` (recorded as failed, never retried); `erase` treats
+      "already gone" as success.
+    - Errors are those of `crmhub.errors`; retries inside one request are the connector's
+      (`ApiClient`), retries across minutes are the relay's.
+    """
+
+    writable_fields: ClassVar[frozenset[str]]
+
+    async def push_consent(self, who: Recipient, status: Literal["unsubscribed"]) -> None: ...
+
+    async def update_fields(self, who: Recipient, fields: dict[str, Any]) -> None: ...
+
+    async def erase(self, who: Recipient) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,7 +44,7 @@ from tenacity import (
     wait_random,
 )
 
-from connectors.base import Connector, ConnectorConfig
+from connectors.base import Connector, ConnectorConfig, Recipient, WriteBackConfig
 from crmhub.errors import (
     AuthError,
     ConnectorError,
@@ -69,6 +69,8 @@ __all__ = [
     "parse_retry_after",
     "rate_budget_for",
     "request_retry",
+    "require_email",
+    "tolerate_missing",
 ]
 
 log = logging.getLogger(__name__)
@@ -454,6 +456,8 @@ class ApiClient:
         )
         if error is not None:
             raise error
+        if response.status_code == 204 or (response.status_code == 202 and not response.content):
+            return None  # write endpoints that answer with no body
         try:
             return response.json()
         except (ValueError, UnicodeDecodeError):
@@ -485,6 +489,10 @@ class HttpConnectorConfig(ConnectorConfig):
     )
     page_size: int | None = Field(None, ge=1, description="records per request (vendor max)")
     timeout: float = Field(30.0, gt=0, description="seconds per request")
+    writeback: WriteBackConfig = Field(
+        default_factory=WriteBackConfig,
+        description="what crmhub may push to this tool (docs/connectors.md, Write-back)",
+    )
 
 
 HttpConfigT = TypeVar("HttpConfigT", bound=HttpConnectorConfig)
@@ -535,3 +543,28 @@ class HttpConnector(Connector[HttpConfigT]):
     def account_key(self) -> str:
         """What identifies the vendor account for rate limits (not the secret itself)."""
         return ""
+
+
+# -- write-back helpers -----------------------------------------------------------------
+
+
+def require_email(connector: str, who: Recipient) -> str:
+    """The recipient's email, or a PermanentError: this vendor addresses people by email."""
+    if not who.email:
+        raise PermanentError(
+            f"{connector}: cannot write back without an email address for the person",
+            connector=connector,
+            stream="writeback",
+        )
+    return who.email
+
+
+async def tolerate_missing(call: Awaitable[Any]) -> bool:
+    """Await `call`; a 404 means the person is already gone (fine for an erasure): False."""
+    try:
+        await call
+    except PermanentError as exc:
+        if exc.context.get("status") == 404:
+            return False
+        raise
+    return True

@@ -13,12 +13,19 @@ import hashlib
 import json
 from collections.abc import AsyncIterator
 from datetime import datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
+from urllib.parse import quote
 
 from pydantic import Field, SecretStr
 
-from connectors.base import Stream
-from connectors.http import ApiClient, HttpConnector, HttpConnectorConfig, bearer_auth
+from connectors.base import Recipient, Stream
+from connectors.http import (
+    ApiClient,
+    HttpConnector,
+    HttpConnectorConfig,
+    bearer_auth,
+    require_email,
+)
 from connectors.pagination import AfterPaginator, Watermark, iso, seek_pages
 from connectors.registry import register
 from crmhub.errors import PermanentError
@@ -56,6 +63,20 @@ EMAIL_PROPERTIES = (
     "hs_lastmodifieddate",
 )
 
+# Canonical field -> HubSpot contact property, for `writeback.fields`.
+WRITE_PROPERTIES = {
+    "first_name": "firstname",
+    "last_name": "lastname",
+    "phone": "phone",
+    "company": "company",
+    "job_title": "jobtitle",
+    "street": "address",
+    "city": "city",
+    "region": "state",
+    "postal_code": "zip",
+    "country": "country",
+}
+
 
 @register("hubspot", label="HubSpot")
 class HubSpotConnector(HttpConnector["HubSpotConnector.Config"]):
@@ -72,6 +93,7 @@ class HubSpotConnector(HttpConnector["HubSpotConnector.Config"]):
     default_rate = 4.0  # the search API's own limit (4-5/s per token)
     max_page_size = 200
     secret_name: ClassVar[str] = "token"
+    writable_fields: ClassVar[frozenset[str]] = frozenset(WRITE_PROPERTIES)
 
     def auth_headers(self) -> dict[str, str]:
         return bearer_auth(self.config.token.get_secret_value())
@@ -96,6 +118,51 @@ class HubSpotConnector(HttpConnector["HubSpotConnector.Config"]):
             else:
                 async for page in self._emails(api, cursor):
                     yield page
+
+    # -- write-back (needs the crm.objects.contacts.write and communication_preferences
+    # scopes; GDPR delete needs crm.objects.contacts.write too) ------------------------
+
+    async def push_consent(self, who: Recipient, status: Literal["unsubscribed"]) -> None:
+        """Unsubscribe from every email subscription (v4 `unsubscribe-all`, idempotent)."""
+        email = require_email(self.name, who)
+        api = self.api()
+        async with api.session():
+            await api.request_json(
+                "POST",
+                f"/communication-preferences/v4/statuses/{quote(email, safe='')}/unsubscribe-all",
+                params={"channel": "EMAIL"},
+                stream="writeback",
+            )
+
+    async def update_fields(self, who: Recipient, fields: dict[str, Any]) -> None:
+        """PATCH the contact by id (or by email with `idProperty=email`): an idempotent set."""
+        props = {WRITE_PROPERTIES[k]: v for k, v in fields.items() if k in WRITE_PROPERTIES}
+        params = {} if who.external_id else {"idProperty": "email"}
+        ident = who.external_id or require_email(self.name, who)
+        api = self.api()
+        async with api.session():
+            await api.request_json(
+                "PATCH",
+                f"/crm/v3/objects/contacts/{quote(ident, safe='')}",
+                params=params,
+                json_body={"properties": props},
+                stream="writeback",
+            )
+
+    async def erase(self, who: Recipient) -> None:
+        """GDPR delete: permanent; an unknown email is blocklisted instead (both 204)."""
+        body: dict[str, Any] = (
+            {"objectId": who.email, "idProperty": "email"}
+            if who.email
+            else {"objectId": who.external_id}
+        )
+        if not who.email and not who.external_id:
+            raise PermanentError(f"{self.name}: nothing to erase by", connector=self.name)
+        api = self.api()
+        async with api.session():
+            await api.request_json(
+                "POST", "/crm/v3/objects/contacts/gdpr-delete", json_body=body, stream="writeback"
+            )
 
     # -- contacts ---------------------------------------------------------------------
 

@@ -13,12 +13,19 @@ from __future__ import annotations
 import hashlib
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, ClassVar, Literal
+from urllib.parse import quote
 
 from pydantic import Field, SecretStr
 
-from connectors.base import Stream
-from connectors.http import ApiClient, HttpConnector, HttpConnectorConfig, header_auth
+from connectors.base import Recipient, Stream
+from connectors.http import (
+    ApiClient,
+    HttpConnector,
+    HttpConnectorConfig,
+    header_auth,
+    require_email,
+)
 from connectors.pagination import LinksNextPaginator, Watermark, iso, reject_of
 from connectors.registry import register
 from crmhub.errors import PermanentError
@@ -28,6 +35,14 @@ from crmhub.transforms import parse_datetime
 __all__ = ["KlaviyoConnector"]
 
 MAX_RESTARTS = 3
+# Canonical field -> profile attribute.
+PROFILE_ATTRIBUTES = {
+    "first_name": "first_name",
+    "last_name": "last_name",
+    "phone": "phone_number",
+    "company": "organization",
+    "job_title": "title",
+}
 
 
 @register("klaviyo", label="Klaviyo")
@@ -43,6 +58,7 @@ class KlaviyoConnector(HttpConnector["KlaviyoConnector.Config"]):
     default_rate = 10.0  # Get Profiles is tier L (75/s burst, 700/min steady)
     max_page_size = 100
     secret_name = "api_key"
+    writable_fields: ClassVar[frozenset[str]] = frozenset(PROFILE_ATTRIBUTES)
 
     def auth_headers(self) -> dict[str, str]:
         return {
@@ -63,6 +79,62 @@ class KlaviyoConnector(HttpConnector["KlaviyoConnector.Config"]):
         data = body.get("data") if isinstance(body, dict) else None
         account = data[0].get("id") if isinstance(data, list) and data else "?"
         return f"Klaviyo account {account}: key accepted (revision {self.config.revision})"
+
+    # -- write-back (scopes: profiles:write, subscriptions:write, data-privacy:write) ------
+
+    async def push_consent(self, who: Recipient, status: Literal["unsubscribed"]) -> None:
+        """Unsubscribe Profiles (a bulk job, 202): idempotent, never re-creates anyone."""
+        email = require_email(self.name, who)
+        body = {
+            "data": {
+                "type": "profile-subscription-bulk-delete-job",
+                "attributes": {
+                    "profiles": {"data": [{"type": "profile", "attributes": {"email": email}}]}
+                },
+            }
+        }
+        api = self.api()
+        async with api.session():
+            await api.request_json(
+                "POST", "/profile-subscription-bulk-delete-jobs", json_body=body, stream="writeback"
+            )
+
+    async def update_fields(self, who: Recipient, fields: dict[str, Any]) -> None:
+        """PATCH the profile by id (404 when deleted), else import by email (an upsert)."""
+        attrs = {PROFILE_ATTRIBUTES[k]: v for k, v in fields.items() if k in PROFILE_ATTRIBUTES}
+        api = self.api()
+        async with api.session():
+            if who.external_id:
+                body = {"data": {"type": "profile", "id": who.external_id, "attributes": attrs}}
+                await api.request_json(
+                    "PATCH",
+                    f"/profiles/{quote(who.external_id, safe='')}",
+                    json_body=body,
+                    stream="writeback",
+                )
+            else:
+                attrs["email"] = require_email(self.name, who)
+                body = {"data": {"type": "profile", "attributes": attrs}}
+                await api.request_json(
+                    "POST", "/profile-import", json_body=body, stream="writeback"
+                )
+
+    async def erase(self, who: Recipient) -> None:
+        """Data Privacy API deletion job (asynchronous, irreversible, repeatable)."""
+        attrs = {"email": who.email} if who.email else {"id": who.external_id}
+        if not who.email and not who.external_id:
+            raise PermanentError(f"{self.name}: nothing to erase by", connector=self.name)
+        body = {
+            "data": {
+                "type": "data-privacy-deletion-job",
+                "attributes": {"profile": {"data": {"type": "profile", "attributes": attrs}}},
+            }
+        }
+        api = self.api()
+        async with api.session():
+            await api.request_json(
+                "POST", "/data-privacy-deletion-jobs", json_body=body, stream="writeback"
+            )
 
     async def pull(self, stream: Stream, cursor: Cursor | None) -> AsyncIterator[Page]:
         api = self.api()

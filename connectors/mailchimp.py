@@ -12,17 +12,18 @@ from __future__ import annotations
 import hashlib
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, SecretStr
 
-from connectors.base import Stream
+from connectors.base import Recipient, Stream
 from connectors.http import (
     ApiClient,
     HttpConnector,
     HttpConnectorConfig,
     basic_auth,
     mailchimp_base_url,
+    tolerate_missing,
 )
 from connectors.pagination import OffsetPaginator, Watermark, iso, seek_pages
 from connectors.registry import register
@@ -33,6 +34,13 @@ from crmhub.transforms import parse_datetime
 __all__ = ["MailchimpConnector"]
 
 SECOND = timedelta(seconds=1)
+# Canonical field -> the audience's default merge field.
+MERGE_FIELDS = {"first_name": "FNAME", "last_name": "LNAME", "phone": "PHONE"}
+
+
+def subscriber_hash(email: str) -> str:
+    """Mailchimp's member id: MD5 of the lower-cased address (stable, so calls are idempotent)."""
+    return hashlib.md5(email.lower().encode(), usedforsecurity=False).hexdigest()
 
 
 @register("mailchimp", label="Mailchimp")
@@ -47,6 +55,7 @@ class MailchimpConnector(HttpConnector["MailchimpConnector.Config"]):
     default_rate = 10.0  # Mailchimp limits concurrency (10 connections), not a rate
     max_page_size = 1000
     secret_name = "api_key"
+    writable_fields: ClassVar[frozenset[str]] = frozenset(MERGE_FIELDS)
 
     def base_url(self) -> str:
         if self.config.base_url:
@@ -85,6 +94,46 @@ class MailchimpConnector(HttpConnector["MailchimpConnector.Config"]):
             )
             async for page in pages:
                 yield page
+
+    # -- write-back ---------------------------------------------------------------------
+
+    def _member_path(self, who: Recipient) -> str:
+        if who.email:
+            ident = subscriber_hash(who.email)
+        elif who.external_id:
+            ident = who.external_id
+        else:
+            raise PermanentError(f"{self.name}: nothing to address the member by")
+        return f"/lists/{self.config.list_id}/members/{ident}"
+
+    async def push_consent(self, who: Recipient, status: Literal["unsubscribed"]) -> None:
+        """PATCH the member's status; 404 when the member is gone (not re-created)."""
+        api = self.api()
+        async with api.session():
+            await api.request_json(
+                "PATCH", self._member_path(who), json_body={"status": status}, stream="writeback"
+            )
+
+    async def update_fields(self, who: Recipient, fields: dict[str, Any]) -> None:
+        merge = {MERGE_FIELDS[k]: v for k, v in fields.items() if k in MERGE_FIELDS}
+        api = self.api()
+        async with api.session():
+            await api.request_json(
+                "PATCH",
+                self._member_path(who),
+                json_body={"merge_fields": merge},
+                stream="writeback",
+            )
+
+    async def erase(self, who: Recipient) -> None:
+        """`delete-permanent` (a plain DELETE only archives); 404 = already erased."""
+        api = self.api()
+        async with api.session():
+            await tolerate_missing(
+                api.request_json(
+                    "POST", self._member_path(who) + "/actions/delete-permanent", stream="writeback"
+                )
+            )
 
     async def _members(self, api: ApiClient, cursor: Cursor | None) -> AsyncIterator[Page]:
         mark = Watermark.from_cursor(cursor, overlap=SECOND, strict=True)

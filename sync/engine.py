@@ -25,6 +25,7 @@ from crmhub.records import Activity, Contact, Cursor, Page, RawRecord
 from crmhub.settings import Settings
 from dedupe import ExactMatcher, Matcher, build_matcher
 from dedupe.matcher import email_key
+from sync import writeback
 from sync.erasure import is_suppressed
 from sync.frequencies import StoreFrequencies
 from sync.golden import MatchInput, match_and_merge, recompute_goldens
@@ -121,6 +122,7 @@ class SyncEngine:
         self.frequencies = StoreFrequencies()
         self._analyzed_at = 0
         self.mapper = PageMapper(m.default_region)
+        writeback.install(db, settings)  # golden changes enqueue pushes where configured
 
     async def run(
         self,
@@ -412,11 +414,16 @@ class SyncEngine:
         of them, not even a dead letter)."""
         if conn.execute(select(suppression.c.hash).limit(1)).first() is None:
             return items  # no erasure yet: nothing to look up
-        kept = [
-            m
-            for m in items
-            if not is_suppressed(conn, source.name, m.external_id, Contact.model_validate(m.data))
-        ]
+        kept = []
+        for m in items:
+            contact = Contact.model_validate(m.data)
+            if not is_suppressed(conn, source.name, m.external_id, contact):
+                kept.append(m)
+                continue
+            # The tool still has them: tell it again (if it takes erasures).
+            writeback.resend_erasure(
+                conn, source.name, email=contact.primary_email, external_id=m.external_id
+            )
         counts.suppressed += len(items) - len(kept)
         return kept
 

@@ -22,6 +22,7 @@ from sqlalchemy import Connection, Engine, func, select
 
 from crmhub.records import Contact
 from dedupe.matcher import email_key
+from sync import writeback
 from sync.review import NotFoundError
 from sync.store import (
     activity_participant,
@@ -150,6 +151,9 @@ def forget(db: Engine, identifier: str, actor: str) -> dict[str, int]:
             .join(membership, membership.c.record_id == source_record.c.id)
             .where(membership.c.golden_id.in_(sorted(goldens)))
         ).all()
+        # The connected tools are told too (write-back), from the records still here.
+        for golden_id in sorted(goldens):
+            writeback.enqueue_erasure(conn, golden_id, now=now)
         key = _key(conn, create=True)
         assert key is not None
         hashes: set[str] = set()

@@ -20,6 +20,7 @@ from dedupe import Decision, Matcher, Member, survive
 from dedupe.matcher import blocking_keys, lookup_keys
 from dedupe.normalize import Prepared, prepare
 from dedupe.scoring import tf_values
+from sync import writeback
 from sync.frequencies import StoreFrequencies, tf_rows
 from sync.staging import chunks
 from sync.store import (
@@ -378,7 +379,7 @@ def match_and_merge(
                 moved.append({"b_record": r, "golden_id": golden_id, "decided_at": now})
     if fresh:
         ids = allocate_ids(conn, golden_record, len(fresh))
-        rows = []
+        rows: list[dict[str, Any]] = []
         for golden_id, records in zip(ids, fresh, strict=True):
             fields, lineage = survive(
                 [Member(r, batch[r].updated_at, batch[r].data) for r in records]
@@ -395,6 +396,13 @@ def match_and_merge(
             )
         bulk_insert(conn, golden_record, rows)
         outcome.goldens_created += len(ids)
+        if len(ids) < sum(len(r) for r in fresh):  # a new golden record of several tools
+            writeback.golden_changed(
+                conn,
+                {r["id"]: r["fields"] for r in rows},
+                {r["id"]: r["lineage"] for r in rows},
+                now,
+            )
         for records, golden_id in zip(fresh, ids, strict=True):
             method = "new" if len(records) == 1 else "auto"
             new_members.extend(_membership(r, golden_id, method, now) for r in records)
@@ -527,7 +535,7 @@ def recompute_goldens(conn: Connection, golden_ids: set[int], now: datetime | No
         conn, query, membership.c.golden_id, golden_ids
     ):
         members[golden_id].append(Member(rid, updated_at, data))
-    rows = []
+    rows: list[dict[str, Any]] = []
     for golden_id in golden_ids:
         fields, lineage = survive(members[golden_id]) if members[golden_id] else ({}, {})
         rows.append({"b_id": golden_id, "fields": fields, "lineage": lineage, "updated_at": now})
@@ -542,3 +550,19 @@ def recompute_goldens(conn: Connection, golden_ids: set[int], now: datetime | No
     from sync.review import apply_field_choices
 
     apply_field_choices(conn, golden_ids)
+    # Write-back: the pushes these values call for commit with them (no-op unless configured).
+    # Read back, so a steward's choice is what gets pushed.
+    final = {
+        gid: (fields, lineage)
+        for gid, fields, lineage in conn.execute(
+            select(golden_record.c.id, golden_record.c.fields, golden_record.c.lineage).where(
+                one_of(conn, golden_record.c.id, sorted(golden_ids))
+            )
+        )
+    }
+    writeback.golden_changed(
+        conn,
+        {gid: f for gid, (f, _) in final.items()},
+        {gid: lin for gid, (_, lin) in final.items()},
+        now,
+    )

@@ -65,6 +65,7 @@ __all__ = [
     "merge_constraint",
     "metadata",
     "one_of",
+    "outbox",
     "review_item",
     "source_record",
     "store_secret",
@@ -72,6 +73,7 @@ __all__ = [
     "sync_run",
     "web_session",
     "write_transaction",
+    "writeback_ledger",
 ]
 
 
@@ -313,6 +315,41 @@ store_secret = Table(
     Column("name", String(50), primary_key=True),
     Column("value", String(200), nullable=False),
     Column("created_at", UTCDateTime(), nullable=False),
+)
+
+
+# Write-back (sync/outbox.py): pushes to connected tools, committed with the change that
+# needs them, delivered at least once by the relay.
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("id", _ID, primary_key=True, autoincrement=True),
+    Column("connector", String(200), nullable=False),  # the recipient
+    Column("action", String(20), nullable=False),  # consent | fields | erase
+    Column("golden_id", _ID, nullable=True, index=True),  # no FK: erasure outlives the row
+    Column("dedupe_key", String(300), nullable=False),
+    Column("payload", JSON, nullable=False),  # what to push; scrubbed once an erase is sent
+    Column("status", String(20), nullable=False),  # pending | sent | failed
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", UTCDateTime(), nullable=False),
+    Column("locked_until", UTCDateTime(), nullable=True),
+    Column("last_error", Text),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("sent_at", UTCDateTime()),
+    Index("ix_outbox_due", "status", "next_attempt_at"),
+    Index("ix_outbox_dedupe", "dedupe_key"),
+)
+
+# What each recipient was last told per golden record and field (a keyed value hash, not
+# the value): echo suppression, and the GDPR Art. 19 "disclosed-to" ledger.
+writeback_ledger = Table(
+    "writeback_ledger",
+    metadata,
+    Column("connector", String(200), primary_key=True),
+    Column("golden_id", _ID, primary_key=True),
+    Column("field", String(100), primary_key=True),
+    Column("value_hash", String(64), nullable=False),
+    Column("pushed_at", UTCDateTime(), nullable=False),
 )
 
 

@@ -12,6 +12,7 @@ from crmhub.cli import (
     forms_cmd,
     golden_cmd,
     ops_cmd,
+    outbox_cmd,
     review_cmd,
     serve_cmd,
     sync_cmd,
@@ -68,6 +69,7 @@ serve_cmd.register(app)
 forms_cmd.register(app)
 worker_cmd.register(app)
 review_cmd.register(app)
+outbox_cmd.register(app)
 
 
 def main() -> None:

@@ -158,12 +158,20 @@ def _sync(settings: Settings, names: list[str], full: bool, quiet: bool, as_json
             f"{', '.join(settings.connectors) or 'none'}"
         )
     results = asyncio.run(_run_all(settings, names, full, quiet or as_json))
+    from crmhub.cli.outbox_cmd import relay_if_configured
+
+    pushed = relay_if_configured(settings)  # write-back, when any connector has it on
     with open_store(settings).connect() as conn:
         totals = store_totals(conn)
     if as_json:
-        print_json({"runs": results, "store": totals})
+        print_json({"runs": results, "store": totals, "outbox": pushed})
     elif not quiet:
         console.print(_summary_table(results, totals))
+        if pushed is not None:
+            console.print(
+                f"write-back: {pushed['sent']} pushed, {pushed['retried']} to retry, "
+                f"{pushed['failed']} failed (see `crmhub outbox`)"
+            )
     for r in results:
         if r["state"] != "succeeded":
             err_console.print(

@@ -1,6 +1,10 @@
 """Fake ActiveCampaign API v3: contacts (`limit`/`offset`, `filters[updated_after]`,
 `orders[udate]`, `include=contactLists` side-loading list status), `Api-Token` auth, account
-timestamps with a -05:00 offset, string `meta.total`."""
+timestamps with a -05:00 offset, string `meta.total`.
+
+Writes: `GET /contacts?email=`, `PUT /contacts/{id}`, `GET /contacts/{id}/contactLists`,
+`POST /contactLists` (status 2 unsubscribes) and `DELETE /contacts/{id}`; a missing contact
+is 404 "No Result found for Subscriber with id N"."""
 
 from __future__ import annotations
 
@@ -68,6 +72,8 @@ def make_app(state: FakeState) -> ASGIApp:
         limit = min(int(q.get("limit", 20)), 100)
         offset = int(q.get("offset", 0))
         rows = list(state.live())
+        if "email" in q:
+            rows = [p for p in rows if p.email.lower() == q["email"].lower()]
         if "filters[updated_after]" in q:
             low = datetime.fromisoformat(q["filters[updated_after]"])
             rows = [p for p in rows if p.updated.replace(microsecond=0) > low]
@@ -95,8 +101,65 @@ def make_app(state: FakeState) -> ASGIApp:
             ]
         return JSONResponse(body)
 
+    def find(ident: str) -> Person | None:
+        person = state.people.get(int(ident)) if ident.isdigit() else None
+        return person if person is not None and person.deleted_at is None else None
+
+    def gone(ident: str) -> JSONResponse:
+        return JSONResponse({"message": f"No Result found for Subscriber with id {ident}"}, 404)
+
+    names = {"firstName": "first", "lastName": "last", "phone": "phone"}
+
+    async def one_contact(request: Request) -> JSONResponse:
+        if (err := auth_error(request)) is not None:
+            return err
+        ident = request.path_params["ident"]
+        person = find(ident)
+        if person is None:
+            return gone(ident)
+        if request.method == "DELETE":
+            state.erase(person)
+            state.writes.append(("erase", person.email))
+            return JSONResponse({})
+        if request.method == "PUT":
+            attrs = (await request.json()).get("contact") or {}
+            state.touch([person.id], **{names[k]: v for k, v in attrs.items() if k in names})
+            state.writes.append(("update", person.email))
+        return JSONResponse({"contact": contact(person)})
+
+    async def contact_lists(request: Request) -> JSONResponse:
+        if (err := auth_error(request)) is not None:
+            return err
+        ident = request.path_params["ident"]
+        person = find(ident)
+        if person is None:
+            return gone(ident)
+        status = "2" if person.status == "unsubscribed" else "1"
+        return JSONResponse(
+            {"contactLists": [{"contact": ident, "list": "1", "id": ident, "status": status}]}
+        )
+
+    async def set_list_status(request: Request) -> JSONResponse:
+        if (err := auth_error(request)) is not None:
+            return err
+        body = (await request.json()).get("contactList") or {}
+        ident = str(body.get("contact"))
+        person = find(ident)
+        if person is None:
+            return gone(ident)
+        status = "unsubscribed" if str(body.get("status")) == "2" else "subscribed"
+        if person.status != status:
+            state.touch([person.id], status=status)
+        state.writes.append(
+            ("unsubscribe" if status == "unsubscribed" else "subscribe", person.email)
+        )
+        return JSONResponse({"contactList": {**body, "id": ident}}, 201)
+
     app = Starlette(
         routes=[
+            Route("/api/3/contacts/{ident}", one_contact, methods=["GET", "PUT", "DELETE"]),
+            Route("/api/3/contacts/{ident}/contactLists", contact_lists),
+            Route("/api/3/contactLists", set_list_status, methods=["POST"]),
             Route("/api/3/users/me", me),
             Route("/api/3/contacts", contacts),
         ]

@@ -1,6 +1,10 @@
 """Fake HubSpot CRM v3: contacts list (`after` paging, `archived`), contacts and emails search
 (`lastmodifieddate`/`hs_lastmodifieddate` GTE epoch ms, ascending, 10,000-result cap), bearer
-auth, `X-HubSpot-RateLimit-*` headers and the RATE_LIMIT error body."""
+auth, `X-HubSpot-RateLimit-*` headers and the RATE_LIMIT error body.
+
+Writes: `PATCH /crm/v3/objects/contacts/{id}` (`idProperty=email`), communication
+preferences v4 `unsubscribe-all`, and `POST /crm/v3/objects/contacts/gdpr-delete` (204; an
+unknown email is blocklisted)."""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
@@ -183,8 +187,73 @@ def make_app(state: FakeState) -> ASGIApp:
             request, rows, "hs_lastmodifieddate", lambda e: email(e, people[e.person_id])
         )
 
+    def not_found(what: str) -> JSONResponse:
+        return JSONResponse(
+            {
+                "status": "error",
+                "message": f"resource not found: {what}",
+                "category": "OBJECT_NOT_FOUND",
+            },
+            404,
+        )
+
+    # Canonical Person attribute for each writable property.
+    writable = {"firstname": "first", "lastname": "last", "phone": "phone", "company": "company"}
+
+    async def update_contact(request: Request) -> JSONResponse:
+        if (err := auth_error(request)) is not None:
+            return err
+        ident = request.path_params["ident"]
+        if request.query_params.get("idProperty") == "email":
+            person = state.by_email(ident)
+        else:
+            person = state.people.get(int(ident)) if ident.isdigit() else None
+            person = person if person is not None and person.deleted_at is None else None
+        if person is None:
+            return not_found("contact")
+        props = (await request.json()).get("properties") or {}
+        changes = {writable[k]: v for k, v in props.items() if k in writable}
+        state.touch([person.id], **changes)
+        state.writes.append(("update", person.email))
+        return JSONResponse(contact(person))
+
+    async def unsubscribe_all(request: Request) -> JSONResponse:
+        if (err := auth_error(request)) is not None:
+            return err
+        person = state.by_email(request.path_params["subscriber"])
+        if person is None:
+            return not_found("subscriber")
+        if person.status == "subscribed":
+            state.touch([person.id], status="unsubscribed")
+        state.writes.append(("unsubscribe", person.email))
+        return JSONResponse(
+            {"results": [{"subscriberIdString": person.email, "status": "NOT_SUBSCRIBED"}]}
+        )
+
+    async def gdpr_delete(request: Request) -> Response:
+        if (err := auth_error(request)) is not None:
+            return err
+        body = await request.json()
+        ident = str(body.get("objectId") or "")
+        if body.get("idProperty") == "email":
+            person = state.by_email(ident)
+            state.erased.add(ident.lower())  # found or not: the address is blocklisted
+        else:
+            person = state.people.get(int(ident)) if ident.isdigit() else None
+        if person is not None:
+            state.erase(person)
+        state.writes.append(("erase", ident))
+        return Response(status_code=204)
+
     app = Starlette(
         routes=[
+            Route("/crm/v3/objects/contacts/gdpr-delete", gdpr_delete, methods=["POST"]),
+            Route("/crm/v3/objects/contacts/{ident}", update_contact, methods=["PATCH"]),
+            Route(
+                "/communication-preferences/v4/statuses/{subscriber}/unsubscribe-all",
+                unsubscribe_all,
+                methods=["POST"],
+            ),
             Route("/crm/v3/objects/contacts", list_contacts),
             Route("/crm/v3/objects/contacts/search", search_contacts, methods=["POST"]),
             Route("/crm/v3/objects/emails/search", search_emails, methods=["POST"]),

@@ -1,7 +1,11 @@
 """Fake Klaviyo JSON:API: profiles (`filter=greater-than(updated,...)`, `sort=updated`,
 `page[size]`, opaque `page[cursor]` in `links.next`, subscriptions), events
 (`greater-than(datetime,...)`, `include=profile,metric`), `Klaviyo-API-Key` auth, required
-`revision` header, 429 with Retry-After and `RateLimit-*` headers, expiring page cursors."""
+`revision` header, 429 with Retry-After and `RateLimit-*` headers, expiring page cursors.
+
+Writes: `POST /profile-subscription-bulk-delete-jobs` (unsubscribe, 202), `PATCH
+/profiles/{id}` (404 when deleted), `POST /profile-import` (upsert by email) and `POST
+/data-privacy-deletion-jobs` (202; the profile disappears)."""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
@@ -227,8 +231,70 @@ def make_app(
             ]
         return listing(request, rows, "datetime", 200, event, included)
 
+    names = {
+        "first_name": "first",
+        "last_name": "last",
+        "phone_number": "phone",
+        "organization": "company",
+    }
+
+    def by_id(ident: str) -> Person | None:
+        if not ident.startswith("01P") or not ident[3:].isdigit():
+            return None
+        person = state.people.get(int(ident[3:]))
+        return person if person is not None and person.deleted_at is None else None
+
+    async def unsubscribe(request: Request) -> Response:
+        if (err := check(request)) is not None:
+            return err
+        body = await request.json()
+        profiles = body["data"]["attributes"]["profiles"]["data"]
+        for item in profiles:
+            person = state.by_email(item["attributes"]["email"])
+            if person is not None and person.status == "subscribed":
+                state.touch([person.id], status="unsubscribed")
+            state.writes.append(("unsubscribe", item["attributes"]["email"]))
+        return Response(status_code=202)
+
+    async def patch_profile(request: Request) -> JSONResponse:
+        if (err := check(request)) is not None:
+            return err
+        person = by_id(request.path_params["ident"])
+        if person is None:
+            return JSONResponse(error(404, "not_found", "Not found.", "Profile not found."), 404)
+        attrs = (await request.json())["data"]["attributes"]
+        state.touch([person.id], **{names[k]: v for k, v in attrs.items() if k in names})
+        state.writes.append(("update", person.email))
+        return JSONResponse({"data": profile(person)})
+
+    async def profile_import(request: Request) -> JSONResponse:
+        if (err := check(request)) is not None:
+            return err
+        attrs = (await request.json())["data"]["attributes"]
+        person = state.by_email(attrs["email"])
+        if person is None:
+            person = state.add_people(1)[0]
+            person.email = attrs["email"]
+        state.touch([person.id], **{names[k]: v for k, v in attrs.items() if k in names})
+        state.writes.append(("update", person.email))
+        return JSONResponse({"data": profile(person)})
+
+    async def privacy_delete(request: Request) -> Response:
+        if (err := check(request)) is not None:
+            return err
+        attrs = (await request.json())["data"]["attributes"]["profile"]["data"]["attributes"]
+        person = state.by_email(attrs["email"]) if "email" in attrs else by_id(attrs["id"])
+        if person is not None:
+            state.erase(person)
+        state.writes.append(("erase", attrs.get("email") or attrs.get("id")))
+        return Response(status_code=202)
+
     app = Starlette(
         routes=[
+            Route("/api/profile-subscription-bulk-delete-jobs", unsubscribe, methods=["POST"]),
+            Route("/api/profiles/{ident}", patch_profile, methods=["PATCH"]),
+            Route("/api/profile-import", profile_import, methods=["POST"]),
+            Route("/api/data-privacy-deletion-jobs", privacy_delete, methods=["POST"]),
             Route("/api/accounts", accounts),
             Route("/api/profiles", profiles),
             Route("/api/events", events),

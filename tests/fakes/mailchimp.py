@@ -1,6 +1,10 @@
 """Fake Mailchimp Marketing API v3: list members (`count`/`offset`, `since_last_changed`,
 `sort_field=last_changed`), sent campaigns and per-campaign email activity (`since`), Basic
-auth with the API key as password, problem+json errors."""
+auth with the API key as password, problem+json errors.
+
+Writes: `PATCH /lists/{id}/members/{subscriber_hash}` (status, merge_fields; 404 for a
+non-member) and `POST .../actions/delete-permanent` (204, then 404: the member is gone and
+cannot be re-imported)."""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
@@ -188,8 +192,55 @@ def make_app(state: FakeState, *, max_count: int = 1000) -> ASGIApp:
             }
         )
 
+    def find(request: Request) -> Person | None:
+        if request.path_params["list_id"] != LIST_ID:
+            return None
+        wanted = request.path_params["hash"]
+        for p in state.live():
+            if hashlib.md5(p.email.lower().encode()).hexdigest() == wanted:
+                return p
+        return None
+
+    def missing(request: Request) -> JSONResponse:
+        body, headers = error_body(404, request.url.path)
+        return JSONResponse(body, 404, headers=headers)
+
+    async def patch_member(request: Request) -> JSONResponse:
+        if (err := auth_error(request)) is not None:
+            return err
+        person = find(request)
+        if person is None:
+            return missing(request)
+        body = await request.json()
+        changes: dict[str, Any] = {}
+        if body.get("status") in ("subscribed", "unsubscribed"):
+            changes["status"] = body["status"]
+        names = {"FNAME": "first", "LNAME": "last", "PHONE": "phone"}
+        for key, value in (body.get("merge_fields") or {}).items():
+            if key in names:
+                changes[names[key]] = value
+        state.touch([person.id], **changes)
+        state.writes.append(("update", person.email))
+        return JSONResponse(member(person))
+
+    async def delete_permanent(request: Request) -> Response:
+        if (err := auth_error(request)) is not None:
+            return err
+        person = find(request)
+        if person is None:
+            return missing(request)
+        state.erase(person)
+        state.writes.append(("erase", person.email))
+        return Response(status_code=204)
+
     app = Starlette(
         routes=[
+            Route("/3.0/lists/{list_id}/members/{hash}", patch_member, methods=["PATCH"]),
+            Route(
+                "/3.0/lists/{list_id}/members/{hash}/actions/delete-permanent",
+                delete_permanent,
+                methods=["POST"],
+            ),
             Route("/3.0/ping", ping),
             Route("/3.0/lists/{list_id}/members", members),
             Route("/3.0/campaigns", campaigns),

@@ -74,6 +74,21 @@ class FakeState:
     enforce_rate: float | None = None
     _window: list[float] = field(default_factory=list)
     clock: datetime = field(default_factory=lambda: datetime(2026, 1, 1, tzinfo=UTC))
+    # Write-back: addresses erased or blocklisted by a privacy delete (never re-created).
+    erased: set[str] = field(default_factory=set)
+    writes: list[tuple[str, str]] = field(default_factory=list)  # (what, email)
+
+    def by_email(self, email: str) -> Person | None:
+        wanted = email.strip().lower()
+        for person in self.live():
+            if person.email.lower() == wanted:
+                return person
+        return None
+
+    def erase(self, person: Person) -> None:
+        """A permanent (privacy) delete: the person is gone, with nothing left to read."""
+        self.erased.add(person.email.lower())
+        del self.people[person.id]
 
     def add_people(
         self,
