@@ -322,7 +322,7 @@ async def test_reconciler_requeues_runs_that_redis_lost_and_frees_dead_workers_j
     await enqueue_sync(redis, settings, db, "b")
     in_progress_ms = int((settings.queue.job_timeout + 10) * 1000)
     await redis.psetex(in_progress_key(settings, "b"), in_progress_ms - 1000, b"1")
-    await asyncio.sleep(0.2)  # older than one lease period (1.2 s), in Redis's own clock
+    await asyncio.sleep(1.1)  # older than one lease period
 
     assert await reconcile(settings, db, redis) == {"freed": ["b"], "requeued": ["a"]}
     assert await redis.exists(job_key(settings, "a"))
