@@ -311,7 +311,7 @@ async def test_reconciler_requeues_runs_that_redis_lost_and_frees_dead_workers_j
     tmp_path: Path, namespace: str, redis: ArqRedis
 ) -> None:
     settings = settings_for(
-        tmp_path, namespace, {"a": leads(tmp_path), "b": leads(tmp_path)}, lease_seconds=0.2
+        tmp_path, namespace, {"a": leads(tmp_path), "b": leads(tmp_path)}, lease_seconds=1
     )
     db = store(settings)
     lost = await enqueue_sync(redis, settings, db, "a")
@@ -322,7 +322,7 @@ async def test_reconciler_requeues_runs_that_redis_lost_and_frees_dead_workers_j
     await enqueue_sync(redis, settings, db, "b")
     in_progress_ms = int((settings.queue.job_timeout + 10) * 1000)
     await redis.psetex(in_progress_key(settings, "b"), in_progress_ms - 1000, b"1")
-    await asyncio.sleep(0.3)  # older than one lease period
+    await asyncio.sleep(1.1)  # older than one lease period
 
     assert await reconcile(settings, db, redis) == {"freed": ["b"], "requeued": ["a"]}
     assert await redis.exists(job_key(settings, "a"))
