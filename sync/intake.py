@@ -41,6 +41,8 @@ JSON_TYPE = "application/json"
 CLAIM_LEASE = timedelta(seconds=60)
 # Rows per claim: one ingest (one transaction) for a burst of deliveries.
 BATCH_SIZE = 100  # 200 records: mapped in-process (sync/mapping_step.POOL_THRESHOLD)
+# Seconds between two batches of one loop: room for other processes' writers on SQLite.
+BATCH_GAP = 0.05
 # After this many failed attempts (store errors, not bad payloads) a row is marked failed.
 MAX_ATTEMPTS = 5
 
@@ -70,6 +72,7 @@ class Intake:
         self._engine = engine
         self._lock = asyncio.Lock()
         self._again = False
+        self._accepting = 0  # accepts of this process waiting for, or in, their transaction
 
     @property
     def engine(self) -> SyncEngine:
@@ -112,7 +115,23 @@ class Intake:
     async def accept(
         self, connector: str, delivery_id: str, content_type: str, body: str
     ) -> Accepted:
-        return await asyncio.to_thread(self.record, connector, delivery_id, content_type, body)
+        self._accepting += 1
+        try:
+            return await asyncio.to_thread(self.record, connector, delivery_id, content_type, body)
+        finally:
+            self._accepting -= 1
+
+    async def _after_accepts(self) -> None:
+        """Let this process's waiting accepts write first (at most ~1 s).
+
+        SQLite has one write lock and its busy handler is not fair: a processing loop that
+        commits and begins again at once can starve an accept until it times out (seen at
+        200 req/s). Accepts are short; processing can wait for them.
+        """
+        for _ in range(500):
+            if not self._accepting:
+                return
+            await asyncio.sleep(0.002)
 
     # -- process: after the 2xx ----------------------------------------------------------
     async def process_pending(self) -> DrainReport:
@@ -129,9 +148,12 @@ class Intake:
         async with self._lock:
             while True:
                 self._again = False
+                await self._after_accepts()
                 rows = await asyncio.to_thread(self._claim_batch, BATCH_SIZE)
                 if rows:
                     await self._process_rows(rows, report)
+                    # A gap between batches, for writers of other processes (SQLite).
+                    await asyncio.sleep(BATCH_GAP)
                 elif not self._again:
                     break
         return report
@@ -161,6 +183,7 @@ class Intake:
             group = [row for row, _ in items]
             try:
                 records = [r for _, recs in items for r in recs]
+                await self._after_accepts()
                 # On a thread with its own loop: mapping and matching are CPU work, and the
                 # web server's loop must keep answering deliveries meanwhile.
                 await asyncio.to_thread(asyncio.run, self.engine.ingest(name, records))
@@ -177,6 +200,7 @@ class Intake:
                 report.skipped += len(group)
                 continue
             ids = [int(r["id"]) for r in group]
+            await self._after_accepts()
             await asyncio.to_thread(self._done, ids)
             report.processed += len(ids)
             report.ids.extend(ids)
