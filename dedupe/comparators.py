@@ -68,10 +68,26 @@ COMPARISONS: tuple[Comparison, ...] = (
 FIRST, LAST, EMAIL, PHONE, COMPANY, CITY = range(len(COMPARISONS))
 
 
-def _swapped(a: Prepared, b: Prepared) -> bool:
-    return (
-        bool(a.first and a.last) and a.first != a.last and a.first == b.last and a.last == b.first
-    )
+def _name_levels(a: Prepared, b: Prepared) -> tuple[int, int, bool]:
+    """First- and last-name levels, and whether they were read with one side swapped.
+
+    A source that puts the surname in the first-name field ('Pagan, William' read as
+    first=pagan) is compared both ways; the swapped reading counts only when it gives the
+    exact surname and at least a similar first name, and beats the straight reading.
+    """
+    first, last = _first_level(a.first, b.first), _last_level(a.last, b.last)
+    if first == 4 and last == 2:
+        return first, last, False
+    if a.first and a.last and b.first and b.last and (a.first == b.last or a.last == b.first):
+        if a.first == b.last and a.last == b.first and a.first != a.last:
+            return 4, 2, True
+        if a.first == b.last:
+            sw_first = _first_level(a.last, b.first)
+        else:
+            sw_first = _first_level(a.first, b.last)
+        if sw_first >= 2 and (sw_first, 2) > (first, last) and max(first, last) < 2:
+            return sw_first, 2, True
+    return first, last, False
 
 
 def _first_level(x: str, y: str) -> int:
@@ -152,10 +168,7 @@ def _city_level(x: str, y: str) -> int:
 
 def compare_levels(a: Prepared, b: Prepared) -> tuple[int, ...]:
     """The level of every comparison for one pair (symmetric in a and b)."""
-    if _swapped(a, b):
-        first, last = 4, 2
-    else:
-        first, last = _first_level(a.first, b.first), _last_level(a.last, b.last)
+    first, last, _ = _name_levels(a, b)
     company = _company_level(a, b)
     email, phone = _email_level(a.emails, b.emails), _phone_level(a.phones, b.phones)
     if email == 2 and _name_derived(a, b):
@@ -169,7 +182,7 @@ def compare_levels(a: Prepared, b: Prepared) -> tuple[int, ...]:
 def level_notes(a: Prepared, b: Prepared, levels: Sequence[int]) -> dict[str, str]:
     """Human-readable reasons for the agreeing levels ('nickname bob = robert', ...)."""
     notes: dict[str, str] = {}
-    if _swapped(a, b):
+    if _name_levels(a, b)[2]:
         notes["first_name"] = notes["last_name"] = "first and last name swapped"
     elif levels[FIRST] == 3:
         notes["first_name"] = f"nickname {a.first} = {b.first}"
@@ -255,11 +268,13 @@ def levels_many(
     last[la == lb] = 2
     last[empty_l] = NULL
 
-    swapped = ~empty_f & ~empty_l & (fa != la) & (fa == lb) & (la == fb)
-    first[swapped], last[swapped] = 4, 2
+    recs = cols.records
+    # Swapped readings: only pairs where a first name equals the other's surname (rare).
+    crossed = ~empty_f & ~empty_l & ((fa == lb) | (la == fb)) & ~((first == 4) & (last == 2))
+    for k in np.flatnonzero(crossed).tolist():
+        first[k], last[k], _ = _name_levels(recs[ia[k]], recs[ib[k]])
     out[:, FIRST], out[:, LAST] = first, last
 
-    recs = cols.records
     ca, cb = cols.company[ia], cols.company[ib]
     company = np.zeros(n, dtype=np.int8)
     both = np.flatnonzero((ca != "") & (cb != ""))
