@@ -29,6 +29,7 @@ __all__ = [
     "cluster",
     "cluster_prepared",
     "frequency_table",
+    "should_join",
     "train",
 ]
 
@@ -220,16 +221,53 @@ class _Clusters:
         self.members[a] += self.members.pop(b)
 
 
-def _link(clusters: _Clusters, adjacency: dict[int, dict[int, float]], ra: int, rb: int) -> float:
-    """Mean probability over the scored pairs between two clusters (average linkage)."""
+def should_join(scores_between_clusters: Sequence[float], review: float) -> bool:
+    """The chain guard: may a strong link join two clusters, given every scored pair between
+    them (the link included)?
+
+    Yes when the pairs agree on average (mean probability >= `review`), or when none of them
+    leans towards "different people" (every probability >= 0.5): a record from before a job
+    change scores low against the others but not below even odds, while a namesake pulled in
+    through one shared switchboard number usually contradicts someone. No pairs: nothing
+    contradicts the link, so yes. Pure, so the incremental path applies the same rule before
+    it joins two existing golden records.
+    """
+    if not scores_between_clusters:
+        return True
+    if min(scores_between_clusters) >= 0.5:
+        return True
+    return sum(scores_between_clusters) / len(scores_between_clusters) >= review
+
+
+def _between(
+    clusters: _Clusters, adjacency: dict[int, dict[int, float]], ra: int, rb: int
+) -> list[float]:
+    """Probabilities of the scored pairs between two clusters."""
     small, other = (ra, rb) if len(clusters.members[ra]) <= len(clusters.members[rb]) else (rb, ra)
-    scores = [
+    return [
         p
         for x in clusters.members[small]
         for y, p in adjacency.get(x, {}).items()
         if clusters.find(y) == other
     ]
-    return sum(scores) / len(scores)
+
+
+def _content_rank(records: Sequence[Prepared]) -> npt.NDArray[np.int64]:
+    """Dense rank of each record by its content (identical records share a rank)."""
+
+    def key(i: int) -> tuple[str, ...]:
+        r = records[i]
+        return (r.last, r.first, "|".join(r.emails), "|".join(r.phones), r.company, r.city)
+
+    ordered = sorted(range(len(records)), key=key)
+    rank = np.zeros(len(records), dtype=np.int64)
+    current, previous = -1, None
+    for i in ordered:
+        k = key(i)
+        if k != previous:
+            current, previous = current + 1, k
+        rank[i] = current
+    return rank
 
 
 def cluster_prepared(
@@ -238,13 +276,17 @@ def cluster_prepared(
     """Block, score and cluster prepared records with `matcher`'s params and thresholds.
 
     Chain guard: pairs at or above `auto_merge` are merged strongest first, but two clusters
-    join only if the average probability over all scored pairs between them is at least
-    `review`; a strong link that fails that goes to review instead (one weak link cannot join
-    two groups whose other members disagree).
+    join only if `should_join` accepts the scored pairs between them; a strong link that fails
+    goes to review instead (one strong link cannot join two groups whose other members
+    disagree).
     """
     pairs = candidate_pairs(records, max_block)
     probs = matcher.probabilities(Columns.of(records), pairs.ia, pairs.ib)
-    order = np.argsort(-probs, kind="stable")
+    # Strongest first; ties broken by the records' content, not their position, so that the
+    # clusters do not depend on input order (tests/dedupe/test_order_independence.py).
+    rank = _content_rank(records)
+    rank_a, rank_b = rank[pairs.ia], rank[pairs.ib]
+    order = np.lexsort((np.maximum(rank_a, rank_b), np.minimum(rank_a, rank_b), -probs))
     strong = order[probs[order] >= matcher.review]
     adjacency: dict[int, dict[int, float]] = defaultdict(dict)
     for a, b, p in zip(pairs.ia.tolist(), pairs.ib.tolist(), probs.tolist(), strict=True):
@@ -259,8 +301,8 @@ def cluster_prepared(
         if p < matcher.auto_merge:
             review.append((a, b, p))
             continue
-        if len(clusters.members[ra]) + len(clusters.members[rb]) > 2 and (
-            _link(clusters, adjacency, ra, rb) < matcher.review
+        if len(clusters.members[ra]) + len(clusters.members[rb]) > 2 and not should_join(
+            _between(clusters, adjacency, ra, rb), matcher.review
         ):
             review.append((a, b, p))
             continue
