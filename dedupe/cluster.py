@@ -12,6 +12,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 import numpy.typing as npt
@@ -29,6 +30,7 @@ __all__ = [
     "cluster",
     "cluster_prepared",
     "frequency_table",
+    "record_keys",
     "should_join",
     "train",
 ]
@@ -58,14 +60,21 @@ class ClusterResult:
     probabilities: npt.NDArray[np.float64] = field(repr=False)
 
 
-def frequency_table(records: Sequence[Prepared]) -> FrequencyTable:
-    """Term frequencies and blocking-key counts of a batch."""
+def record_keys(records: Sequence[Prepared]) -> list[list[MatchKey]]:
+    """Every record's blocking keys, computed once for `frequency_table` and `candidate_pairs`."""
+    return [blocking_keys(rec) for rec in records]
+
+
+def frequency_table(
+    records: Sequence[Prepared], keys: Sequence[list[MatchKey]] | None = None
+) -> FrequencyTable:
+    """Term frequencies and blocking-key counts of a batch (`keys`: from `record_keys`)."""
     table = FrequencyTable(n=len(records))
     by_kind: dict[str, list[str]] = defaultdict(list)
-    for rec in records:
+    for i, rec in enumerate(records):
         for kind, values in tf_values(rec).items():
             by_kind[kind].extend(values)
-        for key in blocking_keys(rec):
+        for key in keys[i] if keys is not None else blocking_keys(rec):
             if key.kind not in ("email", "phone"):  # those two are counted as tf values
                 by_kind[key.kind].append(key.value)
     for kind, seen in by_kind.items():
@@ -73,8 +82,17 @@ def frequency_table(records: Sequence[Prepared]) -> FrequencyTable:
     return table
 
 
+@lru_cache(maxsize=512)
+def _triu(size: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    ti, tj = np.triu_indices(size, k=1)
+    return ti.astype(np.int64), tj.astype(np.int64)
+
+
 def candidate_pairs(
-    records: Sequence[Prepared], max_block: int = 200, kinds: frozenset[str] | None = None
+    records: Sequence[Prepared],
+    max_block: int = 200,
+    kinds: frozenset[str] | None = None,
+    keys: Sequence[list[MatchKey]] | None = None,
 ) -> CandidatePairs:
     """Union of the blocking rules' pairs (all, or those of `kinds`), each pair once.
 
@@ -84,7 +102,7 @@ def candidate_pairs(
     """
     blocks: dict[MatchKey, list[int]] = defaultdict(list)
     for i, rec in enumerate(records):
-        for key in blocking_keys(rec):
+        for key in keys[i] if keys is not None else blocking_keys(rec):
             if key.kind in PROBE_MARKERS:
                 continue
             if kinds is None or key.kind in kinds:
@@ -93,6 +111,8 @@ def candidate_pairs(
     chunks_a: list[npt.NDArray[np.int64]] = []
     chunks_b: list[npt.NDArray[np.int64]] = []
     pair_lists: list[tuple[int, int]] = []
+    probe_a: list[npt.NDArray[np.int64]] = []
+    probe_b: list[npt.NDArray[np.int64]] = []
     budget = max_block * max_block // 2
     for key, members in blocks.items():
         size = len(members)
@@ -105,11 +125,9 @@ def candidate_pairs(
             if len(probes) * size > budget:
                 capped.append((key, size))
                 continue
-            arr = np.asarray(members, dtype=np.int64)
-            for probe in probes:
-                others = arr[arr != probe]
-                chunks_a.append(np.full(len(others), probe, dtype=np.int64))
-                chunks_b.append(others)
+            # probe x member pairs (a probe meets itself too: dropped below with the a == b pairs)
+            probe_a.append(np.repeat(np.asarray(probes, dtype=np.int64), size))
+            probe_b.append(np.tile(np.asarray(members, dtype=np.int64), len(probes)))
             continue
         if size > max_block:
             capped.append((key, size))
@@ -118,9 +136,14 @@ def candidate_pairs(
             pair_lists.append((members[0], members[1]))
             continue
         arr = np.asarray(members, dtype=np.int64)
-        ti, tj = np.triu_indices(size, k=1)
+        ti, tj = _triu(size)
         chunks_a.append(arr[ti])
         chunks_b.append(arr[tj])
+    if probe_a:
+        pa, pb = np.concatenate(probe_a), np.concatenate(probe_b)
+        distinct = pa != pb
+        chunks_a.append(pa[distinct])
+        chunks_b.append(pb[distinct])
     if pair_lists:
         two = np.asarray(pair_lists, dtype=np.int64)
         chunks_a.append(two[:, 0])
@@ -271,7 +294,11 @@ def _content_rank(records: Sequence[Prepared]) -> npt.NDArray[np.int64]:
 
 
 def cluster_prepared(
-    records: Sequence[Prepared], matcher: FellegiSunterMatcher, *, max_block: int = 200
+    records: Sequence[Prepared],
+    matcher: FellegiSunterMatcher,
+    *,
+    max_block: int = 200,
+    keys: Sequence[list[MatchKey]] | None = None,
 ) -> ClusterResult:
     """Block, score and cluster prepared records with `matcher`'s params and thresholds.
 
@@ -280,7 +307,7 @@ def cluster_prepared(
     goes to review instead (one strong link cannot join two groups whose other members
     disagree).
     """
-    pairs = candidate_pairs(records, max_block)
+    pairs = candidate_pairs(records, max_block, keys=keys)
     probs = matcher.probabilities(Columns.of(records), pairs.ia, pairs.ib)
     # Strongest first; ties broken by the records' content, not their position, so that the
     # clusters do not depend on input order (tests/dedupe/test_order_independence.py).
@@ -288,8 +315,16 @@ def cluster_prepared(
     rank_a, rank_b = rank[pairs.ia], rank[pairs.ib]
     order = np.lexsort((np.maximum(rank_a, rank_b), np.minimum(rank_a, rank_b), -probs))
     strong = order[probs[order] >= matcher.review]
+    # Only records with an auto-merge link ever join a cluster, so only pairs between two such
+    # records can lie between clusters: the guard's adjacency holds just those.
+    joinable = np.zeros(len(records), dtype=bool)
+    sure = probs >= matcher.auto_merge
+    joinable[pairs.ia[sure]] = joinable[pairs.ib[sure]] = True
+    kept = np.flatnonzero(joinable[pairs.ia] & joinable[pairs.ib])
     adjacency: dict[int, dict[int, float]] = defaultdict(dict)
-    for a, b, p in zip(pairs.ia.tolist(), pairs.ib.tolist(), probs.tolist(), strict=True):
+    for a, b, p in zip(
+        pairs.ia[kept].tolist(), pairs.ib[kept].tolist(), probs[kept].tolist(), strict=True
+    ):
         adjacency[a][b] = adjacency[b][a] = p
     clusters = _Clusters(len(records))
     review: list[tuple[int, int, float]] = []
@@ -321,7 +356,8 @@ def cluster(
 ) -> ClusterResult:
     """Deduplicate a batch: term frequencies from the batch itself, then `cluster_prepared`."""
     records = [prepare(c) for c in contacts]
+    keys = record_keys(records)
     matcher = FellegiSunterMatcher(
-        params, auto_merge=auto_merge, review=review, frequencies=frequency_table(records)
+        params, auto_merge=auto_merge, review=review, frequencies=frequency_table(records, keys)
     )
-    return cluster_prepared(records, matcher, max_block=max_block)
+    return cluster_prepared(records, matcher, max_block=max_block, keys=keys)

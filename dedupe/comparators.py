@@ -11,7 +11,8 @@ tests/dedupe/test_comparators.py checks that on random pairs.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -33,6 +34,17 @@ __all__ = [
 ]
 
 NULL = -1
+
+
+class Frequencies(Protocol):
+    """How often a value occurs (see dedupe.scoring.Frequencies, the documented one)."""
+
+    @property
+    def total(self) -> int: ...
+
+    def count(self, kind: str, value: str) -> int: ...
+
+
 NAME_JW = 0.88  # Jaro-Winkler floor for a "close" name (typos, transpositions)
 COMPANY_RATIO = 90.0  # token-set ratio floor for "same company, written differently"
 
@@ -210,22 +222,95 @@ def level_notes(a: Prepared, b: Prepared, levels: Sequence[int]) -> dict[str, st
     return notes
 
 
+def _col(values: Sequence[object], dtype: type = object) -> npt.NDArray[Any]:
+    return np.array(values, dtype=dtype) if len(values) else np.zeros(0, dtype=dtype)
+
+
 @dataclass(slots=True)
 class Columns:
-    """Column-wise view of prepared records for the vectorised path."""
+    """Column-wise view of prepared records for the vectorised path.
+
+    Emails, phones and organisations are multi-valued; the columns hold the only value of
+    records that have at most one (`multi` marks the others, whose pairs take the scalar
+    path). Almost every CRM record has at most one of each, so almost every pair is
+    compared without a per-pair Python object.
+    """
 
     records: Sequence[Prepared]
     first: npt.NDArray[np.object_]
     last: npt.NDArray[np.object_]
     company: npt.NDArray[np.object_]
     city: npt.NDArray[np.object_]
+    email: npt.NDArray[np.object_]  # the address key, '' when none
+    user: npt.NDArray[np.object_]  # its part before '@'
+    user_len: npt.NDArray[np.int64]
+    domain: npt.NDArray[np.object_]
+    local: npt.NDArray[np.object_]  # email_local(email)
+    local_len: npt.NDArray[np.int64]
+    phone: npt.NDArray[np.object_]
+    org: npt.NDArray[np.object_]  # the one organisation, '' when none
+    multi: npt.NDArray[np.bool_]  # more than one email, phone or organisation
+    tf_cache: dict[int, dict[str, npt.NDArray[np.int64]]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, records: Sequence[Prepared]) -> Columns:
         def col(name: str) -> npt.NDArray[np.object_]:
-            return np.array([getattr(r, name) for r in records], dtype=object)
+            return _col([getattr(r, name) for r in records])
 
-        return cls(records, col("first"), col("last"), col("company"), col("city"))
+        email = [r.emails[0] if r.emails else "" for r in records]
+        user, domain = [], []
+        for e in email:
+            u, _, d = e.partition("@")
+            user.append(u)
+            domain.append(d)
+        local = [email_local(e) if e else "" for e in email]
+        return cls(
+            records,
+            col("first"),
+            col("last"),
+            col("company"),
+            col("city"),
+            email=_col(email),
+            user=_col(user),
+            user_len=_col([len(u) for u in user], np.int64),
+            domain=_col(domain),
+            local=_col(local),
+            local_len=_col([len(x) for x in local], np.int64),
+            phone=_col([r.phones[0] if r.phones else "" for r in records]),
+            org=_col([next(iter(r.orgs)) if len(r.orgs) == 1 else "" for r in records]),
+            multi=_col(
+                [len(r.emails) > 1 or len(r.phones) > 1 or len(r.orgs) > 1 for r in records],
+                bool,
+            ),
+        )
+
+    def tf_counts(self, freq: Frequencies) -> dict[str, npt.NDArray[np.int64]]:
+        """Per record, how often its value of each term-frequency kind occurs (cached)."""
+        cached = self.tf_cache.get(id(freq))
+        if cached is not None:
+            return cached
+
+        def counts(kind: str, values: npt.NDArray[np.object_]) -> npt.NDArray[np.int64]:
+            seen: dict[str, int] = {}
+            out = np.zeros(len(values), dtype=np.int64)
+            for i, v in enumerate(values.tolist()):
+                if v:
+                    c = seen.get(v)
+                    if c is None:
+                        c = seen[v] = freq.count(kind, v)
+                    out[i] = c
+            return out
+
+        result = {
+            "first": counts("first", self.first),
+            "last": counts("last", self.last),
+            "company": counts("company", self.company),
+            "email": counts("email", self.email),
+            "local": counts("local", self.local),
+            "phone": counts("phone", self.phone),
+        }
+        self.tf_cache = {id(freq): result}
+        return result
 
 
 def _jw(x: npt.NDArray[np.object_], y: npt.NDArray[np.object_]) -> npt.NDArray[np.float64]:
@@ -234,6 +319,54 @@ def _jw(x: npt.NDArray[np.object_], y: npt.NDArray[np.object_]) -> npt.NDArray[n
     return np.asarray(
         cpdist(x, y, scorer=JaroWinkler.similarity, dtype=np.float64, workers=1), dtype=np.float64
     )
+
+
+def _contact_levels(
+    cols: Columns,
+    ia: npt.NDArray[np.int64],
+    ib: npt.NDArray[np.int64],
+    single: npt.NDArray[np.bool_],
+    company: npt.NDArray[np.int8],
+) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.int8]]:
+    """Email and phone levels of the pairs whose records hold at most one of each (vectorised
+    `_email_level` / `_phone_level` plus the rules of `compare_levels`); others are left 0."""
+    n = len(ia)
+    ea, eb = cols.email[ia], cols.email[ib]
+    email = np.ones(n, dtype=np.int8)
+    same_domain = cols.domain[ia] == cols.domain[ib]
+    email[same_domain] = 0
+    near = np.flatnonzero(
+        same_domain & (np.minimum(cols.user_len[ia], cols.user_len[ib]) > 3) & (ea != eb)
+    )
+    if len(near):
+        dist = np.asarray(
+            cpdist(
+                cols.user[ia[near]],
+                cols.user[ib[near]],
+                scorer=Levenshtein.distance,
+                score_cutoff=1,
+                dtype=np.int32,
+                workers=1,
+            )
+        )
+        email[near[dist <= 1]] = 3
+    la, lb = cols.local[ia], cols.local[ib]
+    email[~same_domain & (cols.local_len[ia] >= 5) & (la == lb)] = 2
+    email[ea == eb] = 4
+    recs = cols.records
+    for k in np.flatnonzero((email == 2) & single).tolist():
+        if _name_derived(recs[ia[k]], recs[ib[k]]):
+            email[k] = NULL
+    email[(ea == "") | (eb == "")] = NULL
+    pa, pb = cols.phone[ia], cols.phone[ib]
+    phone = (pa == pb).astype(np.int8)
+    phone[(pa == "") | (pb == "")] = NULL
+    moved = company == 0
+    email[moved & (email == 1)] = NULL
+    phone[moved & (phone == 0)] = NULL
+    email[~single] = 0
+    phone[~single] = 0
+    return email, phone
 
 
 def levels_many(
@@ -284,14 +417,21 @@ def levels_many(
         )
         company[both[ratio >= COMPANY_RATIO]] = 2
         company[both[ca[both] == cb[both]]] = 3
-    for k in np.flatnonzero(company == 0).tolist():
+    multi = cols.multi[ia] | cols.multi[ib]
+    single = ~multi
+    oa, ob = cols.org[ia], cols.org[ib]
+    zero = (company == 0) & single
+    company[zero & ((oa == "") | (ob == ""))] = NULL
+    company[zero & (oa != "") & (oa == ob)] = 1
+    for k in np.flatnonzero((company == 0) & multi).tolist():
         a, b = recs[ia[k]], recs[ib[k]]
         if not a.orgs or not b.orgs:
             company[k] = NULL
         elif a.orgs & b.orgs:
             company[k] = 1
     out[:, COMPANY] = company
-    for k in range(n):
+    out[:, EMAIL], out[:, PHONE] = _contact_levels(cols, ia, ib, single, company)
+    for k in np.flatnonzero(multi).tolist():
         a, b = recs[ia[k]], recs[ib[k]]
         email, phone = _email_level(a.emails, b.emails), _phone_level(a.phones, b.phones)
         if email == 2 and _name_derived(a, b):

@@ -12,7 +12,7 @@ import sys
 import time
 
 from crmhub.records import Contact
-from dedupe.cluster import cluster_prepared, frequency_table, train
+from dedupe.cluster import cluster_prepared, frequency_table, record_keys, train
 from dedupe.matcher import FellegiSunterMatcher
 from dedupe.normalize import prepare
 
@@ -38,8 +38,9 @@ def main(argv: list[str]) -> None:
     params = train(contacts) if do_train else None
     trained = time.perf_counter()
     records = [prepare(c) for c in contacts]
-    matcher = FellegiSunterMatcher(params, frequencies=frequency_table(records))
-    result = cluster_prepared(records, matcher)
+    keys = record_keys(records)
+    matcher = FellegiSunterMatcher(params, frequencies=frequency_table(records, keys))
+    result = cluster_prepared(records, matcher, keys=keys)
     done = time.perf_counter()
     with open(out, "w", newline="") as fh:
         writer = csv.writer(fh)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import pytest
@@ -161,3 +162,24 @@ def test_odd_records_do_not_crash(contact: Contact) -> None:
     matcher = build_matcher()
     assert isinstance(matcher.keys(contact), list)
     assert matcher.compare(contact, BOB_WEBFORM).action in {"merge", "review", "separate"}
+
+
+def test_vectorised_term_frequencies_equal_scalar_on_random_pairs() -> None:
+    import random
+
+    from tests.dedupe.test_comparators import _random_contact
+
+    rng = random.Random(11)
+    contacts = [_random_contact(rng) for _ in range(200)]
+    matcher = build_matcher(frequencies=frequency_table([prepare(c) for c in contacts]))
+    pairs = [(rng.choice(contacts), rng.choice(contacts)) for _ in range(1500)]
+    batch = matcher.compare_many(pairs)
+    mid = 0
+    for (a, b), d in zip(pairs, batch, strict=True):
+        one = matcher.compare(a, b)
+        assert d.probability == pytest.approx(one.probability, abs=1e-9)
+        if 1e-6 < d.probability < 1 - 1e-6:  # compare the weights where they are visible
+            mid += 1
+            weight = math.log2(d.probability / (1 - d.probability))
+            assert weight == pytest.approx(one.explanation["match_weight"], abs=0.01)
+    assert mid > 50
