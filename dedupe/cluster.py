@@ -66,14 +66,23 @@ def record_keys(records: Sequence[Prepared]) -> list[list[MatchKey]]:
 
 
 def frequency_table(
-    records: Sequence[Prepared], keys: Sequence[list[MatchKey]] | None = None
+    records: Sequence[Prepared],
+    keys: Sequence[list[MatchKey]] | None = None,
+    *,
+    blocking: bool = True,
 ) -> FrequencyTable:
-    """Term frequencies and blocking-key counts of a batch (`keys`: from `record_keys`)."""
+    """Term frequencies and blocking-key counts of a batch (`keys`: from `record_keys`).
+
+    `blocking=False` counts term frequencies only: the batch path caps blocks itself and
+    never asks `Matcher.keys()`, so it need not hold a count for every key.
+    """
     table = FrequencyTable(n=len(records))
     by_kind: dict[str, list[str]] = defaultdict(list)
     for i, rec in enumerate(records):
         for kind, values in tf_values(rec).items():
             by_kind[kind].extend(values)
+        if not blocking:
+            continue
         for key in keys[i] if keys is not None else blocking_keys(rec):
             if key.kind not in ("email", "phone"):  # those two are counted as tf values
                 by_kind[key.kind].append(key.value)
@@ -356,8 +365,10 @@ def cluster(
 ) -> ClusterResult:
     """Deduplicate a batch: term frequencies from the batch itself, then `cluster_prepared`."""
     records = [prepare(c) for c in contacts]
-    keys = record_keys(records)
     matcher = FellegiSunterMatcher(
-        params, auto_merge=auto_merge, review=review, frequencies=frequency_table(records, keys)
+        params,
+        auto_merge=auto_merge,
+        review=review,
+        frequencies=frequency_table(records, blocking=False),
     )
-    return cluster_prepared(records, matcher, max_block=max_block, keys=keys)
+    return cluster_prepared(records, matcher, max_block=max_block)

@@ -250,6 +250,8 @@ class Columns:
     phone: npt.NDArray[np.object_]
     org: npt.NDArray[np.object_]  # the one organisation, '' when none
     multi: npt.NDArray[np.bool_]  # more than one email, phone or organisation
+    first_len: npt.NDArray[np.int64]
+    initial: npt.NDArray[np.object_]  # first letter of the first name, '' when none
     tf_cache: dict[int, dict[str, npt.NDArray[np.int64]]] = field(default_factory=dict)
 
     @classmethod
@@ -282,6 +284,8 @@ class Columns:
                 [len(r.emails) > 1 or len(r.phones) > 1 or len(r.orgs) > 1 for r in records],
                 bool,
             ),
+            first_len=_col([len(r.first) for r in records], np.int64),
+            initial=_col([r.first[:1] for r in records]),
         )
 
     def tf_counts(self, freq: Frequencies) -> dict[str, npt.NDArray[np.int64]]:
@@ -380,15 +384,14 @@ def levels_many(
 
     first = np.zeros(n, dtype=np.int8)
     first[_jw(fa, fb) >= NAME_JW] = 2
-    short = np.fromiter((min(len(x), len(y)) <= 1 for x, y in zip(fa, fb, strict=True)), bool, n)
+    len_a, len_b = cols.first_len[ia], cols.first_len[ib]
+    short = np.minimum(len_a, len_b) <= 1
     first[short & (first == 2)] = 0
-    initial = np.fromiter(
-        (
-            bool(x) and bool(y) and x[0] == y[0] and (len(x) == 1 or len(y) == 1)
-            for x, y in zip(fa, fb, strict=True)
-        ),
-        bool,
-        n,
+    initial = (
+        (len_a > 0)
+        & (len_b > 0)
+        & (cols.initial[ia] == cols.initial[ib])
+        & ((len_a == 1) | (len_b == 1))
     )
     first[initial & (first == 0)] = 1
     candidates = np.flatnonzero((fa != fb) & ~short)

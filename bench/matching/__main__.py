@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from bench.matching.generate import COLUMNS, generate
-from bench.matching.metrics import scores
+from bench.matching.metrics import errors_by_category, scores
 from dedupe.normalize import company_key, email_key, fold
 
 HERE = Path(__file__).resolve().parent
@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{'B3 F1':>7} {'match s':>8} {'wall s':>7} {'peak MiB':>9}"
     )
     results = []
+    clusterings: list[dict[str, str]] = []
     for name, base in runs:
         out = workdir / f"{name.split()[0]}-{len(results)}.csv"
         if base[0] == args.splink_python:
@@ -115,8 +116,10 @@ def main(argv: list[str] | None = None) -> None:
             flags = [a for a in base[3:] if a.startswith("--")]
             cmd = [*base[:3], str(data), str(out), *flags]
         info, wall, peak = run_measured(cmd)
-        s = scores(truth, read_clusters(out))
+        predicted = read_clusters(out)
+        s = scores(truth, predicted)
         results.append((name, s, info, wall, peak))
+        clusterings.append(predicted)
     print(header)
     for name, s, info, wall, peak in results:
         print(
@@ -127,6 +130,19 @@ def main(argv: list[str] | None = None) -> None:
         )
     for name, _, info, _, _ in results:
         print(f"{name}: {json.dumps(info)}")
+    # Where the errors are: true pairs missed and false pairs made, by the evidence a pair has.
+    by_id = {r["unique_id"]: r for r in rows}
+    print()
+    print(f"{'errors by pair category':34} {'true':>7}", end="")
+    for name, *_ in results:
+        print(f" | {name.split()[0][:10]:>10} missed {'false':>6}", end="")
+    print()
+    tables = [errors_by_category(by_id, truth, predicted) for predicted in clusterings]
+    for cat in tables[0] if tables else []:
+        print(f"{cat:34} {tables[0][cat]['true']:7d}", end="")
+        for table in tables:
+            print(f" | {'':>10} {table[cat]['missed']:6d} {table[cat]['false']:6d}", end="")
+        print()
 
 
 if __name__ == "__main__":
