@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 from rapidfuzz import fuzz
-from rapidfuzz.distance import JaroWinkler, Levenshtein
+from rapidfuzz.distance import OSA, JaroWinkler, Levenshtein
 from rapidfuzz.process import cpdist
 
 from dedupe.normalize import Prepared, nickname_of
@@ -46,6 +46,7 @@ class Frequencies(Protocol):
 
 
 NAME_JW = 0.88  # Jaro-Winkler floor for a "close" name (typos, transpositions)
+TYPO_MIN_LEN = 4  # names this long are also "close" at one edit (OSA: a transposition is one)
 COMPANY_RATIO = 90.0  # token-set ratio floor for "same company, written differently"
 
 
@@ -85,7 +86,8 @@ def _name_levels(a: Prepared, b: Prepared) -> tuple[int, int, bool]:
 
     A source that puts the surname in the first-name field ('Pagan, William' read as
     first=pagan) is compared both ways; the swapped reading counts only when it gives the
-    exact surname and at least a similar first name, and beats the straight reading.
+    exact surname and a fitting first name (initial at least), and the straight reading
+    agrees on neither name.
     """
     first, last = _first_level(a.first, b.first), _last_level(a.last, b.last)
     if first == 4 and last == 2:
@@ -97,9 +99,16 @@ def _name_levels(a: Prepared, b: Prepared) -> tuple[int, int, bool]:
             sw_first = _first_level(a.last, b.first)
         else:
             sw_first = _first_level(a.first, b.last)
-        if sw_first >= 2 and (sw_first, 2) > (first, last) and max(first, last) < 2:
+        if sw_first >= 1 and (sw_first, 2) > (first, last) and max(first, last) < 2:
             return sw_first, 2, True
     return first, last, False
+
+
+def _close(x: str, y: str) -> bool:
+    """Whether two different names look like one name with a typo."""
+    if JaroWinkler.similarity(x, y) >= NAME_JW:
+        return True
+    return min(len(x), len(y)) >= TYPO_MIN_LEN and OSA.distance(x, y, score_cutoff=1) <= 1
 
 
 def _first_level(x: str, y: str) -> int:
@@ -109,7 +118,7 @@ def _first_level(x: str, y: str) -> int:
         return 4
     if nickname_of(x, y):
         return 3
-    if JaroWinkler.similarity(x, y) >= NAME_JW and min(len(x), len(y)) > 1:
+    if min(len(x), len(y)) > 1 and _close(x, y):
         return 2
     if x[0] == y[0] and (len(x) == 1 or len(y) == 1):
         return 1
@@ -121,7 +130,7 @@ def _last_level(x: str, y: str) -> int:
         return NULL
     if x == y:
         return 2
-    return 1 if JaroWinkler.similarity(x, y) >= NAME_JW else 0
+    return 1 if _close(x, y) else 0
 
 
 def email_local(email: str) -> str:
@@ -251,6 +260,7 @@ class Columns:
     org: npt.NDArray[np.object_]  # the one organisation, '' when none
     multi: npt.NDArray[np.bool_]  # more than one email, phone or organisation
     first_len: npt.NDArray[np.int64]
+    last_len: npt.NDArray[np.int64]
     initial: npt.NDArray[np.object_]  # first letter of the first name, '' when none
     tf_cache: dict[int, dict[str, npt.NDArray[np.int64]]] = field(default_factory=dict)
 
@@ -285,6 +295,7 @@ class Columns:
                 bool,
             ),
             first_len=_col([len(r.first) for r in records], np.int64),
+            last_len=_col([len(r.last) for r in records], np.int64),
             initial=_col([r.first[:1] for r in records]),
         )
 
@@ -323,6 +334,22 @@ def _jw(x: npt.NDArray[np.object_], y: npt.NDArray[np.object_]) -> npt.NDArray[n
     return np.asarray(
         cpdist(x, y, scorer=JaroWinkler.similarity, dtype=np.float64, workers=1), dtype=np.float64
     )
+
+
+def _close_many(
+    x: npt.NDArray[np.object_],
+    y: npt.NDArray[np.object_],
+    lens: npt.NDArray[np.int64],
+) -> npt.NDArray[np.bool_]:
+    """`_close` over arrays of names; `lens` holds the shorter length of each pair."""
+    close = _jw(x, y) >= NAME_JW
+    rest = np.flatnonzero(~close & (lens >= TYPO_MIN_LEN))
+    if len(rest):
+        dist = np.asarray(
+            cpdist(x[rest], y[rest], scorer=OSA.distance, score_cutoff=1, dtype=np.int32, workers=1)
+        )
+        close[rest[dist <= 1]] = True
+    return np.asarray(close, dtype=bool)
 
 
 def _contact_levels(
@@ -383,8 +410,8 @@ def levels_many(
     empty_f, empty_l = (fa == "") | (fb == ""), (la == "") | (lb == "")
 
     first = np.zeros(n, dtype=np.int8)
-    first[_jw(fa, fb) >= NAME_JW] = 2
     len_a, len_b = cols.first_len[ia], cols.first_len[ib]
+    first[_close_many(fa, fb, np.minimum(len_a, len_b))] = 2
     short = np.minimum(len_a, len_b) <= 1
     first[short & (first == 2)] = 0
     initial = (
@@ -400,7 +427,8 @@ def levels_many(
     first[fa == fb] = 4
     first[empty_f] = NULL
 
-    last = np.where(_jw(la, lb) >= NAME_JW, 1, 0).astype(np.int8)
+    last_len = np.minimum(cols.last_len[ia], cols.last_len[ib])
+    last = np.where(_close_many(la, lb, last_len), 1, 0).astype(np.int8)
     last[la == lb] = 2
     last[empty_l] = NULL
 
