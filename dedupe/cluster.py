@@ -9,6 +9,7 @@ costs 50,000 key entries, not 1.25 billion comparisons.
 from __future__ import annotations
 
 import logging
+from array import array
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -108,62 +109,61 @@ def candidate_pairs(
     A block of an ordinary kind gives all its pairs and is skipped above `max_block` members;
     a block of a probe kind gives probe x member pairs and is skipped when that exceeds
     max_block^2 / 2 pairs (the cost of the largest ordinary block).
+
+    Keys are held as 64-bit hashes in flat arrays and grouped by sorting, so no per-key
+    Python object outlives its record; a hash collision could only add candidate pairs,
+    which scoring then rejects.
     """
-    blocks: dict[MatchKey, list[int]] = defaultdict(list)
+    hashes, owners, flags = array("q"), array("q"), array("b")
     for i, rec in enumerate(records):
         for key in keys[i] if keys is not None else blocking_keys(rec):
-            if key.kind in PROBE_MARKERS:
+            kind = key.kind
+            if kind in PROBE_MARKERS or (kinds is not None and kind not in kinds):
                 continue
-            if kinds is None or key.kind in kinds:
-                blocks[key].append(i)
-    capped: list[tuple[MatchKey, int]] = []
+            hashes.append(hash(key))
+            owners.append(i)
+            # 0: ordinary kind; probe kinds: 1 for a probe of the block, 2 for any other member
+            flags.append(0 if kind not in PROBE_KINDS else 1 if is_probe(rec, kind) else 2)
+    h = np.frombuffer(hashes, dtype=np.int64) if hashes else np.zeros(0, dtype=np.int64)
+    order = np.argsort(h, kind="stable")
+    h = h[order]
+    owner = np.frombuffer(owners, dtype=np.int64)[order] if owners else h
+    flag = np.frombuffer(flags, dtype=np.int8)[order] if flags else h.astype(np.int8)
+    del hashes, owners, flags, order
+    starts = np.flatnonzero(np.r_[True, h[1:] != h[:-1]]) if len(h) else h
+    sizes = np.diff(np.r_[starts, len(h)])
+    probe_block = flag[starts] != 0
+    capped_at: list[tuple[int, int]] = []  # (start, size) of skipped blocks
     chunks_a: list[npt.NDArray[np.int64]] = []
     chunks_b: list[npt.NDArray[np.int64]] = []
-    pair_lists: list[tuple[int, int]] = []
-    probe_a: list[npt.NDArray[np.int64]] = []
-    probe_b: list[npt.NDArray[np.int64]] = []
-    budget = max_block * max_block // 2
-    for key, members in blocks.items():
-        size = len(members)
-        if size < 2:
-            continue
-        if key.kind in PROBE_KINDS:
-            probes = [i for i in members if is_probe(records[i], key.kind)]
-            if not probes:
-                continue
-            if len(probes) * size > budget:
-                capped.append((key, size))
-                continue
-            # probe x member pairs (a probe meets itself too: dropped below with the a == b pairs)
-            probe_a.append(np.repeat(np.asarray(probes, dtype=np.int64), size))
-            probe_b.append(np.tile(np.asarray(members, dtype=np.int64), len(probes)))
-            continue
+    # Ordinary blocks, vectorised per block size: a (blocks, size) matrix of members.
+    ordinary = ~probe_block & (sizes >= 2)
+    for size in np.unique(sizes[ordinary]).tolist():
+        at = starts[ordinary & (sizes == size)]
         if size > max_block:
-            capped.append((key, size))
+            capped_at += [(s, size) for s in at.tolist()]
             continue
-        if size == 2:
-            pair_lists.append((members[0], members[1]))
-            continue
-        arr = np.asarray(members, dtype=np.int64)
+        members = owner[at[:, None] + np.arange(size)]
         ti, tj = _triu(size)
-        chunks_a.append(arr[ti])
-        chunks_b.append(arr[tj])
-    if probe_a:
-        pa, pb = np.concatenate(probe_a), np.concatenate(probe_b)
-        distinct = pa != pb
-        chunks_a.append(pa[distinct])
-        chunks_b.append(pb[distinct])
-    if pair_lists:
-        two = np.asarray(pair_lists, dtype=np.int64)
-        chunks_a.append(two[:, 0])
-        chunks_b.append(two[:, 1])
-    if not chunks_a:
-        empty = np.zeros(0, dtype=np.int64)
-        return CandidatePairs(empty, empty, capped)
-    a, b = np.concatenate(chunks_a), np.concatenate(chunks_b)
-    lo, hi = np.minimum(a, b), np.maximum(a, b)
-    n = np.int64(len(records))
-    codes = np.unique(lo * n + hi)
+        chunks_a.append(members[:, ti].ravel())
+        chunks_b.append(members[:, tj].ravel())
+    budget = max_block * max_block // 2
+    for s, size in zip(
+        starts[probe_block & (sizes >= 2)].tolist(),
+        sizes[probe_block & (sizes >= 2)].tolist(),
+        strict=True,
+    ):
+        members = owner[s : s + size]
+        probes = members[flag[s : s + size] == 1]
+        if not len(probes):
+            continue
+        if len(probes) * size > budget:
+            capped_at.append((s, size))
+            continue
+        pa, pb = np.repeat(probes, size), np.tile(members, len(probes))
+        chunks_a.append(pa[pa != pb])
+        chunks_b.append(pb[pa != pb])
+    capped = [(_key_of(records, int(owner[s]), int(h[s])), size) for s, size in capped_at]
     if capped:
         log.warning(
             "%d blocking keys skipped as too common (largest %s:%s, %d records)",
@@ -171,7 +171,19 @@ def candidate_pairs(
             *max(capped, key=lambda c: c[1])[0],
             max(c[1] for c in capped),
         )
+    if not chunks_a:
+        empty = np.zeros(0, dtype=np.int64)
+        return CandidatePairs(empty, empty, capped)
+    a, b = np.concatenate(chunks_a), np.concatenate(chunks_b)
+    del chunks_a, chunks_b
+    n = np.int64(max(len(records), 1))
+    codes = np.unique(np.minimum(a, b) * n + np.maximum(a, b))
     return CandidatePairs(codes // n, codes % n, capped)
+
+
+def _key_of(records: Sequence[Prepared], owner: int, key_hash: int) -> MatchKey:
+    """The key with this hash among `owner`'s keys (to report a skipped block by name)."""
+    return next(k for k in blocking_keys(records[owner]) if hash(k) == key_hash)
 
 
 # EM sessions, as splink trains: each blocks on some fields and estimates m for the others

@@ -297,9 +297,15 @@ class FellegiSunterMatcher:
     def probabilities(
         self, cols: Columns, ia: npt.NDArray[np.int64], ib: npt.NDArray[np.int64]
     ) -> npt.NDArray[np.float64]:
-        """Match probability for each pair of prepared records (vectorised)."""
-        levels = levels_many(cols, ia, ib)
-        return self.probabilities_from_levels(cols, ia, ib, levels)
+        """Match probability for each pair of prepared records (vectorised, in chunks so the
+        per-pair temporaries stay small however many pairs there are)."""
+        out = np.empty(len(ia), dtype=np.float64)
+        for lo in range(0, len(ia), PAIR_CHUNK):
+            a, b = ia[lo : lo + PAIR_CHUNK], ib[lo : lo + PAIR_CHUNK]
+            out[lo : lo + len(a)] = self.probabilities_from_levels(
+                cols, a, b, levels_many(cols, a, b)
+            )
+        return out
 
     def tf_many(
         self,
@@ -325,6 +331,8 @@ class FellegiSunterMatcher:
             score += self.tf_many(cols, ia, ib, levels)
         return np.asarray(1.0 / (1.0 + np.exp2(-np.clip(score, -60, 60))), dtype=np.float64)
 
+
+PAIR_CHUNK = 131_072  # pairs scored at a time in the batch path
 
 _IDENTIFIERS = frozenset({"email", "local", "phone"})  # multi-valued: scalar path if several
 _NAMES = frozenset({"first_name", "last_name"})
