@@ -138,6 +138,21 @@ def email_local(email: str) -> str:
     return email.partition("@")[0].replace(".", "").replace("_", "")
 
 
+def _distinguishing(x: str, y: str) -> bool:
+    """Whether two user names differ where colleagues' addresses differ: the first letter
+    (b.alderson vs p.alderson) or a digit (john.smith vs john.smith2)."""
+    return x[:1] != y[:1] or any(c.isdigit() for c in set(x) ^ set(y))
+
+
+def _typo_of(x: str, y: str) -> bool:
+    """One user name is the other with a typo (one edit, not a distinguishing one)."""
+    return (
+        min(len(x), len(y)) > 3
+        and Levenshtein.distance(x, y, score_cutoff=1) <= 1
+        and not _distinguishing(x, y)
+    )
+
+
 def _email_level(xs: tuple[str, ...], ys: tuple[str, ...]) -> int:
     if not xs or not ys:
         return NULL
@@ -149,7 +164,7 @@ def _email_level(xs: tuple[str, ...], ys: tuple[str, ...]) -> int:
         for y in ys:
             yl, _, yd = y.partition("@")
             if xd == yd:
-                if min(len(xl), len(yl)) > 3 and Levenshtein.distance(xl, yl, score_cutoff=1) <= 1:
+                if _typo_of(xl, yl):
                     return 3
                 level = 0
             elif len(email_local(x)) >= 5 and email_local(x) == email_local(y):
@@ -380,7 +395,10 @@ def _contact_levels(
                 workers=1,
             )
         )
-        email[near[dist <= 1]] = 3
+        users_a, users_b = cols.user[ia], cols.user[ib]
+        email[
+            [k for k in near[dist <= 1].tolist() if not _distinguishing(users_a[k], users_b[k])]
+        ] = 3
     la, lb = cols.local[ia], cols.local[ib]
     email[~same_domain & (cols.local_len[ia] >= 5) & (la == lb)] = 2
     email[ea == eb] = 4
