@@ -283,17 +283,40 @@ def should_join(scores_between_clusters: Sequence[float], review: float) -> bool
     return sum(scores_between_clusters) / len(scores_between_clusters) >= review
 
 
-def _between(
-    clusters: _Clusters, adjacency: dict[int, dict[int, float]], ra: int, rb: int
-) -> list[float]:
+@dataclass(slots=True)
+class _Adjacency:
+    """Scored pairs as a compressed sparse row table: record x's neighbours are
+    `nbr[start[x]:start[x + 1]]` with probabilities `prob[...]` (arrays, not dicts)."""
+
+    start: npt.NDArray[np.int64]
+    nbr: npt.NDArray[np.int64]
+    prob: npt.NDArray[np.float64]
+
+    @classmethod
+    def of(
+        cls,
+        n: int,
+        ia: npt.NDArray[np.int64],
+        ib: npt.NDArray[np.int64],
+        probs: npt.NDArray[np.float64],
+    ) -> _Adjacency:
+        src, dst = np.concatenate([ia, ib]), np.concatenate([ib, ia])
+        order = np.argsort(src, kind="stable")
+        start = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(np.bincount(src, minlength=n), out=start[1:])
+        return cls(start, dst[order], np.concatenate([probs, probs])[order])
+
+
+def _between(clusters: _Clusters, adjacency: _Adjacency, ra: int, rb: int) -> list[float]:
     """Probabilities of the scored pairs between two clusters."""
     small, other = (ra, rb) if len(clusters.members[ra]) <= len(clusters.members[rb]) else (rb, ra)
-    return [
-        p
-        for x in clusters.members[small]
-        for y, p in adjacency.get(x, {}).items()
-        if clusters.find(y) == other
-    ]
+    out: list[float] = []
+    for x in clusters.members[small]:
+        lo, hi = int(adjacency.start[x]), int(adjacency.start[x + 1])
+        for y, p in zip(adjacency.nbr[lo:hi].tolist(), adjacency.prob[lo:hi].tolist(), strict=True):
+            if clusters.find(y) == other:
+                out.append(p)
+    return out
 
 
 def _content_rank(records: Sequence[Prepared]) -> npt.NDArray[np.int64]:
@@ -342,11 +365,8 @@ def cluster_prepared(
     sure = probs >= matcher.auto_merge
     joinable[pairs.ia[sure]] = joinable[pairs.ib[sure]] = True
     kept = np.flatnonzero(joinable[pairs.ia] & joinable[pairs.ib])
-    adjacency: dict[int, dict[int, float]] = defaultdict(dict)
-    for a, b, p in zip(
-        pairs.ia[kept].tolist(), pairs.ib[kept].tolist(), probs[kept].tolist(), strict=True
-    ):
-        adjacency[a][b] = adjacency[b][a] = p
+    adjacency = _Adjacency.of(len(records), pairs.ia[kept], pairs.ib[kept], probs[kept])
+    del kept, joinable
     clusters = _Clusters(len(records))
     review: list[tuple[int, int, float]] = []
     for k in strong:
