@@ -39,7 +39,11 @@ def write_data(rows: list[dict[str, str]], path: Path) -> None:
 
 
 def run_measured(cmd: list[str]) -> tuple[dict[str, object], float, float]:
-    """Run one matcher process: its JSON line, wall seconds, and its own peak RSS in MiB."""
+    """Run one matcher process: its JSON line, wall seconds, and its own peak RSS in MiB.
+
+    The JSON line gains `cpu_seconds` (user + system of that process, all its threads): on a
+    shared machine wall time depends on the neighbours, CPU time much less.
+    """
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout is not None
@@ -53,6 +57,7 @@ def run_measured(cmd: list[str]) -> tuple[dict[str, object], float, float]:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{stderr[-3000:]}")
     lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
     info: dict[str, object] = json.loads(lines[-1]) if lines else {}
+    info["cpu_seconds"] = round(usage.ru_utime + usage.ru_stime, 2)
     return info, wall, usage.ru_maxrss / 1024
 
 
@@ -104,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
 
     header = (
         f"{'matcher':26} {'pair P':>7} {'pair R':>7} {'pair F1':>7} {'B3 P':>7} {'B3 R':>7} "
-        f"{'B3 F1':>7} {'match s':>8} {'wall s':>7} {'peak MiB':>9}"
+        f"{'B3 F1':>7} {'match s':>8} {'wall s':>7} {'cpu s':>7} {'peak MiB':>9}"
     )
     results = []
     clusterings: list[dict[str, str]] = []
@@ -126,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{name:26} {s['pairwise_precision']:7.4f} {s['pairwise_recall']:7.4f} "
             f"{s['pairwise_f1']:7.4f} {s['bcubed_precision']:7.4f} {s['bcubed_recall']:7.4f} "
             f"{s['bcubed_f1']:7.4f} {float(str(info.get('match_seconds', 'nan'))):8.2f} "
-            f"{wall:7.2f} {peak:9.0f}"
+            f"{wall:7.2f} {float(str(info['cpu_seconds'])):7.2f} {peak:9.0f}"
         )
     for name, _, info, _, _ in results:
         print(f"{name}: {json.dumps(info)}")
