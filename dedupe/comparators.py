@@ -108,7 +108,11 @@ def _close(x: str, y: str) -> bool:
     """Whether two different names look like one name with a typo."""
     if JaroWinkler.similarity(x, y) >= NAME_JW:
         return True
-    return min(len(x), len(y)) >= TYPO_MIN_LEN and OSA.distance(x, y, score_cutoff=1) <= 1
+    return (
+        min(len(x), len(y)) >= TYPO_MIN_LEN
+        and abs(len(x) - len(y)) <= 1
+        and OSA.distance(x, y, score_cutoff=1) <= 1
+    )
 
 
 def _first_level(x: str, y: str) -> int:
@@ -218,7 +222,8 @@ def compare_levels(a: Prepared, b: Prepared) -> tuple[int, ...]:
 def level_notes(a: Prepared, b: Prepared, levels: Sequence[int]) -> dict[str, str]:
     """Human-readable reasons for the agreeing levels ('nickname bob = robert', ...)."""
     notes: dict[str, str] = {}
-    if _name_levels(a, b)[2]:
+    crossed = bool(a.first) and (a.first == b.last or a.last == b.first)
+    if crossed and _name_levels(a, b)[2]:
         notes["first_name"] = notes["last_name"] = "first and last name swapped"
     elif levels[FIRST] == 3:
         notes["first_name"] = f"nickname {a.first} = {b.first}"

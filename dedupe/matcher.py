@@ -128,9 +128,6 @@ def blocking_keys(record: Prepared) -> list[MatchKey]:
         if len(first) > 1:
             keys.append(MatchKey("swap", "|".join(sorted((first, last)))))
             keys.append(MatchKey("sound2", f"{last}:{phonetic(first) or first}"))
-            if len(last) >= 6:  # a typo can change the surname's sound, but not both its ends
-                keys.append(MatchKey("head", f"{first}:{last[:3]}"))
-                keys.append(MatchKey("tail", f"{first}:{last[-3:]}"))
         keys += [MatchKey("org", f"{last}:{org}") for org in sorted(record.orgs)]
         if first:
             keys.append(MatchKey("initial", f"{sound}:{first[0]}"))
