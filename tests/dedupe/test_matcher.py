@@ -31,7 +31,7 @@ JAMES_GLOBEX = Contact(
 def test_build_matcher_returns_the_fellegi_sunter_matcher() -> None:
     matcher = build_matcher(0.95, 0.8, "US")
     assert isinstance(matcher, FellegiSunterMatcher)
-    assert matcher.version == "crmhub-fs-1"
+    assert matcher.version == "crmhub-fs-2"
     with pytest.raises(ValueError, match="review <= auto_merge"):
         build_matcher(0.5, 0.9)
 
