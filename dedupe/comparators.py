@@ -11,12 +11,13 @@ tests/dedupe/test_comparators.py checks that on random pairs.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 from rapidfuzz import fuzz
-from rapidfuzz.distance import JaroWinkler, Levenshtein
+from rapidfuzz.distance import OSA, JaroWinkler, Levenshtein
 from rapidfuzz.process import cpdist
 
 from dedupe.normalize import Prepared, nickname_of
@@ -33,7 +34,19 @@ __all__ = [
 ]
 
 NULL = -1
+
+
+class Frequencies(Protocol):
+    """How often a value occurs (see dedupe.scoring.Frequencies, the documented one)."""
+
+    @property
+    def total(self) -> int: ...
+
+    def count(self, kind: str, value: str) -> int: ...
+
+
 NAME_JW = 0.88  # Jaro-Winkler floor for a "close" name (typos, transpositions)
+TYPO_MIN_LEN = 4  # names this long are also "close" at one edit (OSA: a transposition is one)
 COMPANY_RATIO = 90.0  # token-set ratio floor for "same company, written differently"
 
 
@@ -68,9 +81,37 @@ COMPARISONS: tuple[Comparison, ...] = (
 FIRST, LAST, EMAIL, PHONE, COMPANY, CITY = range(len(COMPARISONS))
 
 
-def _swapped(a: Prepared, b: Prepared) -> bool:
+def _name_levels(a: Prepared, b: Prepared) -> tuple[int, int, bool]:
+    """First- and last-name levels, and whether they were read with one side swapped.
+
+    A source that puts the surname in the first-name field ('Pagan, William' read as
+    first=pagan) is compared both ways; the swapped reading counts only when it gives the
+    exact surname and a fitting first name (initial at least), and the straight reading
+    agrees on neither name.
+    """
+    first, last = _first_level(a.first, b.first), _last_level(a.last, b.last)
+    if first == 4 and last == 2:
+        return first, last, False
+    if a.first and a.last and b.first and b.last and (a.first == b.last or a.last == b.first):
+        if a.first == b.last and a.last == b.first and a.first != a.last:
+            return 4, 2, True
+        if a.first == b.last:
+            sw_first = _first_level(a.last, b.first)
+        else:
+            sw_first = _first_level(a.first, b.last)
+        if sw_first >= 1 and (sw_first, 2) > (first, last) and max(first, last) < 2:
+            return sw_first, 2, True
+    return first, last, False
+
+
+def _close(x: str, y: str) -> bool:
+    """Whether two different names look like one name with a typo."""
+    if JaroWinkler.similarity(x, y) >= NAME_JW:
+        return True
     return (
-        bool(a.first and a.last) and a.first != a.last and a.first == b.last and a.last == b.first
+        min(len(x), len(y)) >= TYPO_MIN_LEN
+        and abs(len(x) - len(y)) <= 1
+        and OSA.distance(x, y, score_cutoff=1) <= 1
     )
 
 
@@ -81,7 +122,7 @@ def _first_level(x: str, y: str) -> int:
         return 4
     if nickname_of(x, y):
         return 3
-    if JaroWinkler.similarity(x, y) >= NAME_JW and min(len(x), len(y)) > 1:
+    if min(len(x), len(y)) > 1 and _close(x, y):
         return 2
     if x[0] == y[0] and (len(x) == 1 or len(y) == 1):
         return 1
@@ -93,12 +134,27 @@ def _last_level(x: str, y: str) -> int:
         return NULL
     if x == y:
         return 2
-    return 1 if JaroWinkler.similarity(x, y) >= NAME_JW else 0
+    return 1 if _close(x, y) else 0
 
 
 def email_local(email: str) -> str:
     """The user name of an address without dots and underscores ('bob.smith' -> 'bobsmith')."""
     return email.partition("@")[0].replace(".", "").replace("_", "")
+
+
+def _distinguishing(x: str, y: str) -> bool:
+    """Whether two user names differ where colleagues' addresses differ: the first letter
+    (b.alderson vs p.alderson) or a digit (john.smith vs john.smith2)."""
+    return x[:1] != y[:1] or any(c.isdigit() for c in set(x) ^ set(y))
+
+
+def _typo_of(x: str, y: str) -> bool:
+    """One user name is the other with a typo (one edit, not a distinguishing one)."""
+    return (
+        min(len(x), len(y)) > 3
+        and Levenshtein.distance(x, y, score_cutoff=1) <= 1
+        and not _distinguishing(x, y)
+    )
 
 
 def _email_level(xs: tuple[str, ...], ys: tuple[str, ...]) -> int:
@@ -112,7 +168,7 @@ def _email_level(xs: tuple[str, ...], ys: tuple[str, ...]) -> int:
         for y in ys:
             yl, _, yd = y.partition("@")
             if xd == yd:
-                if min(len(xl), len(yl)) > 3 and Levenshtein.distance(xl, yl, score_cutoff=1) <= 1:
+                if _typo_of(xl, yl):
                     return 3
                 level = 0
             elif len(email_local(x)) >= 5 and email_local(x) == email_local(y):
@@ -152,10 +208,7 @@ def _city_level(x: str, y: str) -> int:
 
 def compare_levels(a: Prepared, b: Prepared) -> tuple[int, ...]:
     """The level of every comparison for one pair (symmetric in a and b)."""
-    if _swapped(a, b):
-        first, last = 4, 2
-    else:
-        first, last = _first_level(a.first, b.first), _last_level(a.last, b.last)
+    first, last, _ = _name_levels(a, b)
     company = _company_level(a, b)
     email, phone = _email_level(a.emails, b.emails), _phone_level(a.phones, b.phones)
     if email == 2 and _name_derived(a, b):
@@ -169,7 +222,8 @@ def compare_levels(a: Prepared, b: Prepared) -> tuple[int, ...]:
 def level_notes(a: Prepared, b: Prepared, levels: Sequence[int]) -> dict[str, str]:
     """Human-readable reasons for the agreeing levels ('nickname bob = robert', ...)."""
     notes: dict[str, str] = {}
-    if _swapped(a, b):
+    crossed = bool(a.first) and (a.first == b.last or a.last == b.first)
+    if crossed and _name_levels(a, b)[2]:
         notes["first_name"] = notes["last_name"] = "first and last name swapped"
     elif levels[FIRST] == 3:
         notes["first_name"] = f"nickname {a.first} = {b.first}"
@@ -197,22 +251,101 @@ def level_notes(a: Prepared, b: Prepared, levels: Sequence[int]) -> dict[str, st
     return notes
 
 
+def _col(values: Sequence[object], dtype: type = object) -> npt.NDArray[Any]:
+    return np.array(values, dtype=dtype) if len(values) else np.zeros(0, dtype=dtype)
+
+
 @dataclass(slots=True)
 class Columns:
-    """Column-wise view of prepared records for the vectorised path."""
+    """Column-wise view of prepared records for the vectorised path.
+
+    Emails, phones and organisations are multi-valued; the columns hold the only value of
+    records that have at most one (`multi` marks the others, whose pairs take the scalar
+    path). Almost every CRM record has at most one of each, so almost every pair is
+    compared without a per-pair Python object.
+    """
 
     records: Sequence[Prepared]
     first: npt.NDArray[np.object_]
     last: npt.NDArray[np.object_]
     company: npt.NDArray[np.object_]
     city: npt.NDArray[np.object_]
+    email: npt.NDArray[np.object_]  # the address key, '' when none
+    user: npt.NDArray[np.object_]  # its part before '@'
+    user_len: npt.NDArray[np.int64]
+    domain: npt.NDArray[np.object_]
+    local: npt.NDArray[np.object_]  # email_local(email)
+    local_len: npt.NDArray[np.int64]
+    phone: npt.NDArray[np.object_]
+    org: npt.NDArray[np.object_]  # the one organisation, '' when none
+    multi: npt.NDArray[np.bool_]  # more than one email, phone or organisation
+    first_len: npt.NDArray[np.int64]
+    last_len: npt.NDArray[np.int64]
+    initial: npt.NDArray[np.object_]  # first letter of the first name, '' when none
+    tf_cache: dict[int, dict[str, npt.NDArray[np.int64]]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, records: Sequence[Prepared]) -> Columns:
         def col(name: str) -> npt.NDArray[np.object_]:
-            return np.array([getattr(r, name) for r in records], dtype=object)
+            return _col([getattr(r, name) for r in records])
 
-        return cls(records, col("first"), col("last"), col("company"), col("city"))
+        email = [r.emails[0] if r.emails else "" for r in records]
+        user, domain = [], []
+        for e in email:
+            u, _, d = e.partition("@")
+            user.append(u)
+            domain.append(d)
+        local = [email_local(e) if e else "" for e in email]
+        return cls(
+            records,
+            col("first"),
+            col("last"),
+            col("company"),
+            col("city"),
+            email=_col(email),
+            user=_col(user),
+            user_len=_col([len(u) for u in user], np.int64),
+            domain=_col(domain),
+            local=_col(local),
+            local_len=_col([len(x) for x in local], np.int64),
+            phone=_col([r.phones[0] if r.phones else "" for r in records]),
+            org=_col([next(iter(r.orgs)) if len(r.orgs) == 1 else "" for r in records]),
+            multi=_col(
+                [len(r.emails) > 1 or len(r.phones) > 1 or len(r.orgs) > 1 for r in records],
+                bool,
+            ),
+            first_len=_col([len(r.first) for r in records], np.int64),
+            last_len=_col([len(r.last) for r in records], np.int64),
+            initial=_col([r.first[:1] for r in records]),
+        )
+
+    def tf_counts(self, freq: Frequencies) -> dict[str, npt.NDArray[np.int64]]:
+        """Per record, how often its value of each term-frequency kind occurs (cached)."""
+        cached = self.tf_cache.get(id(freq))
+        if cached is not None:
+            return cached
+
+        def counts(kind: str, values: npt.NDArray[np.object_]) -> npt.NDArray[np.int64]:
+            seen: dict[str, int] = {}
+            out = np.zeros(len(values), dtype=np.int64)
+            for i, v in enumerate(values.tolist()):
+                if v:
+                    c = seen.get(v)
+                    if c is None:
+                        c = seen[v] = freq.count(kind, v)
+                    out[i] = c
+            return out
+
+        result = {
+            "first": counts("first", self.first),
+            "last": counts("last", self.last),
+            "company": counts("company", self.company),
+            "email": counts("email", self.email),
+            "local": counts("local", self.local),
+            "phone": counts("phone", self.phone),
+        }
+        self.tf_cache = {id(freq): result}
+        return result
 
 
 def _jw(x: npt.NDArray[np.object_], y: npt.NDArray[np.object_]) -> npt.NDArray[np.float64]:
@@ -221,6 +354,73 @@ def _jw(x: npt.NDArray[np.object_], y: npt.NDArray[np.object_]) -> npt.NDArray[n
     return np.asarray(
         cpdist(x, y, scorer=JaroWinkler.similarity, dtype=np.float64, workers=1), dtype=np.float64
     )
+
+
+def _close_many(
+    x: npt.NDArray[np.object_],
+    y: npt.NDArray[np.object_],
+    lens: npt.NDArray[np.int64],
+) -> npt.NDArray[np.bool_]:
+    """`_close` over arrays of names; `lens` holds the shorter length of each pair."""
+    close = _jw(x, y) >= NAME_JW
+    rest = np.flatnonzero(~close & (lens >= TYPO_MIN_LEN))
+    if len(rest):
+        dist = np.asarray(
+            cpdist(x[rest], y[rest], scorer=OSA.distance, score_cutoff=1, dtype=np.int32, workers=1)
+        )
+        close[rest[dist <= 1]] = True
+    return np.asarray(close, dtype=bool)
+
+
+def _contact_levels(
+    cols: Columns,
+    ia: npt.NDArray[np.int64],
+    ib: npt.NDArray[np.int64],
+    single: npt.NDArray[np.bool_],
+    company: npt.NDArray[np.int8],
+) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.int8]]:
+    """Email and phone levels of the pairs whose records hold at most one of each (vectorised
+    `_email_level` / `_phone_level` plus the rules of `compare_levels`); others are left 0."""
+    n = len(ia)
+    ea, eb = cols.email[ia], cols.email[ib]
+    email = np.ones(n, dtype=np.int8)
+    same_domain = cols.domain[ia] == cols.domain[ib]
+    email[same_domain] = 0
+    near = np.flatnonzero(
+        same_domain & (np.minimum(cols.user_len[ia], cols.user_len[ib]) > 3) & (ea != eb)
+    )
+    if len(near):
+        dist = np.asarray(
+            cpdist(
+                cols.user[ia[near]],
+                cols.user[ib[near]],
+                scorer=Levenshtein.distance,
+                score_cutoff=1,
+                dtype=np.int32,
+                workers=1,
+            )
+        )
+        users_a, users_b = cols.user[ia], cols.user[ib]
+        email[
+            [k for k in near[dist <= 1].tolist() if not _distinguishing(users_a[k], users_b[k])]
+        ] = 3
+    la, lb = cols.local[ia], cols.local[ib]
+    email[~same_domain & (cols.local_len[ia] >= 5) & (la == lb)] = 2
+    email[ea == eb] = 4
+    recs = cols.records
+    for k in np.flatnonzero((email == 2) & single).tolist():
+        if _name_derived(recs[ia[k]], recs[ib[k]]):
+            email[k] = NULL
+    email[(ea == "") | (eb == "")] = NULL
+    pa, pb = cols.phone[ia], cols.phone[ib]
+    phone = (pa == pb).astype(np.int8)
+    phone[(pa == "") | (pb == "")] = NULL
+    moved = company == 0
+    email[moved & (email == 1)] = NULL
+    phone[moved & (phone == 0)] = NULL
+    email[~single] = 0
+    phone[~single] = 0
+    return email, phone
 
 
 def levels_many(
@@ -233,16 +433,15 @@ def levels_many(
     empty_f, empty_l = (fa == "") | (fb == ""), (la == "") | (lb == "")
 
     first = np.zeros(n, dtype=np.int8)
-    first[_jw(fa, fb) >= NAME_JW] = 2
-    short = np.fromiter((min(len(x), len(y)) <= 1 for x, y in zip(fa, fb, strict=True)), bool, n)
+    len_a, len_b = cols.first_len[ia], cols.first_len[ib]
+    first[_close_many(fa, fb, np.minimum(len_a, len_b))] = 2
+    short = np.minimum(len_a, len_b) <= 1
     first[short & (first == 2)] = 0
-    initial = np.fromiter(
-        (
-            bool(x) and bool(y) and x[0] == y[0] and (len(x) == 1 or len(y) == 1)
-            for x, y in zip(fa, fb, strict=True)
-        ),
-        bool,
-        n,
+    initial = (
+        (len_a > 0)
+        & (len_b > 0)
+        & (cols.initial[ia] == cols.initial[ib])
+        & ((len_a == 1) | (len_b == 1))
     )
     first[initial & (first == 0)] = 1
     candidates = np.flatnonzero((fa != fb) & ~short)
@@ -251,15 +450,18 @@ def levels_many(
     first[fa == fb] = 4
     first[empty_f] = NULL
 
-    last = np.where(_jw(la, lb) >= NAME_JW, 1, 0).astype(np.int8)
+    last_len = np.minimum(cols.last_len[ia], cols.last_len[ib])
+    last = np.where(_close_many(la, lb, last_len), 1, 0).astype(np.int8)
     last[la == lb] = 2
     last[empty_l] = NULL
 
-    swapped = ~empty_f & ~empty_l & (fa != la) & (fa == lb) & (la == fb)
-    first[swapped], last[swapped] = 4, 2
+    recs = cols.records
+    # Swapped readings: only pairs where a first name equals the other's surname (rare).
+    crossed = ~empty_f & ~empty_l & ((fa == lb) | (la == fb)) & ~((first == 4) & (last == 2))
+    for k in np.flatnonzero(crossed).tolist():
+        first[k], last[k], _ = _name_levels(recs[ia[k]], recs[ib[k]])
     out[:, FIRST], out[:, LAST] = first, last
 
-    recs = cols.records
     ca, cb = cols.company[ia], cols.company[ib]
     company = np.zeros(n, dtype=np.int8)
     both = np.flatnonzero((ca != "") & (cb != ""))
@@ -269,14 +471,21 @@ def levels_many(
         )
         company[both[ratio >= COMPANY_RATIO]] = 2
         company[both[ca[both] == cb[both]]] = 3
-    for k in np.flatnonzero(company == 0).tolist():
+    multi = cols.multi[ia] | cols.multi[ib]
+    single = ~multi
+    oa, ob = cols.org[ia], cols.org[ib]
+    zero = (company == 0) & single
+    company[zero & ((oa == "") | (ob == ""))] = NULL
+    company[zero & (oa != "") & (oa == ob)] = 1
+    for k in np.flatnonzero((company == 0) & multi).tolist():
         a, b = recs[ia[k]], recs[ib[k]]
         if not a.orgs or not b.orgs:
             company[k] = NULL
         elif a.orgs & b.orgs:
             company[k] = 1
     out[:, COMPANY] = company
-    for k in range(n):
+    out[:, EMAIL], out[:, PHONE] = _contact_levels(cols, ia, ib, single, company)
+    for k in np.flatnonzero(multi).tolist():
         a, b = recs[ia[k]], recs[ib[k]]
         email, phone = _email_level(a.emails, b.emails), _phone_level(a.phones, b.phones)
         if email == 2 and _name_derived(a, b):

@@ -294,9 +294,25 @@ class FellegiSunterMatcher:
     def probabilities(
         self, cols: Columns, ia: npt.NDArray[np.int64], ib: npt.NDArray[np.int64]
     ) -> npt.NDArray[np.float64]:
-        """Match probability for each pair of prepared records (vectorised)."""
-        levels = levels_many(cols, ia, ib)
-        return self.probabilities_from_levels(cols, ia, ib, levels)
+        """Match probability for each pair of prepared records (vectorised, in chunks so the
+        per-pair temporaries stay small however many pairs there are)."""
+        out = np.empty(len(ia), dtype=np.float64)
+        for lo in range(0, len(ia), PAIR_CHUNK):
+            a, b = ia[lo : lo + PAIR_CHUNK], ib[lo : lo + PAIR_CHUNK]
+            out[lo : lo + len(a)] = self.probabilities_from_levels(
+                cols, a, b, levels_many(cols, a, b)
+            )
+        return out
+
+    def tf_many(
+        self,
+        cols: Columns,
+        ia: npt.NDArray[np.int64],
+        ib: npt.NDArray[np.int64],
+        levels: npt.NDArray[np.int8],
+    ) -> npt.NDArray[np.float64]:
+        """`tf_adjustment` for every pair at once (per-record counts looked up once)."""
+        return _tf_many_impl(self, cols, ia, ib, levels)
 
     def probabilities_from_levels(
         self,
@@ -309,13 +325,48 @@ class FellegiSunterMatcher:
         n = self.frequencies.total if self.frequencies else None
         score = self.params.prior_weight(n) + table[np.arange(len(COMPARISONS)), levels].sum(axis=1)
         if self.frequencies is not None:
-            recs = cols.records
-            for i, comp in enumerate(COMPARISONS):
-                for level, _ in comp.tf:
-                    for k in np.flatnonzero(levels[:, i] == level).tolist():
-                        values = _tf_values(i, level, recs[ia[k]], recs[ib[k]])
-                        score[k] += self.tf_adjustment(i, level, values)
+            score += self.tf_many(cols, ia, ib, levels)
         return np.asarray(1.0 / (1.0 + np.exp2(-np.clip(score, -60, 60))), dtype=np.float64)
+
+
+PAIR_CHUNK = 131_072  # pairs scored at a time in the batch path
+
+_IDENTIFIERS = frozenset({"email", "local", "phone"})  # multi-valued: scalar path if several
+_NAMES = frozenset({"first_name", "last_name"})
+
+
+def _tf_many_impl(
+    matcher: FellegiSunterMatcher,
+    cols: Columns,
+    ia: npt.NDArray[np.int64],
+    ib: npt.NDArray[np.int64],
+    levels: npt.NDArray[np.int8],
+) -> npt.NDArray[np.float64]:
+    freq = matcher.frequencies
+    adj = np.zeros(len(ia))
+    if freq is None or freq.total <= 0 or len(ia) == 0:
+        return adj
+    counts = cols.tf_counts(freq)
+    multi = cols.multi[ia] | cols.multi[ib]
+    recs = cols.records
+    for i, comp in enumerate(COMPARISONS):
+        for level, kind in comp.tf:
+            at = levels[:, i] == level
+            # Names: both values count (they differ when swapped), the commoner wins.
+            if comp.name in _NAMES:
+                rows = np.flatnonzero(at)
+                c = np.maximum(counts[kind][ia[rows]], counts[kind][ib[rows]])
+            else:
+                rows = np.flatnonzero(at & ~multi) if kind in _IDENTIFIERS else np.flatnonzero(at)
+                c = counts[kind][ia[rows]]
+                for k in np.flatnonzero(at & multi).tolist() if kind in _IDENTIFIERS else []:
+                    values = _tf_values(i, level, recs[ia[k]], recs[ib[k]])
+                    adj[k] += matcher.tf_adjustment(i, level, values)
+            u_exact = matcher.params.u[comp.name][level]
+            bits = np.log2(u_exact * freq.total / np.maximum(c, 1))
+            upper = np.inf if kind in ("email", "phone") else TF_MAX  # as in tf_adjustment
+            adj[rows] += np.clip(bits, TF_MIN, upper)
+    return adj
 
 
 def build_matcher(

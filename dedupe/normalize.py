@@ -242,7 +242,7 @@ class Prepared:
     email_notes: tuple[str, ...]  # what the key normalisation did, per email
     phones: tuple[str, ...]
     company: str
-    orgs: frozenset[str]  # company key plus organisations of non-freemail email domains
+    orgs: frozenset[str]  # company key (no spaces) plus organisations of non-freemail domains
     city: str
 
 
@@ -283,7 +283,8 @@ def prepare(contact: Contact) -> Prepared:
             notes.append(_email_note(email, key))
     phones = tuple(dict.fromkeys(p[:32] for p in contact.phones[:MAX_VALUES]))
     company = company_key(contact.company) if contact.company else ""
-    orgs = {company} if company else set()
+    # Spaces dropped so that 'Jade Robotics' and jaderobotics.com name the same organisation.
+    orgs = {company.replace(" ", "")} if company else set()
     orgs.update(o for o in (domain_org(e) for e in emails) if o)
     return Prepared(
         first=first,

@@ -43,7 +43,7 @@ __all__ = [
     "tf_values",
 ]
 
-MODEL_VERSION = "crmhub-fs-1"
+MODEL_VERSION = "crmhub-fs-2"  # bump when comparisons or shipped params change
 TF_MIN, TF_MAX = -16.0, 6.0  # bits, for names and companies
 _EPS = 1e-6
 

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from bench.matching.generate import COLUMNS, generate
-from bench.matching.metrics import scores
+from bench.matching.metrics import errors_by_category, scores
 from dedupe.normalize import company_key, email_key, fold
 
 HERE = Path(__file__).resolve().parent
@@ -39,7 +39,11 @@ def write_data(rows: list[dict[str, str]], path: Path) -> None:
 
 
 def run_measured(cmd: list[str]) -> tuple[dict[str, object], float, float]:
-    """Run one matcher process: its JSON line, wall seconds, and its own peak RSS in MiB."""
+    """Run one matcher process: its JSON line, wall seconds, and its own peak RSS in MiB.
+
+    The JSON line gains `cpu_seconds` (user + system of that process, all its threads): on a
+    shared machine wall time depends on the neighbours, CPU time much less.
+    """
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout is not None
@@ -53,6 +57,7 @@ def run_measured(cmd: list[str]) -> tuple[dict[str, object], float, float]:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{stderr[-3000:]}")
     lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
     info: dict[str, object] = json.loads(lines[-1]) if lines else {}
+    info["cpu_seconds"] = round(usage.ru_utime + usage.ru_stime, 2)
     return info, wall, usage.ru_maxrss / 1024
 
 
@@ -104,9 +109,10 @@ def main(argv: list[str] | None = None) -> None:
 
     header = (
         f"{'matcher':26} {'pair P':>7} {'pair R':>7} {'pair F1':>7} {'B3 P':>7} {'B3 R':>7} "
-        f"{'B3 F1':>7} {'match s':>8} {'wall s':>7} {'peak MiB':>9}"
+        f"{'B3 F1':>7} {'match s':>8} {'wall s':>7} {'cpu s':>7} {'peak MiB':>9}"
     )
     results = []
+    clusterings: list[dict[str, str]] = []
     for name, base in runs:
         out = workdir / f"{name.split()[0]}-{len(results)}.csv"
         if base[0] == args.splink_python:
@@ -115,18 +121,33 @@ def main(argv: list[str] | None = None) -> None:
             flags = [a for a in base[3:] if a.startswith("--")]
             cmd = [*base[:3], str(data), str(out), *flags]
         info, wall, peak = run_measured(cmd)
-        s = scores(truth, read_clusters(out))
+        predicted = read_clusters(out)
+        s = scores(truth, predicted)
         results.append((name, s, info, wall, peak))
+        clusterings.append(predicted)
     print(header)
     for name, s, info, wall, peak in results:
         print(
             f"{name:26} {s['pairwise_precision']:7.4f} {s['pairwise_recall']:7.4f} "
             f"{s['pairwise_f1']:7.4f} {s['bcubed_precision']:7.4f} {s['bcubed_recall']:7.4f} "
             f"{s['bcubed_f1']:7.4f} {float(str(info.get('match_seconds', 'nan'))):8.2f} "
-            f"{wall:7.2f} {peak:9.0f}"
+            f"{wall:7.2f} {float(str(info['cpu_seconds'])):7.2f} {peak:9.0f}"
         )
     for name, _, info, _, _ in results:
         print(f"{name}: {json.dumps(info)}")
+    # Where the errors are: true pairs missed and false pairs made, by the evidence a pair has.
+    by_id = {r["unique_id"]: r for r in rows}
+    print()
+    print(f"{'errors by pair category':34} {'true':>7}", end="")
+    for name, *_ in results:
+        print(f" | {name.split()[0][:10]:>10} missed {'false':>6}", end="")
+    print()
+    tables = [errors_by_category(by_id, truth, predicted) for predicted in clusterings]
+    for cat in tables[0] if tables else []:
+        print(f"{cat:34} {tables[0][cat]['true']:7d}", end="")
+        for table in tables:
+            print(f" | {'':>10} {table[cat]['missed']:6d} {table[cat]['false']:6d}", end="")
+        print()
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ from functools import lru_cache
 import names
 from nicknames import NickNamer
 
+from dedupe.normalize import email_key
+
 __all__ = ["COLUMNS", "generate"]
 
 COLUMNS = (
@@ -284,11 +286,15 @@ def _typo(rng: random.Random, word: str) -> str:
 
 
 def _unique(rng: random.Random, address: str, used: set[str]) -> str:
-    """Addresses belong to one person: a taken one gets digits, as mail providers insist."""
-    while address in used:
+    """Addresses belong to one person: a taken one gets digits, as mail providers insist.
+
+    Taken means taken as a mailbox: Gmail ignores dots, so john.smith@ and johnsmith@gmail.com
+    are one mailbox and cannot belong to two people (compared by email key, not as written).
+    """
+    while email_key(address) in used:
         local, _, domain = address.partition("@")
         address = f"{local}{rng.randint(1, 999)}@{domain}"
-    used.add(address)
+    used.add(email_key(address))
     return address
 
 

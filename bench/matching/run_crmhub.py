@@ -21,24 +21,29 @@ def main(argv: list[str]) -> None:
     src, out = argv[0], argv[1]
     do_train = "--train" in argv
     start = time.perf_counter()
+    ids: list[str] = []
+    records = []
+    contacts: list[Contact] = []  # kept only when training needs them
     with open(src, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    contacts = [
-        Contact(
-            first_name=r["first_name"] or None,
-            last_name=r["last_name"] or None,
-            emails=[r["email"].lower()] if r["email"] else [],
-            phones=[r["phone"]] if r["phone"] else [],
-            company=r["company"] or None,
-            city=r["city"] or None,
-        )
-        for r in rows
-    ]
+        # One row at a time to its prepared form: no table of dicts or Contacts stays alive.
+        for r in csv.DictReader(fh):
+            contact = Contact(
+                first_name=r["first_name"] or None,
+                last_name=r["last_name"] or None,
+                emails=[r["email"].lower()] if r["email"] else [],
+                phones=[r["phone"]] if r["phone"] else [],
+                company=r["company"] or None,
+                city=r["city"] or None,
+            )
+            ids.append(r["unique_id"])
+            records.append(prepare(contact))
+            if do_train:
+                contacts.append(contact)
     loaded = time.perf_counter()
     params = train(contacts) if do_train else None
+    del contacts
     trained = time.perf_counter()
-    records = [prepare(c) for c in contacts]
-    matcher = FellegiSunterMatcher(params, frequencies=frequency_table(records))
+    matcher = FellegiSunterMatcher(params, frequencies=frequency_table(records, blocking=False))
     result = cluster_prepared(records, matcher)
     done = time.perf_counter()
     with open(out, "w", newline="") as fh:
@@ -46,7 +51,7 @@ def main(argv: list[str]) -> None:
         writer.writerow(["unique_id", "cluster_id"])
         for members in result.clusters:
             for i in members:
-                writer.writerow([rows[i]["unique_id"], rows[members[0]]["unique_id"]])
+                writer.writerow([ids[i], ids[members[0]]])
     print(
         json.dumps(
             {

@@ -36,7 +36,10 @@ CASES = [
     ),
     ("email", C(emails=["bob.smith@gmail.com"]), C(emails=["bobsmith+x@gmail.com"]), "exact"),
     ("email", C(emails=["bob.smith@gmail.com"]), C(emails=["bob.smith@acme.com"]), "same-local"),
-    ("email", C(emails=["jdoe@acme.com"]), C(emails=["jdoe1@acme.com"]), "similar"),
+    ("email", C(emails=["jdoe@acme.com"]), C(emails=["jdoee@acme.com"]), "similar"),
+    # A digit or another first letter is how colleagues' addresses differ: not a typo.
+    ("email", C(emails=["jdoe@acme.com"]), C(emails=["jdoe1@acme.com"]), "different"),
+    ("email", C(emails=["jdoe@acme.com"]), C(emails=["pdoe@acme.com"]), "different"),
     ("email", C(emails=["jdoe@acme.com"]), C(emails=["mary@acme.com"]), "different"),
     ("email", C(emails=["jdoe@acme.com"]), C(emails=["mary@gmail.com"]), "other-domain"),
     ("email", C(emails=["info@acme.com"]), C(emails=["info@acme.com"]), "null"),  # role address
