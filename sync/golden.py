@@ -17,6 +17,7 @@ from sqlalchemy import Connection, bindparam, func, or_, select
 
 from crmhub.records import Contact
 from dedupe import Decision, Matcher, Member, survive
+from dedupe.cluster import should_join
 from dedupe.matcher import blocking_keys, lookup_keys
 from dedupe.normalize import Prepared, prepare
 from dedupe.scoring import tf_values
@@ -97,19 +98,17 @@ def _load_contacts(conn: Connection, ids: set[int], into: dict[int, Contact]) ->
         into[rid] = Contact.model_validate(data)
 
 
-def _cluster_average(
+def _scores_between(
     conn: Connection,
     compare: _Comparer,
     record: int,
     golden_a: int,
     golden_b: int,
     contacts: dict[int, Contact],
-) -> float:
-    """Average linkage between `golden_a` joined by `record` and `golden_b` (the chain guard).
-
-    Members are sampled (GUARD_SAMPLE each), so a big cluster costs a bounded number of
-    comparisons.
-    """
+) -> list[float]:
+    """Probabilities of every pair between `golden_a` joined by `record` and `golden_b`, for
+    the chain guard. Members are sampled (GUARD_SAMPLE each): a big cluster costs a bounded
+    number of comparisons."""
     members: dict[int, list[int]] = defaultdict(list)
     rows = conn.execute(
         select(membership.c.golden_id, membership.c.record_id)
@@ -126,7 +125,7 @@ def _cluster_average(
         for a in side_a
         for b in members[golden_b]
     ]
-    return sum(scores) / len(scores) if scores else 0.0
+    return scores
 
 
 class _UnionFind:
@@ -334,16 +333,17 @@ def match_and_merge(
         ranked = sorted(linked.items(), key=lambda g: -g[1][0].probability)
         joined = [ranked[0][0]]
         for golden, (decision, other) in ranked[1:]:
-            # Chain guard: one record may join two existing clusters only when the clusters
-            # themselves look alike on average; otherwise the weaker link goes to review.
-            average = (
-                1.0
-                if compare.transitive
-                else _cluster_average(conn, compare, rid, joined[0], golden, contacts)
-            )
-            if average >= float(getattr(matcher, "review", 0.0)):
+            # Chain guard (the batch clusterer's rule, dedupe.cluster.should_join): one record
+            # may join two existing clusters only if the clusters themselves agree; otherwise
+            # the weaker link goes to review.
+            if compare.transitive:
+                joined.append(golden)
+                continue
+            scores = _scores_between(conn, compare, rid, joined[0], golden, contacts)
+            if should_join(scores, float(getattr(matcher, "review", 0.0))):
                 joined.append(golden)
             else:
+                average = sum(scores) / len(scores)
                 held = (
                     f"held for review: this record would join two golden records ({joined[0]} "
                     f"and {golden}) whose members match only {average:.2f} on average"
