@@ -113,10 +113,12 @@ def write_leads_csv(path: Path, rows: int, seed: int = 7, duplicate_share: float
             else:
                 first, last = rng.choice(FIRST), rng.choice(LAST)
                 email = f"{first.lower()}.{last.lower()}{i}@{rng.choice(DOMAINS)}"
-                phone = f"+1{rng.choice(['415', '212', '646', '617'])}555{i % 10000:04d}"
+                # Unique per person: exchange 200-999 and line number from the row index.
+                number = f"{200 + (i // 10_000) % 800}{i % 10_000:04d}"
+                phone = f"+1{rng.choice(['415', '212', '646', '617'])}{number}"
                 if rng.random() < 0.4:
                     phone = ""
-                people.append((first, last, email, phone or f"+1212555{i % 10000:04d}"))
+                people.append((first, last, email, phone or f"+1718{number}"))
             writer.writerow(
                 [
                     f"B-{i}",

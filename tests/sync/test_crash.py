@@ -20,7 +20,12 @@ ROWS = 200_000
 def _config(folder: Path, csv_path: Path) -> Path:
     folder.mkdir()
     config = folder / "crmhub.toml"
-    config.write_text(f'[connectors.leads]\ntype = "csv"\npath = "{csv_path}"\n', encoding="utf-8")
+    # Exact matching: this test is about crash safety of the pipeline, and the synthetic leads
+    # reuse a few dozen names, which the probabilistic matcher would (rightly) compare a lot.
+    config.write_text(
+        f'[matching]\nmethod = "exact"\n[connectors.leads]\ntype = "csv"\npath = "{csv_path}"\n',
+        encoding="utf-8",
+    )
     return config
 
 
