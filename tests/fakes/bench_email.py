@@ -24,7 +24,6 @@ from sync.queries import store_totals
 from sync.store import make_engine
 from tests.connectors.dovecot import PASSWORD, USER, CuttingProxy, Dovecot, message
 
-
 _FIRST = ["Ann", "Bo", "Chen", "Dana", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jo", "Kai", "Lea"]
 
 
