@@ -121,9 +121,12 @@ def _rate_limited(response: httpx.Response) -> bool:
 class OAuthApiClient(ApiClient):
     """`ApiClient` whose bearer token comes from a `RefreshToken` and renews itself."""
 
-    def __init__(self, *, token: RefreshToken, **kwargs: Any) -> None:
+    def __init__(
+        self, *, token: RefreshToken, extra_headers: Mapping[str, str] | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(headers={}, **kwargs)
         self.token = token
+        self.extra_headers = dict(extra_headers or {})  # Graph's Prefer, for example
 
     async def _once(
         self,
@@ -183,7 +186,11 @@ class OAuthApiClient(ApiClient):
                 self.url(path),
                 params=params,
                 json=json_body,
-                headers={"Authorization": f"Bearer {access}", "Accept": "application/json"},
+                headers={
+                    **self.extra_headers,
+                    "Authorization": f"Bearer {access}",
+                    "Accept": "application/json",
+                },
                 timeout=self._timeout,
             )
         except httpx.HTTPError as exc:
