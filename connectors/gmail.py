@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import Field, SecretStr
@@ -212,5 +213,8 @@ class GmailConnector(HttpConnector["GmailConnector.Config"]):
                 rejects.append((origin, f"message without payload.headers ({exc})", ""))
                 continue
             parsed = parse_header_list(headers, str(body.get("snippet") or ""))
+            if parsed.sent_at is None and str(body.get("internalDate") or "").isdigit():
+                # No usable Date header: Gmail's receive time (ms since the epoch) stands in.
+                parsed.sent_at = datetime.fromtimestamp(int(body["internalDate"]) / 1000, UTC)
             records.extend(email_records(parsed, origin, identity))
         return records, rejects

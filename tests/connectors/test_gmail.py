@@ -139,13 +139,17 @@ async def test_filters_and_bad_headers(fake: Any, tmp_path: Path) -> None:
     state.add_message(sender="Shop <no-reply@shop.example>")
     state.add_message(sender="News <n@list.example>", extra=[("Precedence", "bulk")])
     state.add_message(labels=["SPAM"])
+    undated = state.add_message(sender="Uma <uma@crmhub.test>")
+    undated.headers = [h for h in undated.headers if h[0] != "Date"]
     state.add_message(message_id=None, sender="=?utf-8?B?SsO8cmdlbg==?= <j@client.example>")
     cls = get_connector_class("gmail")
     connector = cls(cls.Config(**table(url)), ConnectorContext("g", tmp_path))
     pages = [p async for p in connector.pull("activities", None)]
     acts = [r for p in pages for r in p.records if r.kind == "activity"]
     contacts = sorted(r.external_id for p in pages for r in p.records if r.kind == "contact")
-    assert len(acts) == 4  # spam is skipped
+    assert len(acts) == 5  # spam is skipped
+    by_subject = {a.payload["subject"]: a for a in acts}
+    assert by_subject[f"Deal {len(state.messages) - 1}"].updated_at == undated.internal
     assert contacts == ["dee@client.example", "j@client.example"]
     derived = next(a for a in acts if a.payload["from"]["email"] == "j@client.example")
     assert derived.external_id.startswith("sha:")
