@@ -140,7 +140,13 @@ async def test_bad_refresh_token_and_filters(fake: Any, tmp_path: Path) -> None:
         headers=[{"name": "List-Unsubscribe", "value": "<mailto:u@news.example>"}],
     )
     state.add_message(sender=("Col", "col@crmhub.test"), message_id=None)
+    broken = state.add_message()
+    broken["from"] = {"name": "no emailAddress object"}
     pages = [p async for p in connector(url, tmp_path, folders=["inbox"]).pull("activities", None)]
+    rejects = [r for p in pages for r in p.rejects]
+    assert [(origin, reason.split(":")[0]) for origin, reason, _ in rejects] == [
+        (f"graph inbox message {broken['id']}", "unreadable message")
+    ]
     contacts = [r for p in pages for r in p.records if r.kind == "contact"]
     acts = [r for p in pages for r in p.records if r.kind == "activity"]
     assert contacts == []
