@@ -131,7 +131,18 @@ class GmailConnector(HttpConnector["GmailConnector.Config"]):
                 params["pageToken"] = token
             if self.config.query:
                 params["q"] = self.config.query
-            body = await api.request_json("GET", "/messages", params=params, stream="activities")
+            try:
+                body = await api.request_json(
+                    "GET", "/messages", params=params, stream="activities"
+                )
+            except PermanentError as exc:
+                if resuming is None or getattr(exc, "status", None) != 400:
+                    raise
+                # The stored pageToken expired: list again from the top (staging absorbs it).
+                resuming, token = None, None
+                profile = await api.request_json("GET", "/profile", stream="activities")
+                start_history = str(profile["historyId"])
+                continue
             if not isinstance(body, dict):
                 raise PermanentError(
                     f"{self.name}: messages.list answered without an object; is base_url right?",

@@ -111,7 +111,7 @@ class ImapConnector(Connector[ImapConfig]):
         }
         imap = await self._call(self._connect)
         try:
-            condstore = bool(imap.has_capability("CONDSTORE"))
+            condstore = bool(imap.has_capability("CONDSTORE") and imap.has_capability("ENABLE"))
             if condstore:
                 await self._call(lambda: imap.enable("CONDSTORE"))
             for folder in self.config.folders:

@@ -155,3 +155,15 @@ async def test_filters_and_bad_headers(fake: Any, tmp_path: Path) -> None:
     assert derived.external_id.startswith("sha:")
     assert derived.payload["from"]["name"] == "Jürgen"
     assert derived.payload["excerpt"] == "Hello & welcome"
+
+
+async def test_expired_list_page_token_restarts_the_listing(fake: Any, tmp_path: Path) -> None:
+    state, url = fake
+    state.add_messages(7)
+    cls = get_connector_class("gmail")
+    connector = cls(cls.Config(**table(url)), ConnectorContext("g", tmp_path))
+    stale = {"history_id": "5", "page_token": "expired-token"}
+    pages = [p async for p in connector.pull("activities", stale)]
+    assert sum(r.kind == "activity" for p in pages for r in p.records) == 7
+    assert pages[-1].next_cursor == {"history_id": str(state.history_id)}
+    assert 400 in state.statuses

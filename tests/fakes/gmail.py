@@ -178,7 +178,11 @@ def make_app(state: GmailState) -> ASGIApp:
             return denied
         q = request.query_params
         size = min(int(q.get("maxResults", 100)), 500)
-        start = int(q.get("pageToken") or 0)
+        token = q.get("pageToken") or "0"
+        if not token.isdigit():  # page tokens expire; Gmail answers 400
+            body = gerror(400, "INVALID_ARGUMENT", "Invalid pageToken", "invalidArgument")
+            return JSONResponse(body, 400)
+        start = int(token)
         spam_trash = q.get("includeSpamTrash") == "true"
         ids = sorted(
             (m for m in state.messages.values() if visible(m, spam_trash)),
