@@ -1,4 +1,8 @@
-"""`python -m bench sync --rows 200000 --store sqlite --store postgres`: CSV sync throughput."""
+"""`python -m bench sync --rows 200000 --store sqlite --store postgres [--method exact]`.
+
+Prints CSV -> store throughput (pull + map + stage + match + merge + checkpoint) per store,
+then the time of a `--full` re-run in which every row is unchanged.
+"""
 
 from __future__ import annotations
 
@@ -20,20 +24,25 @@ from sync.store import make_engine
 PG_ADMIN = os.environ.get("CRMHUB_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
 
-def _run(store_url: str, csv_path: Path, workdir: Path) -> dict[str, float]:
+def _run(store_url: str, csv_path: Path, workdir: Path, method: str) -> dict[str, float]:
     db = make_engine(store_url, workdir)
     upgrade(db)
     settings = Settings(
-        store={"url": store_url}, connectors={"leads": {"type": "csv", "path": str(csv_path)}}
+        store={"url": store_url},
+        matching={"method": method},
+        connectors={"leads": {"type": "csv", "path": str(csv_path)}},
     )
     settings.source_path = workdir / "crmhub.toml"
     engine = SyncEngine(settings, db)
-    started = time.perf_counter()
-    result = asyncio.run(engine.run("leads"))
-    seconds = time.perf_counter() - started
-    started = time.perf_counter()
-    again = asyncio.run(engine.run("leads", full=True))
-    rerun = time.perf_counter() - started
+    try:
+        started = time.perf_counter()
+        result = asyncio.run(engine.run("leads"))
+        seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        again = asyncio.run(engine.run("leads", full=True))
+        rerun = time.perf_counter() - started
+    finally:
+        engine.close()
     with db.connect() as conn:
         totals = store_totals(conn)
     db.dispose()
@@ -48,32 +57,34 @@ def _run(store_url: str, csv_path: Path, workdir: Path) -> dict[str, float]:
     }
 
 
-def bench_sync(rows: int, stores: list[str]) -> None:
+def _postgres(csv_path: Path, workdir: Path, method: str) -> dict[str, float]:
     import psycopg
 
+    name = f"crmhub_bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
+        return _run(f"{base}/{name}", csv_path, workdir, method)
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def bench_sync(rows: int, stores: list[str], method: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         csv_path = write_leads_csv(workdir / "leads.csv", rows)
-        print(f"CSV: {rows:,} rows, {csv_path.stat().st_size / 1e6:.1f} MB, seed 7, ~10% repeats")
+        size = csv_path.stat().st_size / 1e6
+        print(f"CSV: {rows:,} rows, {size:.1f} MB, seed 7, ~10% repeats; cores: {os.cpu_count()}")
         for store in stores:
             if store == "sqlite":
-                figures = _run(f"sqlite:///{workdir / 'bench.db'}", csv_path, workdir)
+                figures = _run(f"sqlite:///{workdir / 'bench.db'}", csv_path, workdir, method)
             else:
-                name = f"crmhub_bench_{uuid.uuid4().hex[:8]}"
-                with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-                    admin.execute(f'CREATE DATABASE "{name}"')
-                try:
-                    url = (
-                        PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
-                        + f"/{name}"
-                    )
-                    figures = _run(url, csv_path, workdir)
-                finally:
-                    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-                        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                figures = _postgres(csv_path, workdir, method)
             print(
                 f"{store:>8}: {figures['rows']:,} rows in {figures['seconds']:.1f} s = "
-                f"{figures['rows_per_s']:,.0f} rows/s (pull+map+stage+exact match+merge+"
+                f"{figures['rows_per_s']:,.0f} rows/s (pull+map+stage+{method} match+merge+"
                 f"checkpoint); {figures['goldens']:,} golden records, {figures['merged']:,} "
                 f"merged; re-run --full: {figures['rerun_unchanged']:,} unchanged in "
                 f"{figures['rerun_s']:.1f} s"
@@ -86,9 +97,9 @@ def main() -> None:
     sync_parser = sub.add_parser("sync", help="CSV -> store throughput")
     sync_parser.add_argument("--rows", type=int, default=200_000)
     sync_parser.add_argument("--store", action="append", choices=["sqlite", "postgres"])
+    sync_parser.add_argument("--method", choices=["exact", "probabilistic"], default="exact")
     args = parser.parse_args()
-    if args.command == "sync":
-        bench_sync(args.rows, args.store or ["sqlite"])
+    bench_sync(args.rows, args.store or ["sqlite"], args.method)
 
 
 if __name__ == "__main__":

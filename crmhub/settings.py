@@ -12,7 +12,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import (
@@ -51,9 +51,26 @@ class StoreSettings(_Section):
 
 class QueueSettings(_Section):
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="arq's Redis")
+    namespace: str = Field(
+        "", description="prefix of the queue, job ids and lock keys (one Redis, many installs)"
+    )
+    job_timeout: float = Field(3600, gt=0, description="seconds one sync job may run")
+    max_tries: int = Field(5, ge=1, description="attempts per job, transient errors included")
+    retry_backoff: float = Field(
+        30, ge=0, description="seconds before retry 1; doubles per try (at least retry_after)"
+    )
+    lease_seconds: float = Field(
+        30, gt=0, description="per-connector lock TTL; renewed every third; expires on death"
+    )
+    max_jobs: int = Field(4, ge=1, description="concurrent jobs per worker process")
+    health_check_interval: float = Field(10, gt=0, description="seconds between heartbeats")
 
 
 class MatchingSettings(_Section):
+    method: Literal["probabilistic", "exact"] = Field(
+        "probabilistic",
+        description="probabilistic: fuzzy Fellegi-Sunter matching; exact: same email key or phone",
+    )
     auto_merge: float = Field(0.95, ge=0, le=1, description="merge at or above this probability")
     review: float = Field(0.80, ge=0, le=1, description="queue for review at or above this")
     default_region: str = Field("US", description="ISO country for phones without +prefix")

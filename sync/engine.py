@@ -23,8 +23,9 @@ from connectors import Connector
 from crmhub.errors import CrmHubError
 from crmhub.records import Activity, Contact, Cursor, Page, RawRecord
 from crmhub.settings import Settings
-from dedupe import Matcher, build_matcher
+from dedupe import ExactMatcher, Matcher, build_matcher
 from dedupe.matcher import email_key
+from sync.frequencies import StoreFrequencies
 from sync.golden import MatchInput, match_and_merge, recompute_goldens
 from sync.mapping_step import MappedRecord, PageMapper, Rejected
 from sync.sources import Source, load_source
@@ -33,6 +34,7 @@ from sync.state import load_cursor, save_cursor
 from sync.store import (
     activity,
     activity_participant,
+    bulk_insert,
     dead_letter,
     match_key,
     membership,
@@ -106,7 +108,14 @@ class SyncEngine:
         self.settings = settings
         self.db = db
         m = settings.matching
-        self.matcher = matcher or build_matcher(m.auto_merge, m.review, m.default_region)
+        if matcher is None:
+            matcher = (
+                ExactMatcher()
+                if m.method == "exact"
+                else build_matcher(m.auto_merge, m.review, m.default_region)
+            )
+        self.matcher = matcher
+        self.frequencies = StoreFrequencies()
         self._analyzed_at = 0
         self.mapper = PageMapper(m.default_region)
 
@@ -117,14 +126,16 @@ class SyncEngine:
         full: bool = False,
         progress: Callable[[PageReport], None] | None = None,
         client: httpx.AsyncClient | None = None,
+        run_id: int | None = None,
     ) -> RunResult:
         """Sync connector `name` to the store; returns the run's counts and state.
 
         Config errors raise before a run is recorded. Connector errors end the run as
         `failed` (recorded with the error) and are re-raised for the caller to report.
+        `run_id` continues a run row recorded earlier (a queued background job).
         """
         source = load_source(self.settings, name)
-        run_id = self._start_run(name, full)
+        run_id = self._start_run(name, full, run_id)
         started = time.perf_counter()
         counts = RunCounts()
         log.info("sync started", extra={"connector": name, "run_id": run_id, "full": full})
@@ -171,21 +182,36 @@ class SyncEngine:
         queue = asyncio.Queue(maxsize=2)
 
         async def produce() -> None:
+            cancelled = False
             try:
                 async for page in connector.pull(stream, cursor):  # type: ignore[arg-type]
                     task = asyncio.ensure_future(self.mapper.map(source.mapping, page.records))
                     await queue.put((page, task))
+            except asyncio.CancelledError:
+                # The consumer is gone (run cancelled): waiting to hand it the end marker
+                # on a full queue would hang the shutdown.
+                cancelled = True
+                raise
             finally:
-                await queue.put(None)
+                if not cancelled:
+                    await queue.put(None)
 
         producer = asyncio.create_task(produce())
         try:
             while (item := await queue.get()) is not None:
                 page, mapping_task = item
                 mapped = await mapping_task
-                page_counts = await asyncio.to_thread(
-                    self._apply_page, source, stream, page, mapped, run_id
+                applying = asyncio.ensure_future(
+                    asyncio.to_thread(self._apply_page, source, stream, page, mapped, run_id)
                 )
+                try:
+                    page_counts = await asyncio.shield(applying)
+                except asyncio.CancelledError:
+                    # Graceful stop (SIGTERM): the page's transaction is under way in a thread;
+                    # let it commit before the run is marked interrupted and the lock released.
+                    with contextlib.suppress(Exception):
+                        await applying
+                    raise
                 counts.add(page_counts)
                 await asyncio.to_thread(self._refresh_statistics, counts.new)
                 if progress is not None:
@@ -227,7 +253,7 @@ class SyncEngine:
         self._analyzed_at = staged
 
     # -- run bookkeeping ------------------------------------------------------------
-    def _start_run(self, name: str, full: bool) -> int:
+    def _start_run(self, name: str, full: bool, run_id: int | None = None) -> int:
         now = datetime.now(UTC)
         with write_transaction(self.db) as conn:
             # A run still marked running was killed; it can no longer finish.
@@ -236,6 +262,15 @@ class SyncEngine:
                 .where(sync_run.c.connector == name, sync_run.c.state == "running")
                 .values(state="interrupted", finished_at=now, error="process ended mid-run")
             )
+            if run_id is not None:
+                # A queued (or retrying) run row written by `crmhub sync --enqueue` or the
+                # scheduler: it starts now.
+                conn.execute(
+                    sync_run.update()
+                    .where(sync_run.c.id == run_id)
+                    .values(state="running", started_at=now, finished_at=None, error=None)
+                )
+                return run_id
             return int(
                 conn.execute(
                     sync_run.insert().returning(sync_run.c.id),
@@ -301,7 +336,7 @@ class SyncEngine:
             if deletions:
                 counts.deleted += self._apply_deletions(conn, source.name, deletions, now)
             if letters:
-                conn.execute(dead_letter.insert(), letters)
+                bulk_insert(conn, dead_letter, letters)
             if stream is not None:  # pushed records have no cursor
                 save_cursor(conn, source.name, stream, page.next_cursor)
         counts.dead_letters = sum(1 for x in letters if x["scope"] == "record")
@@ -310,9 +345,14 @@ class SyncEngine:
 
     @staticmethod
     def _stage(
-        conn: Connection, source: Source, page: Page, kind: str, items: list[MappedRecord]
+        conn: Connection,
+        source: Source,
+        page: Page,
+        kind: str,
+        items: list[MappedRecord],
+        counts: RunCounts,
     ) -> list[Staged]:
-        return stage(
+        staged = stage(
             conn,
             source.name,
             kind,
@@ -327,6 +367,9 @@ class SyncEngine:
                 for m in items
             ],
         )
+        for s in staged:
+            setattr(counts, s.status, getattr(counts, s.status) + 1)
+        return staged
 
     def _apply_contacts(
         self,
@@ -338,8 +381,7 @@ class SyncEngine:
     ) -> None:
         if not items:
             return
-        staged = self._stage(conn, source, page, "contact", items)
-        _count(counts, staged)
+        staged = self._stage(conn, source, page, "contact", items, counts)
         counts.contacts += len(staged)
         inputs = [
             MatchInput(
@@ -352,7 +394,7 @@ class SyncEngine:
             for s in staged
             if s.status != "unchanged"
         ]
-        outcome = match_and_merge(conn, self.matcher, inputs)
+        outcome = match_and_merge(conn, self.matcher, inputs, frequencies=self.frequencies)
         counts.goldens_created += outcome.goldens_created
         counts.records_merged += outcome.records_merged
         counts.goldens_merged += outcome.goldens_merged
@@ -368,8 +410,7 @@ class SyncEngine:
     ) -> None:
         if not items:
             return
-        staged = self._stage(conn, source, page, "activity", items)
-        _count(counts, staged)
+        staged = self._stage(conn, source, page, "activity", items, counts)
         counts.activities += len(staged)
         touched = [s for s in staged if s.status != "unchanged"]
         changed_ids = [s.record_id for s in touched if s.status == "changed"]
@@ -397,9 +438,9 @@ class SyncEngine:
                 for key in dict.fromkeys(email_key(p) for p in act.participants)
             )
         if rows:
-            conn.execute(activity.insert(), rows)
+            bulk_insert(conn, activity, rows)
         if participants:
-            conn.execute(activity_participant.insert(), participants)
+            bulk_insert(conn, activity_participant, participants)
         keys = {p["email_key"] for p in participants}
         known: set[str] = set()
         for part in chunks(sorted(keys)):
@@ -453,11 +494,6 @@ class SyncEngine:
 
         with self.db.connect() as conn:
             return store_totals(conn)
-
-
-def _count(counts: RunCounts, staged: list[Staged]) -> None:
-    for s in staged:
-        setattr(counts, s.status, getattr(counts, s.status) + 1)
 
 
 def _letter(

@@ -22,6 +22,7 @@ from sync.store import (
 
 __all__ = [
     "dead_letters",
+    "find_contact_record",
     "golden_detail",
     "iter_golden",
     "iter_xref",
@@ -343,3 +344,33 @@ def dead_letters(
         }
         for r in conn.execute(query)
     ]
+
+
+def find_contact_record(conn: Connection, ref: str) -> dict[str, Any] | None:
+    """A staged contact by record id (`42`) or by `source:external_id`."""
+    query = select(
+        source_record.c.id,
+        source_record.c.source,
+        source_record.c.external_id,
+        source_record.c.data,
+    ).where(source_record.c.kind == "contact")
+    if ref.isdigit():
+        query = query.where(source_record.c.id == int(ref))
+    else:
+        source, _, external_id = ref.partition(":")
+        query = query.where(
+            source_record.c.source == source, source_record.c.external_id == external_id
+        )
+    row = conn.execute(query).first()
+    if row is None:
+        return None
+    golden = conn.execute(
+        select(membership.c.golden_id).where(membership.c.record_id == row.id)
+    ).scalar()
+    return {
+        "record_id": row.id,
+        "source": row.source,
+        "external_id": row.external_id,
+        "golden_id": golden,
+        "data": row.data,
+    }

@@ -12,7 +12,7 @@ from typing import Any, Literal, TypeVar
 
 from sqlalchemy import Connection, bindparam, select
 
-from sync.store import allocate_ids, one_of, source_record
+from sync.store import allocate_ids, bulk_insert, one_of, source_record
 
 __all__ = ["StageItem", "Staged", "chunks", "stage"]
 
@@ -89,8 +89,9 @@ def stage(conn: Connection, source: str, kind: str, items: list[StageItem]) -> l
         )
     if new_items:
         ids = allocate_ids(conn, source_record, len(new_items))
-        conn.execute(
-            source_record.insert(),
+        bulk_insert(
+            conn,
+            source_record,
             [
                 {
                     "id": record_id,

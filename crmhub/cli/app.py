@@ -7,7 +7,15 @@ from pathlib import Path
 import typer
 
 from crmhub import __version__
-from crmhub.cli import golden_cmd, ops_cmd, serve_cmd, sync_cmd
+from crmhub.cli import (
+    explain_cmd,
+    forms_cmd,
+    golden_cmd,
+    ops_cmd,
+    serve_cmd,
+    sync_cmd,
+    worker_cmd,
+)
 from crmhub.cli.common import AppState, die, setup_logging
 from crmhub.errors import CrmHubError
 
@@ -53,8 +61,11 @@ def root(
 
 sync_cmd.register(app)
 golden_cmd.register(app)
+explain_cmd.register(app)
 ops_cmd.register(app)
 serve_cmd.register(app)
+forms_cmd.register(app)
+worker_cmd.register(app)
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from rich.progress import (
     TaskID,
     TextColumn,
     TimeElapsedColumn,
+    TimeRemainingColumn,
 )
 from rich.table import Table
 
@@ -58,6 +59,7 @@ async def _run_all(
         MofNCompleteColumn(),
         TextColumn("{task.fields[rate]:>8,.0f} rec/s"),
         TimeElapsedColumn(),
+        TimeRemainingColumn(),
         console=err_console,
         disable=quiet,
         transient=False,
@@ -101,6 +103,7 @@ _ROWS = (
     ("  unchanged", "unchanged"),
     ("golden records created", "goldens_created"),
     ("records merged into others", "records_merged"),
+    ("pairs queued for review", "reviews_queued"),
     ("activities", "activities"),
     ("  linked to a contact", "activities_linked"),
     ("dead letters (rejected records)", "dead_letters"),
@@ -132,8 +135,8 @@ def _summary_table(results: list[dict[str, Any]], totals: dict[str, int]) -> Tab
     table.add_row("time", *[f"{r['seconds']:.1f}s" if "seconds" in r else "" for r in results])
     table.caption = (
         f"store: {totals['contacts']:,} contacts -> {totals['golden_records']:,} golden records, "
-        f"{totals['activities']:,} activities, {totals['open_reviews']:,} open reviews, "
-        f"{totals['dead_letters']:,} dead letters"
+        f"{totals['activities']:,} activities, {totals['open_reviews']:,} pair(s) awaiting "
+        f"review, {totals['dead_letters']:,} dead letters"
     )
     return table
 
@@ -175,6 +178,47 @@ def _sync(settings: Settings, names: list[str], full: bool, quiet: bool, as_json
     return 0
 
 
+def _enqueue(settings: Settings, names: list[str], full: bool, as_json: bool) -> int:
+    """Record a queued run per connector and put its job on the worker queue."""
+    from arq.connections import create_pool
+    from redis.exceptions import RedisError
+
+    from sync.jobs import enqueue_sync, redis_settings
+    from sync.sources import configured_sources, load_source
+
+    names = names or configured_sources(settings)
+    for name in names:
+        load_source(settings, name)  # config errors now, not in a worker later
+    db = open_store(settings)
+
+    async def go() -> list[dict[str, Any]]:
+        redis = await create_pool(redis_settings(settings, retries=0))
+        try:
+            out = []
+            for name in names:
+                run_id = await enqueue_sync(redis, settings, db, name, full=full)
+                out.append({"connector": name, "run_id": run_id, "queued": run_id is not None})
+            return out
+        finally:
+            await redis.aclose()
+
+    try:
+        results = asyncio.run(go())
+    except (RedisError, OSError) as exc:
+        die(f"cannot reach the queue's Redis ([queue] redis_url): {type(exc).__name__}: {exc}")
+    if as_json:
+        print_json(results)
+    else:
+        for r in results:
+            if r["queued"]:
+                console.print(f"queued {r['connector']} (run {r['run_id']})", highlight=False)
+            else:
+                console.print(
+                    f"{r['connector']}: a run is already queued or running", highlight=False
+                )
+    return 0
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def sync(
@@ -183,12 +227,17 @@ def register(app: typer.Typer) -> None:
         full: bool = typer.Option(False, "--full", help="Ignore cursors and re-read everything."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary (cron)."),
         as_json: bool = typer.Option(False, "--json", help="Machine-readable result."),
+        enqueue: bool = typer.Option(
+            False, "--enqueue", help="Queue the runs for `crmhub worker` instead of running here."
+        ),
     ) -> None:
         """Pull, map, stage, match and merge: bring the store up to date.
 
         Exit codes: 0 all good, 1 a connector failed, 3 some records were dead-lettered
         (see `crmhub errors`).
         """
+        if enqueue:
+            raise typer.Exit(_enqueue(state(ctx).settings, sources or [], full, as_json))
         raise typer.Exit(_sync(state(ctx).settings, sources or [], full, quiet, as_json))
 
     @app.command()
@@ -234,6 +283,7 @@ def register(app: typer.Typer) -> None:
                 f"  crmhub {cfg} golden list --merged\n"
                 f"  crmhub {cfg} golden show 1\n"
                 f"  crmhub {cfg} golden search smith\n"
+                f"  crmhub {cfg} explain leads:L-1001 webforms:F-9001\n"
                 f"  crmhub {cfg} errors\n"
                 f"  crmhub {cfg} export xref --format csv\n"
                 "  (with `make demo`, the commands live in .venv/bin/: "

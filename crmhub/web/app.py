@@ -10,6 +10,7 @@ from sqlalchemy import Engine
 
 from crmhub import __version__
 from crmhub.settings import Settings
+from crmhub.web import hooks, metrics
 
 __all__ = ["create_app", "get_db", "get_settings"]
 
@@ -34,6 +35,8 @@ def create_app(settings: Settings, db: Engine) -> FastAPI:
         return {"status": "ok"}
 
     # Feature routers are added below, one line each (webhooks, steward UI and API, metrics).
+    app.include_router(hooks.router)  # /hooks/forms/{connector}, /f/{form}, inbox drain
+    app.include_router(metrics.router)  # /metrics (Prometheus)
     return app
 
 

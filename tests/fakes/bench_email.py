@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import multiprocessing
 import tempfile
 import time
+import types
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -137,8 +141,8 @@ async def main() -> None:
         await api(args.kind, args.n)
 
 
-async def api(kind: str, n: int) -> None:
-    """Gmail or Graph: connector alone, then the pipeline, against the fake over HTTP."""
+def _serve(kind: str, n: int, urls: Any) -> None:
+    """Child process: the fake with n messages, so it does not share the client's GIL."""
     from tests.fakes import gmail, graph
     from tests.fakes.server import FakeServer
 
@@ -155,6 +159,29 @@ async def api(kind: str, n: int) -> None:
             state.add_message(sender=(name, address.rstrip(">")))
         app = graph.make_app(state)
     with FakeServer(app) as server:
+        urls.put(server.url)
+        while True:
+            time.sleep(3600)
+
+
+@contextlib.contextmanager
+def fake_process(kind: str, n: int) -> Iterator[Any]:
+    ctx = multiprocessing.get_context("spawn")
+    urls = ctx.Queue()
+    child = ctx.Process(target=_serve, args=(kind, n, urls), daemon=True)
+    child.start()
+    try:
+        yield types.SimpleNamespace(url=urls.get(timeout=120))
+    finally:
+        child.terminate()
+        child.join(5)
+
+
+async def api(kind: str, n: int) -> None:
+    """Gmail or Graph: connector alone, then the pipeline, against the fake over HTTP."""
+    from tests.fakes import gmail, graph
+
+    with fake_process(kind, n) as server:
         if kind == "gmail":
             table: dict[str, Any] = {
                 "type": "gmail",
@@ -180,6 +207,10 @@ async def api(kind: str, n: int) -> None:
                 "folders": ["inbox"],
             }
         await pull_rate(kind, table, "pull (fake over loopback HTTP)")
+        if kind == "gmail":
+            for concurrency in (1, 5):
+                label = f"pull, concurrency {concurrency}"
+                await pull_rate(kind, {**table, "concurrency": concurrency}, label)
         with tempfile.TemporaryDirectory() as tmp:
             engine = engine_for(Path(tmp), table)
             started = time.perf_counter()

@@ -10,7 +10,15 @@ from sqlalchemy import Engine, func, select
 
 from sync.engine import SyncEngine
 from sync.queries import golden_detail, iter_xref, search_golden, store_totals
-from sync.store import connector_state, dead_letter, golden_record, source_record, sync_run
+from sync.store import (
+    connector_state,
+    dead_letter,
+    golden_record,
+    membership,
+    review_item,
+    source_record,
+    sync_run,
+)
 from tests.conftest import SAMPLES, make_settings
 
 
@@ -71,22 +79,39 @@ async def test_demo_sources_merge_people_across_sources(tmp_path, db, store_url)
         assert len(bob) == 1
         detail = golden_detail(conn, bob[0]["id"])
     assert detail is not None
-    # Lead L-1001 (work email), lead L-1021, the mail participant and the web form are one
-    # person: the form's phone ties the gmail address to the Acme lead.
+    # Lead L-1021, the mail participant and the web form share bob.smith@gmail.com.
     sources = sorted((m["source"], m["external_id"]) for m in detail["members"])
     assert sources == [
-        ("leads", "L-1001"),
         ("leads", "L-1021"),
         ("mail", "bob.smith@gmail.com"),
         ("webforms", "F-9001"),
     ]
-    assert set(detail["fields"]["emails"]) == {"bob.smith@gmail.com", "robert.smith@acme-corp.com"}
-    assert detail["lineage"]["job_title"]["external_id"] == "L-1001"
+    assert detail["fields"]["phones"] == ["+14155550132"]
+    assert detail["lineage"]["company"]["external_id"] == "F-9001"
     assert {t["type"] for t in detail["timeline"]} == {"email", "form_submission"}
+    # The form's phone also matches lead L-1001 (Robert Smith at Acme) strongly, but that
+    # would join two existing golden records that do not look alike on average (the chain
+    # guard): the pair waits for a steward, with the matcher's reasons.
+    with db.connect() as conn:
+        [item] = conn.execute(
+            select(review_item.c.record_a, review_item.c.record_b, review_item.c.explanation)
+        ).all()
+        ids = {
+            r.external_id
+            for r in conn.execute(
+                select(source_record.c.external_id).where(
+                    source_record.c.id.in_([item.record_a, item.record_b])
+                )
+            )
+        }
+    assert ids == {"L-1001", "F-9001"}
+    assert "would join two golden records" in item.explanation["held"]
+    assert item.explanation["fields"]["phone"]["level"] == "exact"
     # Two different James Smiths stay apart.
     with db.connect() as conn:
         assert len(search_golden(conn, "james smith")) == 2
-    assert totals["golden_records"] == 24
+    assert totals["golden_records"] == 25
+    assert totals["open_reviews"] == 1
     assert totals["contacts"] == 39
 
 
@@ -266,3 +291,40 @@ async def test_pushed_records_are_ingested_once(tmp_path, db, store_url):
     assert (first.new, first.goldens_created, first.activities_linked) == (2, 1, 1)
     again = await engine.ingest("forms", records)
     assert (again.new, again.unchanged) == (0, 2)
+
+
+async def test_one_record_may_not_chain_two_unlike_golden_records(tmp_path, db, store_url):
+    """The chain guard: C matches A by email and B by phone, but A and B (same common name,
+    different company and city) do not look alike; C joins A and the C-B link waits for a
+    steward with the reasons."""
+    rows = [
+        "id,first_name,last_name,email,phone,company,city",
+        "A,Robert,Smith,robert.smith@acme-corp.com,,Acme Corp,San Francisco",
+        "B,Robert,Smith,,+12125550143,Globex Inc,New York",
+    ]
+    # Enough other people that a shared name is weak evidence on its own.
+    rows += [f"P{i},Pat{i},Lee{i},p{i}@example.org,,Co{i},Town{i % 7}" for i in range(300)]
+    (tmp_path / "base.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    (tmp_path / "new.csv").write_text(
+        "id,first_name,last_name,email,phone\n"
+        "C,Robert,Smith,robert.smith@acme-corp.com,+1 212 555 0143\n",
+        encoding="utf-8",
+    )
+    cfg = {"base": {"type": "csv", "path": "base.csv"}, "new": {"type": "csv", "path": "new.csv"}}
+    engine = SyncEngine(make_settings(tmp_path, store_url, cfg), db)
+    await engine.run("base")
+    result = await engine.run("new")
+    assert result.counts.reviews_queued == 1
+    with db.connect() as conn:
+        golden_of = dict(
+            conn.execute(
+                select(source_record.c.external_id, membership.c.golden_id)
+                .join(membership, membership.c.record_id == source_record.c.id)
+                .where(source_record.c.external_id.in_(["A", "B", "C"]))
+            ).all()
+        )
+        [item] = conn.execute(select(review_item)).all()
+    assert golden_of["C"] == golden_of["A"] != golden_of["B"]
+    assert item.status == "open"
+    assert "would join two golden records" in item.explanation["held"]
+    assert item.explanation["fields"]["phone"]["level"] == "exact"

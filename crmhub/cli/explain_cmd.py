@@ -1,0 +1,97 @@
+"""`crmhub explain A B`: why two contact records match, or not, field by field."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from crmhub.cli.common import console, die, open_store, print_json, state
+
+__all__ = ["register"]
+
+_FIELD_VALUES = {
+    "first_name": ("first_name",),
+    "last_name": ("last_name",),
+    "email": ("emails",),
+    "phone": ("phones",),
+    "company": ("company",),
+    "city": ("city",),
+}
+
+
+def _value(data: dict[str, Any], field: str) -> str:
+    values = [data.get(key) for key in _FIELD_VALUES.get(field, (field,))]
+    flat = [v for value in values for v in (value if isinstance(value, list) else [value]) if v]
+    return ", ".join(str(v) for v in flat)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def explain(
+        ctx: typer.Context,
+        a: str = typer.Argument(..., help="A contact record: its id, or source:external_id."),
+        b: str = typer.Argument(..., help="The other contact record."),
+        as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    ) -> None:
+        """Show, field by field, why two records match or not (levels, weights, reasons)."""
+        from crmhub.records import Contact
+        from sync.engine import SyncEngine
+        from sync.queries import find_contact_record
+
+        settings = state(ctx).settings
+        db = open_store(settings)
+        with db.connect() as conn:
+            left, right = find_contact_record(conn, a), find_contact_record(conn, b)
+        for ref, found in ((a, left), (b, right)):
+            if found is None:
+                die(
+                    f"no contact record {ref!r} (use a record id from `crmhub golden show`, "
+                    "or source:external_id)"
+                )
+        assert left is not None
+        assert right is not None
+        matcher = SyncEngine(settings, db).matcher
+        decision = matcher.compare(
+            Contact.model_validate(left["data"]), Contact.model_validate(right["data"])
+        )
+        if as_json:
+            print_json(
+                {
+                    "a": left,
+                    "b": right,
+                    "action": decision.action,
+                    "probability": decision.probability,
+                    "explanation": decision.explanation,
+                }
+            )
+            return
+        table = Table(
+            title=f"{left['source']}:{left['external_id']}  vs  "
+            f"{right['source']}:{right['external_id']}",
+            title_justify="left",
+        )
+        for column in ("field", "A", "B", "level", "weight", "why"):
+            table.add_column(column, justify="right" if column == "weight" else "left")
+        fields = decision.explanation.get("fields", {})
+        for name, info in fields.items():
+            weight = info.get("weight", 0.0)
+            colour = "green" if weight > 0 else "red" if weight < 0 else "dim"
+            table.add_row(
+                name,
+                _value(left["data"], name),
+                _value(right["data"], name),
+                str(info.get("level", "")),
+                f"[{colour}]{weight:+.2f}[/]",
+                str(info.get("normalisation", "")),
+            )
+        console.print(table)
+        if not fields:
+            console.print(f"shared identifiers: {decision.explanation}")
+        same = left["golden_id"] == right["golden_id"]
+        console.print(
+            f"decision: [bold]{decision.action}[/] (probability {decision.probability:.4f}); "
+            f"today they are {'in the same' if same else 'in different'} golden records "
+            f"({left['golden_id']}, {right['golden_id']})."
+        )

@@ -1,0 +1,274 @@
+"""arq job functions and the worker settings built from config.
+
+arq only decides when and where a run happens; the run itself is `SyncEngine.run`, the same
+code `crmhub sync` runs in-process. The store's `sync_run` table is the system of record
+(arq may lose jobs with Redis, see RELIABILITY.md §1.1), so:
+
+- every request is first a `sync_run` row in state `queued`, then an arq job with the
+  deterministic id `sync:NAME`: a connector is never queued twice, and a request arq lost
+  is queued again by the worker's reconciler (`sync.worker`);
+- a job holds the connector's lease (`sync.locks`) for the whole run: never two runs of one
+  connector at once, and a dead worker's lease expires so another worker takes over;
+- transient errors retry with backoff (at least the source's Retry-After), up to `max_tries`;
+  permanent ones (bad credentials, invalid config) are recorded once and not retried.
+
+Run states: queued -> running -> succeeded | failed | retrying (-> running ...) | interrupted
+(worker stopped or killed; the next run resumes from the last committed page).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+from arq import Retry, cron
+from arq.connections import ArqRedis, RedisSettings
+from arq.constants import in_progress_key_prefix, job_key_prefix
+from sqlalchemy import Engine, delete, func, select, update
+from sqlalchemy.exc import DBAPIError
+
+from crmhub.errors import ConfigError, CrmHubError, RateLimitedError, TransientError
+from crmhub.settings import Settings
+from sync.locks import Lease, LeaseLost, lease_key
+from sync.metrics import queue_name, record_run
+from sync.schedule import due_connectors
+from sync.store import sync_run, write_transaction
+
+__all__ = [
+    "JOB_ENQUEUE_DUE",
+    "JOB_SYNC",
+    "enqueue_due_syncs",
+    "enqueue_sync",
+    "job_id",
+    "redis_settings",
+    "retry_delay",
+    "sync_connector",
+    "worker_settings",
+]
+
+log = logging.getLogger("crmhub.jobs")
+
+JOB_SYNC = "sync_connector"
+JOB_ENQUEUE_DUE = "enqueue_due_syncs"
+# Rows a job may continue; any other state means that attempt is over and a new row starts.
+_CONTINUABLE = ("queued", "retrying")
+
+
+def job_id(settings: Settings, name: str) -> str:
+    return f"{settings.queue.namespace}sync:{name}"
+
+
+def redis_settings(settings: Settings, retries: int = 10) -> RedisSettings:
+    rs = RedisSettings.from_dsn(settings.queue.redis_url)
+    rs.conn_retries = retries  # by default, ride out a Redis restart at startup
+    rs.conn_timeout = 2
+    return rs
+
+
+def is_transient_db_error(exc: DBAPIError) -> bool:
+    """Deadlock, serialization failure, dropped connection, SQLite busy: the page's
+    transaction rolled back whole, so running again from the cursor is safe."""
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    return (
+        exc.connection_invalidated
+        or sqlstate in ("40P01", "40001", "57P01", "08006", "08003")
+        or "database is locked" in str(exc.orig)
+    )
+
+
+def retry_delay(settings: Settings, job_try: int, exc: BaseException) -> float:
+    """Exponential backoff from `retry_backoff`, never sooner than the source's Retry-After.
+
+    Database conflicts (two runs merging into the same golden records) retry within seconds,
+    with jitter so the two runs do not collide again.
+    """
+    if isinstance(exc, DBAPIError):
+        return round(random.uniform(0.5, 2.0) * job_try, 2)
+    backoff = float(settings.queue.retry_backoff * 2 ** max(0, job_try - 1))
+    after: float | None = None
+    if isinstance(exc, RateLimitedError):
+        after = exc.context.get("retry_after")
+    return max(backoff, float(after or 0))
+
+
+# -- sync_run rows ------------------------------------------------------------------------
+def _insert_queued(db: Engine, name: str, full: bool) -> int:
+    with write_transaction(db) as conn:
+        return int(
+            conn.execute(
+                sync_run.insert().returning(sync_run.c.id),
+                {
+                    "connector": name,
+                    "state": "queued",
+                    "full_refresh": int(full),
+                    "started_at": datetime.now(UTC),
+                    "counts": {},
+                },
+            ).scalar_one()
+        )
+
+
+def _set_state(db: Engine, run_id: int, state: str, error: str | None) -> None:
+    values: dict[str, Any] = {"state": state, "error": error}
+    if state in ("failed", "succeeded", "interrupted"):
+        values["finished_at"] = datetime.now(UTC)
+    with write_transaction(db) as conn:
+        conn.execute(update(sync_run).where(sync_run.c.id == run_id).values(**values))
+
+
+def _claim_row(db: Engine, run_id: int | None, name: str, full: bool) -> int:
+    """The run row this attempt continues: its own if still queued/retrying, else the
+    connector's latest queued one (left by an interrupted attempt), else a new one."""
+    with db.connect() as conn:
+        if run_id is not None:
+            row = conn.execute(
+                select(sync_run.c.state, sync_run.c.connector).where(sync_run.c.id == run_id)
+            ).first()
+            if row is not None and row.connector == name and row.state in _CONTINUABLE:
+                return run_id
+        latest = conn.execute(
+            select(func.max(sync_run.c.id)).where(
+                sync_run.c.connector == name, sync_run.c.state.in_(_CONTINUABLE)
+            )
+        ).scalar()
+    return int(latest) if latest is not None else _insert_queued(db, name, full)
+
+
+async def enqueue_sync(
+    redis: ArqRedis, settings: Settings, db: Engine, name: str, *, full: bool = False
+) -> int | None:
+    """Record a queued run of `name` and queue its job; None if one is already queued/running."""
+    run_id = _insert_queued(db, name, full)
+    job = await redis.enqueue_job(
+        JOB_SYNC,
+        name,
+        full,
+        run_id,
+        _job_id=job_id(settings, name),
+        _queue_name=queue_name(settings),
+    )
+    if job is None:
+        with write_transaction(db) as conn:
+            conn.execute(delete(sync_run).where(sync_run.c.id == run_id))
+        return None
+    log.info("sync queued", extra={"connector": name, "run_id": run_id})
+    return run_id
+
+
+# -- job functions ------------------------------------------------------------------------
+async def sync_connector(
+    ctx: dict[str, Any], name: str, full: bool = False, run_id: int | None = None
+) -> dict[str, Any]:
+    """One connector run under its lease. Arguments are ids only: never tokens or PII."""
+    settings: Settings = ctx["settings"]
+    db: Engine = ctx["db"]
+    job_try: int = ctx.get("job_try", 1)
+    last_try = job_try >= settings.queue.max_tries
+    run_id = _claim_row(db, run_id, name, full)
+    lease = Lease(
+        ctx["redis"], lease_key(settings.queue.namespace, name), settings.queue.lease_seconds
+    )
+    if not await lease.acquire():
+        holder = await lease.holder()
+        log.info("connector locked elsewhere", extra={"connector": name, "holder": holder})
+        if last_try:
+            # Out of tries but not failed: the row stays queued and the reconciler queues it
+            # again under the connector's own job id once the running job has ended.
+            return {"connector": name, "run_id": run_id, "state": "queued"}
+        raise Retry(defer=settings.queue.lease_seconds)
+    started = time.perf_counter()
+    try:
+        async with lease.held():
+            result = await ctx["engine"].run(name, full=full, run_id=run_id)
+    except ConfigError as exc:
+        # Raised before the engine touches the row: record it here. Not retried.
+        _set_state(db, run_id, "failed", str(exc))
+        record_run(name, "failed", time.perf_counter() - started, {})
+        log.warning("sync config error", extra={"connector": name, "run_id": run_id})
+        return {"connector": name, "run_id": run_id, "state": "failed", "error": str(exc)}
+    except (TransientError, httpx.TransportError, DBAPIError) as exc:
+        if isinstance(exc, DBAPIError) and not is_transient_db_error(exc):
+            raise
+        record_run(name, "failed" if last_try else "retrying", time.perf_counter() - started, {})
+        if last_try and isinstance(exc, DBAPIError):
+            # A conflict with another run is no fault of this connector, and every committed
+            # page moved its cursor on: stay queued, the reconciler runs it again.
+            _insert_queued(db, name, full)
+            return {"connector": name, "run_id": run_id, "state": "queued"}
+        if last_try:
+            return {"connector": name, "run_id": run_id, "state": "failed"}
+        delay = retry_delay(settings, job_try, exc)
+        reason = f"database: {type(exc.orig).__name__}" if isinstance(exc, DBAPIError) else exc
+        _set_state(db, run_id, "retrying", f"{reason} (retry {job_try} in {delay:.0f}s)")
+        log.info("sync retrying", extra={"connector": name, "run_id": run_id, "delay": delay})
+        raise Retry(defer=delay) from exc
+    except CrmHubError as exc:
+        # Permanent (bad credentials, a gone resource...): the engine recorded it; no retry.
+        record_run(name, "failed", time.perf_counter() - started, {})
+        return {"connector": name, "run_id": run_id, "state": "failed", "error": str(exc)}
+    except LeaseLost:
+        # Redis lost the lease or another worker took over. Leave a queued row so the run
+        # resumes from our last committed page even if Redis lost the job too (reconciler).
+        record_run(name, "interrupted", time.perf_counter() - started, {})
+        _insert_queued(db, name, full)
+        return {"connector": name, "run_id": run_id, "state": "interrupted"}
+    except asyncio.CancelledError:
+        # Worker shutdown (SIGTERM) or job timeout: the current page committed, the run is
+        # `interrupted`; a queued row marks it for resumption and arq keeps the job.
+        record_run(name, "interrupted", time.perf_counter() - started, {})
+        _insert_queued(db, name, full)
+        raise
+    record_run(name, result.state, result.seconds, result.as_dict()["counts"])
+    return {"connector": name, "run_id": run_id, "state": result.state}
+
+
+async def enqueue_due_syncs(ctx: dict[str, Any]) -> list[str]:
+    """Cron tick (every minute): queue the connectors whose schedule fires this minute."""
+    settings: Settings = ctx["settings"]
+    score = ctx.get("score")
+    # The tick's scheduled time, not when it happened to start.
+    at = datetime.fromtimestamp(score / 1000, UTC) if score else datetime.now(UTC)
+    queued = []
+    for name in due_connectors(settings, at + timedelta(seconds=1)):
+        if await enqueue_sync(ctx["redis"], settings, ctx["db"], name) is not None:
+            queued.append(name)
+    return queued
+
+
+def worker_settings(settings: Settings) -> dict[str, Any]:
+    """Keyword arguments for `arq.worker.Worker`, from the `[queue]` table."""
+    q = settings.queue
+    return {
+        "functions": [_sync_function(settings)],
+        "cron_jobs": [
+            cron(enqueue_due_syncs, name=JOB_ENQUEUE_DUE, second=0, microsecond=0, unique=True)
+        ],
+        "queue_name": queue_name(settings),
+        "redis_settings": redis_settings(settings),
+        "job_timeout": q.job_timeout,
+        "max_tries": q.max_tries,
+        "max_jobs": q.max_jobs,
+        # A fixed job id must be reusable as soon as the run ends (arq #430): keep no result.
+        "keep_result": 0,
+        "health_check_interval": q.health_check_interval,
+        "timezone": UTC,
+    }
+
+
+def _sync_function(settings: Settings) -> Any:
+    from arq.worker import func
+
+    return func(sync_connector, name=JOB_SYNC, timeout=settings.queue.job_timeout)
+
+
+def in_progress_key(settings: Settings, name: str) -> str:
+    return in_progress_key_prefix + job_id(settings, name)
+
+
+def job_key(settings: Settings, name: str) -> str:
+    return job_key_prefix + job_id(settings, name)
