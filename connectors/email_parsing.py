@@ -18,7 +18,17 @@ from email.utils import getaddresses, parsedate_to_datetime
 from html.parser import HTMLParser
 from typing import Any
 
-__all__ = ["ParsedEmail", "html_to_text", "parse_email"]
+from crmhub.records import RawRecord
+
+__all__ = [
+    "MailIdentity",
+    "ParsedEmail",
+    "email_records",
+    "html_to_text",
+    "is_automated",
+    "parse_email",
+    "parse_header_list",
+]
 
 _EXCERPT = 500
 _AUTOMATED_LOCAL = re.compile(r"^(no-?reply|do-?not-?reply|mailer-daemon|postmaster|bounces?)\b")
@@ -162,12 +172,7 @@ def parse_email(raw: bytes) -> ParsedEmail:
     sender = senders[0] if senders else None
     references = _header(msg, "References").split()
     thread = (references[0] if references else _header(msg, "In-Reply-To")) or message_id
-    automated = bool(
-        (sender and _AUTOMATED_LOCAL.match(sender[1].split("@")[0]))
-        or msg.get("List-Unsubscribe")
-        or (msg.get("Auto-Submitted", "no").lower() != "no")
-        or msg.get("Precedence", "").lower() in ("bulk", "list", "junk")
-    )
+    automated = is_automated(sender[1] if sender else None, msg)
     return ParsedEmail(
         message_id=message_id,
         subject=_header(msg, "Subject"),
@@ -179,3 +184,78 @@ def parse_email(raw: bytes) -> ParsedEmail:
         thread_id=thread.strip("<> "),
         automated=automated,
     )
+
+
+def is_automated(sender: str | None, headers: Message | dict[str, str]) -> bool:
+    """Machine-sent mail (no-reply, bulk, auto-replies): its sender is not a correspondent.
+
+    `headers` is a parsed message or a dict of header values (API connectors).
+    """
+
+    def get(name: str, default: str = "") -> str:
+        if isinstance(headers, Message):
+            return str(headers.get(name, default))
+        lowered = {k.lower(): v for k, v in headers.items()}
+        return str(lowered.get(name.lower(), default))
+
+    return bool(
+        (sender and _AUTOMATED_LOCAL.match(sender.split("@")[0]))
+        or get("List-Unsubscribe")
+        or (get("Auto-Submitted", "no").strip().lower() not in ("", "no"))
+        or get("Precedence").strip().lower() in ("bulk", "list", "junk")
+    )
+
+
+def parse_header_list(headers: list[tuple[str, str]], excerpt: str = "") -> ParsedEmail:
+    """Parse a message given as (name, value) header pairs (Gmail metadata, Graph headers).
+
+    The headers are rebuilt into an RFC 5322 block, so decoding, addresses, thread ids and
+    the derived id of a message without Message-ID are exactly those of `parse_email`.
+    """
+    lines = []
+    for name, value in headers:
+        clean_name = re.sub(r"[^!-9;-~]", "", name)  # printable, no colon
+        if clean_name:
+            lines.append(f"{clean_name}: {' '.join(str(value).split())}")
+    raw = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "replace")
+    parsed = parse_email(raw)
+    parsed.excerpt = " ".join(html.unescape(excerpt).split())[:_EXCERPT]
+    return parsed
+
+
+@dataclass(frozen=True, slots=True)
+class MailIdentity:
+    """Who "we" are for one mailbox: the owner's addresses and the company's domains."""
+
+    owner: frozenset[str]
+    internal_domains: frozenset[str]
+
+    @classmethod
+    def of(cls, owner: list[str], internal_domains: list[str]) -> MailIdentity:
+        return cls(
+            frozenset(a.strip().lower() for a in owner if a.strip()),
+            frozenset(d.strip().lower().lstrip("@") for d in internal_domains if d.strip()),
+        )
+
+    def is_external(self, address: str) -> bool:
+        address = address.lower()
+        return address not in self.owner and address.rpartition("@")[2] not in self.internal_domains
+
+
+def email_records(parsed: ParsedEmail, origin: str, identity: MailIdentity) -> list[RawRecord]:
+    """One `activity` per message plus one `contact` per external, human participant.
+
+    Colleagues (internal domains), the mailbox owner and the sender of automated mail are
+    never turned into contacts; they still appear among the activity's participants.
+    """
+    out: list[RawRecord] = []
+    for name, address in parsed.participants:
+        if not identity.is_external(address):
+            continue
+        if parsed.automated and parsed.sender and address == parsed.sender[1]:
+            continue
+        out.append(RawRecord(address, "contact", {"email": address, "name": name}, origin=origin))
+    out.append(
+        RawRecord(parsed.message_id, "activity", parsed.as_payload(), parsed.sent_at, origin)
+    )
+    return out

@@ -14,7 +14,7 @@ from crmhub.errors import UnknownConnectorError
 __all__ = ["available_connectors", "get_connector_class", "register"]
 
 _REGISTRY: dict[str, type[Connector[Any]]] = {}
-_NOT_CONNECTORS = {"base", "registry", "http", "pagination", "files", "email_parsing"}
+_NOT_CONNECTORS = {"base", "registry", "http", "pagination", "files", "email_parsing", "oauth"}
 _loaded = False
 
 C = TypeVar("C", bound=type[Connector[Any]])

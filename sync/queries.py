@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from sqlalchemy import Connection, and_, exists, func, or_, select
@@ -212,6 +212,7 @@ def golden_detail(conn: Connection, golden_id: int) -> dict[str, Any] | None:
             activity.c.occurred_at,
             activity.c.subject,
             source_record.c.source,
+            source_record.c.external_id,
         )
         .join(source_record, source_record.c.id == activity.c.record_id)
         .where(
@@ -249,9 +250,22 @@ def golden_detail(conn: Connection, golden_id: int) -> dict[str, Any] | None:
                 "subject": t.subject,
                 "source": t.source,
             }
-            for t in timeline
+            for t in _one_per_message(timeline)
         ],
     }
+
+
+def _one_per_message(rows: Sequence[Any]) -> list[Any]:
+    """Drop copies of one email synced from several mailboxes (same Message-ID, any source)."""
+    seen: set[str] = set()
+    out = []
+    for row in rows:
+        if row.type == "email":
+            if row.external_id in seen:
+                continue
+            seen.add(row.external_id)
+        out.append(row)
+    return out
 
 
 def iter_golden(conn: Connection) -> Iterator[dict[str, Any]]:

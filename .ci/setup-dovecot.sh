@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Dovecot for the IMAP connector tests. The tests start their own instance (throwaway config,
+# ephemeral loopback port); only the binaries are needed here, not the system service.
+set -euo pipefail
+if ! command -v dovecot >/dev/null 2>&1; then
+  apt-get update
+  DEBIAN_FRONTEND=noninteractive apt-get install -y dovecot-imapd
+fi

@@ -1,0 +1,169 @@
+"""The Gmail connector against the fake Gmail API over loopback HTTP, through the pipeline."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from connectors import ConnectorContext, get_connector_class
+from crmhub.errors import AuthError
+from sync.engine import SyncEngine
+from sync.queries import store_totals
+from sync.store import make_engine
+from tests.conftest import make_settings
+from tests.fakes import gmail
+from tests.fakes.server import FakeServer, Fault
+
+
+@pytest.fixture
+def fake() -> Iterator[tuple[gmail.GmailState, str]]:
+    state = gmail.GmailState("unused")
+    with FakeServer(gmail.make_app(state)) as server:
+        yield state, server.url
+
+
+def table(url: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "type": "gmail",
+        "base_url": url + "/gmail/v1",
+        "token_url": url + "/token",
+        "client_id": gmail.CLIENT_ID,
+        "client_secret": gmail.CLIENT_SECRET,
+        "refresh_token": gmail.REFRESH,
+        "internal_domains": ["crmhub.test"],
+        "rate_limit": 10_000,
+        **extra,
+    }
+
+
+def engine_for(tmp_path: Path, url: str, **extra: Any) -> SyncEngine:
+    settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 's.db'}", {"g": table(url, **extra)})
+    from sync.migrate import upgrade
+
+    db = make_engine(settings.store.url)
+    upgrade(db)
+    return SyncEngine(settings, db)
+
+
+def activities(engine: SyncEngine) -> int:
+    with engine.db.connect() as conn:
+        return store_totals(conn)["activities"]
+
+
+async def test_list_first_then_history_only(fake: Any, tmp_path: Path) -> None:
+    state, url = fake
+    state.add_messages(23)
+    engine = engine_for(tmp_path, url, page_size=10)
+    first = await engine.run("g")
+    assert (first.counts.activities, first.counts.contacts) == (23, 23)
+    assert state.requests.count("/gmail/v1/users/me/messages") == 3
+    state.requests.clear()
+    assert (await engine.run("g")).counts.pulled == 0
+    state.add_messages(4)
+    third = await engine.run("g")
+    assert third.counts.activities == 4
+    assert "/gmail/v1/users/me/messages" not in state.requests  # no listing: history only
+    assert "/gmail/v1/users/me/history" in state.requests
+    assert activities(engine) == 27
+    engine.close()
+    engine.db.dispose()
+
+
+async def test_expired_history_id_falls_back_to_full_sync_without_doubles(
+    fake: Any, tmp_path: Path
+) -> None:
+    state, url = fake
+    state.add_messages(12)
+    engine = engine_for(tmp_path, url)
+    await engine.run("g")
+    state.add_messages(3)
+    state.expire_history()
+    result = await engine.run("g")
+    assert result.counts.activities == 15  # everything listed again ...
+    assert result.counts.new == 6  # ... only the 3 new messages and senders are new
+    assert activities(engine) == 15
+    engine.close()
+    engine.db.dispose()
+
+
+async def test_token_expiring_mid_run_is_refreshed_once(fake: Any, tmp_path: Path) -> None:
+    state, url = fake
+    state.add_messages(30)
+    cls = get_connector_class("gmail")
+    connector = cls(cls.Config(**table(url, page_size=10)), ConnectorContext("g", tmp_path))
+    seen = 0
+    async for page in connector.pull("activities", None):
+        seen += sum(r.kind == "activity" for r in page.records)
+        state.expire_tokens()  # the access token dies between pages
+    assert seen == 30
+    assert state.refreshes == 3  # the first token, then one refresh after each 401
+    assert state.statuses.count(401) == 2
+
+
+async def test_429_and_403_rate_limits_are_retried(fake: Any, tmp_path: Path) -> None:
+    state, url = fake
+    state.add_messages(8)
+    state.faults = [
+        Fault(429, path="/messages/"),
+        Fault(403, path="/messages/"),
+        Fault(429, retry_after="0", path="/messages"),
+    ]
+    engine = engine_for(tmp_path, url)
+    result = await engine.run("g")
+    assert result.counts.activities == 8
+    assert state.statuses.count(429) == 2
+    assert state.statuses.count(403) == 1
+    engine.close()
+    engine.db.dispose()
+
+
+async def test_revoked_refresh_token_is_one_clear_auth_error(fake: Any, tmp_path: Path) -> None:
+    state, url = fake
+    state.add_messages(2)
+    cls = get_connector_class("gmail")
+    connector = cls(
+        cls.Config(**table(url, refresh_token="1//revoked-SECRET")), ConnectorContext("g", tmp_path)
+    )
+    with pytest.raises(AuthError, match=r"invalid_grant.*'refresh_token'") as caught:
+        [p async for p in connector.pull("activities", None)]
+    assert "SECRET" not in str(caught.value)
+    assert state.requests == ["/token"]  # no retry storm
+
+
+async def test_filters_and_bad_headers(fake: Any, tmp_path: Path) -> None:
+    state, url = fake
+    state.add_message(sender="Col <col@crmhub.test>", to="Dee <dee@client.example>")
+    state.add_message(sender="Shop <no-reply@shop.example>")
+    state.add_message(sender="News <n@list.example>", extra=[("Precedence", "bulk")])
+    state.add_message(labels=["SPAM"])
+    undated = state.add_message(sender="Uma <uma@crmhub.test>")
+    undated.headers = [h for h in undated.headers if h[0] != "Date"]
+    state.add_message(message_id=None, sender="=?utf-8?B?SsO8cmdlbg==?= <j@client.example>")
+    cls = get_connector_class("gmail")
+    connector = cls(cls.Config(**table(url)), ConnectorContext("g", tmp_path))
+    pages = [p async for p in connector.pull("activities", None)]
+    acts = [r for p in pages for r in p.records if r.kind == "activity"]
+    contacts = sorted(r.external_id for p in pages for r in p.records if r.kind == "contact")
+    assert len(acts) == 5  # spam is skipped
+    by_subject = {a.payload["subject"]: a for a in acts}
+    assert by_subject[f"Deal {len(state.messages) - 1}"].updated_at == undated.internal
+    assert contacts == ["dee@client.example", "j@client.example"]
+    derived = next(a for a in acts if a.payload["from"]["email"] == "j@client.example")
+    assert derived.external_id.startswith("sha:")
+    assert derived.payload["from"]["name"] == "Jürgen"
+    assert derived.payload["excerpt"] == "Hello & welcome"
+
+
+async def test_expired_list_page_token_restarts_the_listing(fake: Any, tmp_path: Path) -> None:
+    state, url = fake
+    state.add_messages(7)
+    cls = get_connector_class("gmail")
+    connector = cls(cls.Config(**table(url)), ConnectorContext("g", tmp_path))
+    stale = {"history_id": "5", "page_token": "expired-token"}
+    pages = [p async for p in connector.pull("activities", stale)]
+    assert sum(r.kind == "activity" for p in pages for r in p.records) == 7
+    assert pages[-1].next_cursor == {"history_id": str(state.history_id)}
+    assert 400 in state.statuses

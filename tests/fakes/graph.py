@@ -1,0 +1,195 @@
+"""Fake Microsoft Graph v1.0 mail + Microsoft identity token endpoint: `POST
+/common/oauth2/v2.0/token` (refresh_token grant), `GET /v1.0/me`, per-folder
+`/me/mailFolders/{inbox|sentitems}/messages/delta` rounds (`Prefer: odata.maxpagesize`,
+`@odata.nextLink` with `$skiptoken`, a final `@odata.deltaLink` with `$deltatoken`, `@removed`
+entries for deleted messages), 410 `SyncStateNotFound` for an expired delta token, 401
+`InvalidAuthenticationToken`, and 429 `ApplicationThrottled` with Retry-After."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import parse_qs
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp
+
+from tests.fakes.server import FakeState, faulty
+
+CLIENT_ID = "00000000-fake-graph-client"
+CLIENT_SECRET = "fake-graph-secret"
+REFRESH = "M.R3_fake-graph-refresh"
+OWNER = "rep@crmhub.test"
+
+
+@dataclass
+class GraphState(FakeState):
+    folders: dict[str, dict[str, dict[str, Any]]] = field(
+        default_factory=lambda: {"inbox": {}, "sentitems": {}}
+    )
+    log: list[tuple[int, str, str, str]] = field(default_factory=list)  # seq, folder, id, kind
+    seq: int = 0
+    expired_before: int = 0  # delta tokens below this answer 410
+    access: dict[str, float] = field(default_factory=dict)
+    refreshes: int = 0
+    n: int = 0
+
+    def add_message(
+        self,
+        folder: str = "inbox",
+        *,
+        sender: tuple[str, str] | None = None,
+        to: list[tuple[str, str]] | None = None,
+        message_id: str | None = "",
+        headers: list[dict[str, str]] | None = None,
+    ) -> dict[str, Any]:
+        self.n += 1
+        n = self.n
+        at = datetime(2026, 3, 1, tzinfo=UTC) + timedelta(minutes=n)
+        name, address = sender or (f"Client {n}", f"client{n}@customer.example")
+
+        def who(pair: tuple[str, str]) -> dict[str, Any]:
+            return {"emailAddress": {"name": pair[0], "address": pair[1]}}
+
+        msg: dict[str, Any] = {
+            "@odata.etag": f'W/"{n}"',
+            "id": f"AAMkAG{n:010d}=",
+            "subject": f"Deal {n}",
+            "bodyPreview": f"Hi, about deal {n}",
+            "receivedDateTime": at.isoformat().replace("+00:00", "Z"),
+            "sentDateTime": at.isoformat().replace("+00:00", "Z"),
+            "from": who((name, address)),
+            "toRecipients": [who(p) for p in (to or [("Rep", OWNER)])],
+            "ccRecipients": [],
+            "internetMessageId": f"<o{n}@customer.example>" if message_id == "" else message_id,
+            "conversationId": f"conv{n}",
+        }
+        if headers is not None:
+            msg["internetMessageHeaders"] = headers
+        self.folders[folder][msg["id"]] = msg
+        self.seq += 1
+        self.log.append((self.seq, folder, msg["id"], "upsert"))
+        return msg
+
+    def delete(self, folder: str, message_id: str) -> None:
+        self.folders[folder].pop(message_id)
+        self.seq += 1
+        self.log.append((self.seq, folder, message_id, "removed"))
+
+    def expire_delta_tokens(self) -> None:
+        self.expired_before = self.seq + 1
+
+
+def gerror(code: str, message: str) -> dict[str, Any]:
+    return {
+        "error": {
+            "code": code,
+            "message": message,
+            "innerError": {"date": "2026-03-01T00:00:00", "request-id": "fake"},
+        }
+    }
+
+
+def error_body(status: int, path: str) -> tuple[dict[str, Any], dict[str, str]]:
+    if status == 429:
+        return gerror(
+            "ApplicationThrottled", "Application is over its MailboxConcurrency limit."
+        ), {}
+    if status == 401:
+        return gerror("InvalidAuthenticationToken", "Access token has expired."), {}
+    return gerror("UnknownError", "Service unavailable"), {}
+
+
+def make_app(state: GraphState) -> ASGIApp:
+    def denied(request: Request) -> JSONResponse | None:
+        token = request.headers.get("authorization", "").removeprefix("Bearer ")
+        expiry = state.access.get(token)
+        if expiry is None or expiry < time.monotonic():
+            body, _ = error_body(401, request.url.path)
+            return JSONResponse(body, 401)
+        return None
+
+    async def token(request: Request) -> JSONResponse:
+        form = {k: v[0] for k, v in parse_qs((await request.body()).decode()).items()}
+        if form.get("client_id") != CLIENT_ID or form.get("client_secret") != CLIENT_SECRET:
+            return JSONResponse({"error": "invalid_client", "error_codes": [7000215]}, 401)
+        if form.get("refresh_token") != REFRESH:
+            return JSONResponse(
+                {"error": "invalid_grant", "error_description": "AADSTS70008: expired"}, 400
+            )
+        state.refreshes += 1
+        access = "eyJ0eXAi." + secrets.token_urlsafe(16)
+        state.access[access] = time.monotonic() + 3600
+        return JSONResponse(
+            {
+                "token_type": "Bearer",
+                "scope": form.get("scope", ""),
+                "expires_in": 3600,
+                "access_token": access,
+                "refresh_token": REFRESH,
+            }
+        )
+
+    async def me(request: Request) -> JSONResponse:
+        if (refused := denied(request)) is not None:
+            return refused
+        return JSONResponse({"id": "user-1", "mail": OWNER, "userPrincipalName": OWNER})
+
+    async def delta(request: Request) -> JSONResponse:
+        if (refused := denied(request)) is not None:
+            return refused
+        folder = request.path_params["folder"]
+        if folder not in state.folders:
+            return JSONResponse(gerror("ErrorInvalidIdMalformed", "Id is malformed."), 400)
+        q = request.query_params
+        prefer = request.headers.get("prefer", "")
+        size = 10
+        for part in prefer.split(","):
+            if part.strip().startswith("odata.maxpagesize="):
+                size = min(int(part.split("=", 1)[1]), 1000)
+        if "$skiptoken" in q:
+            since, upto, offset = (int(x) for x in q["$skiptoken"].split("-"))
+        else:
+            since = int(q.get("$deltatoken", 0))
+            if "$deltatoken" in q and since < state.expired_before:
+                return JSONResponse(
+                    gerror("SyncStateNotFound", "The sync state generation is not found."), 410
+                )
+            upto, offset = state.seq, 0
+        if since == 0:  # initial round: the folder as it is
+            items: list[dict[str, Any]] = list(state.folders[folder].values())
+        else:
+            latest: dict[str, str] = {}
+            for seq, f, mid, kind in state.log:
+                if f == folder and since < seq <= upto:
+                    latest[mid] = kind
+            items = [
+                state.folders[folder][mid]
+                if kind == "upsert" and mid in state.folders[folder]
+                else {"@odata.type": "#microsoft.graph.message", "id": mid,
+                      "@removed": {"reason": "deleted"}}
+                for mid, kind in latest.items()
+            ]  # fmt: skip
+        chunk = items[offset : offset + size]
+        base = str(request.url.replace(query=""))
+        body: dict[str, Any] = {"@odata.context": f"{base}/$metadata", "value": chunk}
+        if offset + size < len(items):
+            body["@odata.nextLink"] = f"{base}?$skiptoken={since}-{upto}-{offset + size}"
+        else:
+            body["@odata.deltaLink"] = f"{base}?$deltatoken={upto}"
+        return JSONResponse(body)
+
+    app = Starlette(
+        routes=[
+            Route("/common/oauth2/v2.0/token", token, methods=["POST"]),
+            Route("/v1.0/me", me),
+            Route("/v1.0/me/mailFolders/{folder}/messages/delta", delta),
+        ]
+    )
+    return faulty(app, state, error_body)
