@@ -370,3 +370,22 @@ async def test_refused_credentials_keep_the_push_queued(lite_hub: Hub) -> None:
     later = datetime.now(UTC) + timedelta(hours=1)
     assert (await relay(hub.settings, hub.db, now=lambda: later)).sent == 1
     assert hub.tools["hubspot"].state.people[1].status == "unsubscribed"
+
+
+async def test_forget_tells_every_tool_and_a_re_pull_re_sends_the_erasure(hub: Hub) -> None:
+    """The whole loop through the real entry points: `forget` enqueues the erasures in its
+    own transaction, and a later pull that meets the person again re-sends one (the engine's
+    suppression check), without re-creating them."""
+    from sync.erasure import forget
+
+    await hub.sync()
+    forget(hub.db, "person6@example.com", "admin")
+    assert (await relay(hub.settings, hub.db)).sent == 4
+    again = hub.tools["hubspot"].state.add_people(1)[0]
+    again.email = "person6@example.com"
+    result = await hub.engine.run("hubspot", full=True)
+    assert result.counts.suppressed == 1
+    assert (await relay(hub.settings, hub.db)).sent == 1
+    assert hub.tools["hubspot"].state.by_email("person6@example.com") is None
+    with pytest.raises(AssertionError, match="no golden record"):
+        hub.golden_of("person6@example.com")
