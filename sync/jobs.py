@@ -36,8 +36,10 @@ from crmhub.errors import ConfigError, CrmHubError, RateLimitedError, TransientE
 from crmhub.settings import Settings
 from sync.locks import Lease, LeaseLost, lease_key
 from sync.metrics import queue_name, record_run
+from sync.outbox import relay
 from sync.schedule import due_connectors
 from sync.store import sync_run, write_transaction
+from sync.writeback import plan_from_settings
 
 __all__ = [
     "JOB_ENQUEUE_DUE",
@@ -55,6 +57,7 @@ log = logging.getLogger("crmhub.jobs")
 
 JOB_SYNC = "sync_connector"
 JOB_ENQUEUE_DUE = "enqueue_due_syncs"
+JOB_RELAY = "relay_outbox"
 # Rows a job may continue; any other state means that attempt is over and a new row starts.
 _CONTINUABLE = ("queued", "retrying")
 
@@ -240,13 +243,32 @@ async def enqueue_due_syncs(ctx: dict[str, Any]) -> list[str]:
     return queued
 
 
+async def relay_outbox(ctx: dict[str, Any]) -> dict[str, Any]:
+    """Cron tick (every minute): deliver due write-back pushes (opt-outs, erasures, fields).
+
+    At least once and idempotent per vendor; rows claimed by a relay that died are taken
+    again when their lease lapses. Nothing to do unless a connector has `writeback` set.
+    """
+    settings: Settings = ctx["settings"]
+    if not plan_from_settings(settings).targets:
+        return {}
+    report = await relay(settings, ctx["db"], ctx.get("client"))
+    if report.claimed:
+        log.info(
+            "outbox relayed",
+            extra={"sent": report.sent, "failed": report.failed, "retried": report.retried},
+        )
+    return report.as_dict()
+
+
 def worker_settings(settings: Settings) -> dict[str, Any]:
     """Keyword arguments for `arq.worker.Worker`, from the `[queue]` table."""
     q = settings.queue
     return {
         "functions": [_sync_function(settings)],
         "cron_jobs": [
-            cron(enqueue_due_syncs, name=JOB_ENQUEUE_DUE, second=0, microsecond=0, unique=True)
+            cron(enqueue_due_syncs, name=JOB_ENQUEUE_DUE, second=0, microsecond=0, unique=True),
+            cron(relay_outbox, name=JOB_RELAY, second=30, microsecond=0, unique=True),
         ],
         "queue_name": queue_name(settings),
         "redis_settings": redis_settings(settings),

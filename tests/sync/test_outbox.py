@@ -389,3 +389,17 @@ async def test_forget_tells_every_tool_and_a_re_pull_re_sends_the_erasure(hub: H
     assert hub.tools["hubspot"].state.by_email("person6@example.com") is None
     with pytest.raises(AssertionError, match="no golden record"):
         hub.golden_of("person6@example.com")
+
+
+async def test_the_workers_cron_job_relays_the_outbox(hub: Hub) -> None:
+    """The arq cron job (`relay_outbox`) is the same relay: a worker delivers what waits."""
+    from sync.jobs import JOB_RELAY, relay_outbox, worker_settings
+
+    assert JOB_RELAY in {c.name for c in worker_settings(hub.settings)["cron_jobs"]}
+    await hub.sync()
+    with write_transaction(hub.db) as conn:
+        assert enqueue_erasure(conn, hub.golden_of("person6@example.com")) == 4
+    report = await relay_outbox({"settings": hub.settings, "db": hub.db})
+    assert (report["sent"], report["failed"]) == (4, 0)
+    again = await relay_outbox({"settings": hub.settings, "db": hub.db})
+    assert (again["claimed"], again["sent"]) == (0, 0)  # delivered once, nothing left
