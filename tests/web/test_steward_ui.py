@@ -233,3 +233,27 @@ async def test_sources_page_shows_quality_runs_and_dead_letters(workspace, db):
         errors = await client.get("/errors", params={"source": "crm"})
         assert "crm.csv:9" in errors.text
         assert "email &lt;b&gt;missing&lt;/b&gt;" in errors.text
+
+
+async def test_golden_page_shows_which_tools_were_told_what(workspace, db):
+    from datetime import UTC, datetime
+
+    from sync.store import golden_record, writeback_ledger
+
+    with db.begin() as conn:
+        golden_id = conn.execute(select(golden_record.c.id).limit(1)).scalar_one()
+        conn.execute(
+            writeback_ledger.insert().values(
+                connector="newsletter",
+                golden_id=golden_id,
+                field="consent",
+                value_hash="0" * 64,
+                pushed_at=datetime(2026, 11, 24, 9, 30, tzinfo=UTC),
+            )
+        )
+    async with workspace.client() as client:
+        await sign_in(client, "viewer")
+        page = await client.get(f"/golden/{golden_id}")
+    assert page.status_code == 200
+    assert "Connected tools told" in page.text
+    assert "<td>newsletter</td><td>consent</td><td>sent</td><td>2026-11-24 09:30</td>" in page.text

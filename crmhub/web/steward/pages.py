@@ -30,6 +30,7 @@ from crmhub.web.steward.auth import (
     ui_role,
 )
 from sync import review
+from sync.outbox import disclosures
 from sync.quality import QUALITY_FIELDS, source_quality
 from sync.queries import dead_letters, golden_detail, list_runs, search_golden
 from sync.users import SESSION_TTL, authenticate, create_session, end_session
@@ -341,9 +342,10 @@ def golden(
     """A golden record: fields with their source, member records, timeline."""
     with db_of(request).connect() as conn:
         detail = golden_detail(conn, golden_id)
+        told = disclosures(conn, detail["id"]) if detail is not None else []
     if detail is None:
         raise HTTPException(404, f"no golden record {golden_id}")
-    return render(request, "golden.html", session, g=detail, done=done)
+    return render(request, "golden.html", session, g=detail, done=done, told=told)
 
 
 @router.post("/golden/{golden_id}/unmerge")
