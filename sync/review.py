@@ -67,21 +67,13 @@ COUNT_CAP = 10_000  # filtered totals above this read "more than 10,000"
 STATUSES = ("open", "approved", "rejected", "skipped", "merged")
 # Fields a steward may pick per merge; emails and phones keep every distinct value anyway.
 CHOOSABLE_FIELDS: tuple[str, ...] = tuple(f for f in SCALAR_CONTACT_FIELDS if f != "consent")
+_NAMES = ("full_name", "first_name", "last_name")
+# Names and identifiers first, then the model's other fields (derived: stays in step with it).
 _COMPARE_FIELDS: tuple[str, ...] = (
-    "full_name",
-    "first_name",
-    "last_name",
+    *_NAMES,
     "emails",
     "phones",
-    "company",
-    "job_title",
-    "street",
-    "city",
-    "region",
-    "postal_code",
-    "country",
-    "birth_date",
-    "consent",
+    *(f for f in SCALAR_CONTACT_FIELDS if f not in _NAMES),
 )
 # Which matcher comparison speaks for which field (explanation["fields"] is keyed by these).
 _EVIDENCE = {
