@@ -2,9 +2,14 @@
 
 Fills a store with N open review items (2N source records, each its own golden record), then
 measures, in process (server time, no network):
-- the queue page (`GET /queue`, rendered HTML) first page, a deep page, and a score filter;
+- the queue page (`GET /queue`, rendered HTML): first page, a deep page, score, source and
+  age filters, and the other sort orders;
 - the API listing (`GET /api/v1/review`);
+- a golden record page (`GET /golden/ID`), whose history searches an audit log of N entries;
 - one steward decision (`sync.review.approve` / `reject`: one write transaction each).
+
+Each figure is the median (and p95) of wall time and of the process's CPU time (all threads),
+since the shared machine's load moves wall time; the load average is printed with them.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from crmhub.web import create_app
 from sync import review
 from sync.migrate import upgrade
 from sync.store import (
+    audit_log,
     golden_record,
     make_engine,
     membership,
@@ -108,27 +114,67 @@ def fill(db: Engine, items: int, seed: int = 7) -> None:
                     for k in range(start, min(start + CHUNK, items))
                 ],
             )
+        # An audit log as long as the queue: earlier decisions on other records.
+        for start in range(0, items, CHUNK):
+            conn.execute(
+                audit_log.insert(),
+                [
+                    {
+                        "at": now,
+                        "actor": "earlier",
+                        "action": "review.reject" if k % 2 else "review.approve",
+                        "details": {"review_id": 10**9 + k, "survivor": 10**9 + k, "alias": None},
+                    }
+                    for k in range(start, min(start + CHUNK, items))
+                ],
+            )
     if db.dialect.name == "postgresql":
         with db.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            for table in ("source_record", "golden_record"):  # the ids above were explicit
+                conn.exec_driver_sql(
+                    f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
+                    f"(SELECT max(id) FROM {table}))"
+                )
             conn.exec_driver_sql("ANALYZE")
 
 
-def _ms(samples: list[float]) -> dict[str, float]:
-    ordered = sorted(samples)
+def _ms(wall: list[float], cpu: list[float]) -> dict[str, float]:
+    def p95(values: list[float]) -> float:
+        return sorted(values)[int(0.95 * (len(values) - 1))]
+
     return {
-        "median_ms": round(statistics.median(ordered) * 1000, 1),
-        "p95_ms": round(ordered[int(0.95 * (len(ordered) - 1))] * 1000, 1),
+        "median_ms": round(statistics.median(wall) * 1000, 1),
+        "p95_ms": round(p95(wall) * 1000, 1),
+        "cpu_median_ms": round(statistics.median(cpu) * 1000, 1),
+        "cpu_p95_ms": round(p95(cpu) * 1000, 1),
     }
 
 
+class _Timer:
+    """Wall and CPU time (process-wide: the request's worker thread included) of a block."""
+
+    def __init__(self) -> None:
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+
+    def __enter__(self) -> None:
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall.append(time.perf_counter() - self._wall)
+        self.cpu.append(time.process_time() - self._cpu)
+
+    def result(self) -> dict[str, float]:
+        return _ms(self.wall, self.cpu)
+
+
 async def _time_get(client: httpx.AsyncClient, url: str, runs: int) -> dict[str, float]:
-    samples = []
+    timer = _Timer()
     for _ in range(runs):
-        started = time.perf_counter()
-        response = await client.get(url)
-        samples.append(time.perf_counter() - started)
+        with timer:
+            response = await client.get(url)
         assert response.status_code == 200, (url, response.status_code)
-    return _ms(samples)
+    return timer.result()
 
 
 async def measure_pages(db: Engine, workdir: Path, runs: int) -> dict[str, Any]:
@@ -150,7 +196,18 @@ async def measure_pages(db: Engine, workdir: Path, runs: int) -> dict[str, Any]:
             "queue_page_1000": await _time_get(client, "/queue?page=1000", runs),
             "queue_score_filter": await _time_get(client, "/queue?min_score=0.9", runs),
             "queue_source_filter": await _time_get(client, "/queue?source=other", runs),
+            "queue_oldest_first": await _time_get(client, "/queue?sort=oldest", runs),
+            "queue_borderline_first": await _time_get(client, "/queue?sort=borderline", runs),
+            # Every pair was queued just now: one age filter keeps none, the other all.
+            "queue_age_filter_none": await _time_get(client, "/queue?min_age_days=1", runs),
+            "queue_age_filter_all": await _time_get(client, "/queue?max_age_days=1", runs),
         }
+        # A golden record two decisions made: its history is looked up in the audit log.
+        with db.connect() as conn:
+            pair = review.list_reviews(conn, limit=1)[0][0]
+        merged = review.approve(db, pair["id"], user.name)
+        review.unmerge(db, pair["b"]["record_id"], user.name)
+        out["golden_page"] = await _time_get(client, f"/golden/{merged['golden_id']}", runs)
         client.headers["Authorization"] = f"Bearer {token}"
         out["api_review_list"] = await _time_get(client, "/api/v1/review", runs)
     return out
@@ -159,16 +216,15 @@ async def measure_pages(db: Engine, workdir: Path, runs: int) -> dict[str, Any]:
 def measure_decisions(db: Engine, count: int) -> dict[str, Any]:
     with db.connect() as conn:
         items, _ = review.list_reviews(conn, limit=2 * count)
-    approve, reject = [], []
+    approve, reject = _Timer(), _Timer()
     for i, item in enumerate(items):
-        started = time.perf_counter()
         if i % 2:
-            review.reject(db, item["id"], "bench")
-            reject.append(time.perf_counter() - started)
+            with reject:
+                review.reject(db, item["id"], "bench")
         else:
-            review.approve(db, item["id"], "bench")
-            approve.append(time.perf_counter() - started)
-    return {"approve": _ms(approve), "reject": _ms(reject)}
+            with approve:
+                review.approve(db, item["id"], "bench")
+    return {"approve": approve.result(), "reject": reject.result()}
 
 
 def run(store: str, items: int, runs: int, decisions: int) -> dict[str, Any]:
@@ -192,9 +248,11 @@ def run(store: str, items: int, runs: int, decisions: int) -> dict[str, Any]:
         result = {
             "store": store,
             "items": items,
+            "load_before": os.getloadavg(),
             "fill_seconds": round(filled, 1),
             **asyncio.run(measure_pages(db, workdir, runs)),
             "decisions": measure_decisions(db, decisions),
+            "load_after": os.getloadavg(),
         }
     finally:
         db.dispose()

@@ -11,7 +11,7 @@ connector syncs contacts only; activity is better taken from its webhooks.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from datetime import datetime, timedelta
 from typing import Any, ClassVar, Literal
 
@@ -25,7 +25,7 @@ from connectors.http import (
     header_auth,
     tolerate_missing,
 )
-from connectors.pagination import Watermark, seek_pages
+from connectors.pagination import Watermark, resync_when_refused, seek_pages
 from connectors.registry import register
 from crmhub.errors import PermanentError
 from crmhub.records import Cursor, Page, RawRecord
@@ -141,7 +141,10 @@ class ActiveCampaignConnector(HttpConnector["ActiveCampaignConnector.Config"]):
                     api.request_json("DELETE", f"/contacts/{cid}", stream="writeback")
                 )
 
-    async def pull(self, stream: Stream, cursor: Cursor | None) -> AsyncIterator[Page]:
+    def pull(self, stream: Stream, cursor: Cursor | None) -> AsyncIterator[Page]:
+        return resync_when_refused(self._contacts, cursor, connector=self.name, stream=stream)
+
+    async def _contacts(self, cursor: Cursor | None) -> AsyncGenerator[Page, None]:
         api = self.api()
         mark = Watermark.from_cursor(cursor, overlap=timedelta(seconds=1), strict=True)
 

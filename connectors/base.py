@@ -15,6 +15,11 @@ A new source kind is one module, `connectors/<kind>.py`::
 
 plus `mappings/acme.toml`, which maps its payloads into the canonical model.
 
+A source-side merge ("contact X is now Y") is reported as `merged(X, Y)`, a deletion that
+names its survivor (sync/aliases.py makes X an alias of Y). A connector whose config derives
+from `FullScanConfig` lists every contact on a `--full` run, so the engine infers deletions
+from what it did not list, under `max_delete_ratio` (sync/deletions.py).
+
 A connector that can also *write* to its tool (opt-outs, erasures, golden field values; see
 docs/connectors.md "Write-back") implements the optional `WriteBack` protocol below. The
 outbox relay (sync/outbox.py) is its only caller.
@@ -25,6 +30,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import (
     TYPE_CHECKING,
@@ -40,7 +46,7 @@ from typing import (
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
-from crmhub.records import Cursor, Page
+from crmhub.records import Cursor, Page, RawRecord
 
 if TYPE_CHECKING:
     from crmhub.settings import Settings
@@ -49,10 +55,13 @@ __all__ = [
     "Connector",
     "ConnectorConfig",
     "ConnectorContext",
+    "FullScanConfig",
     "Recipient",
     "Stream",
     "WriteBack",
     "WriteBackConfig",
+    "merged",
+    "merged_into",
 ]
 
 Stream = Literal["contacts", "activities"]
@@ -71,6 +80,37 @@ class ConnectorConfig(BaseModel):
     schedule: str | None = Field(None, description="cron expression for background syncs")
     mapping: str | None = Field(None, description="override mapping file (TOML)")
     enabled: bool = Field(True, description="false keeps the table but skips the connector")
+
+
+class FullScanConfig(ConnectorConfig):
+    """The config of a connector whose `--full` run lists every contact the source has, so
+    the contacts it no longer lists are deletions (sync/deletions.py)."""
+
+    max_delete_ratio: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="largest share of stored contacts a --full run may delete because the "
+        "source no longer lists them; above it the run asks for confirmation",
+    )
+
+
+# The key of a deletion's payload that names the survivor of a source-side merge.
+_MERGED_INTO = "crmhub:merged_into"
+
+
+def merged(retired: str, survivor: str, at: datetime | None = None, origin: str = "") -> RawRecord:
+    """The source merged contact `retired` into `survivor`: the retired id is gone, as a
+    deletion, with a forwarding address (it becomes an alias of the survivor)."""
+    return RawRecord(retired, "deletion", {_MERGED_INTO: survivor}, at, origin)
+
+
+def merged_into(record: RawRecord) -> str | None:
+    """The survivor a `merged` record names; None for anything else."""
+    if record.kind != "deletion":
+        return None
+    survivor = record.payload.get(_MERGED_INTO)
+    return str(survivor) if survivor else None
 
 
 class WriteBackConfig(BaseModel):
@@ -150,6 +190,9 @@ class Connector(ABC, Generic[ConfigT]):
     label: ClassVar[str]
     Config: ClassVar[type[ConnectorConfig]] = ConnectorConfig
     streams: ClassVar[frozenset[Stream]] = frozenset({"contacts"})
+    # May the pipeline write several of this connector's pages in one transaction? Yes for
+    # vendor-sized pages (APIs page by 100); no where `page_size` is the promised commit batch.
+    joins_pages: ClassVar[bool] = False
 
     def __init__(self, config: ConfigT, context: ConnectorContext) -> None:
         self.config = config
@@ -158,6 +201,12 @@ class Connector(ABC, Generic[ConfigT]):
     @property
     def name(self) -> str:
         return self.context.name
+
+    @property
+    def max_delete_ratio(self) -> float | None:
+        """The guard on deletions inferred from a full scan; None: this kind infers none."""
+        config = self.config
+        return config.max_delete_ratio if isinstance(config, FullScanConfig) else None
 
     async def check(self) -> str:
         """Cheaply prove the source is reachable and the credentials work.

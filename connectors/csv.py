@@ -27,7 +27,7 @@ class CsvConfig(ConnectorConfig):
     path: str = Field(description="a CSV file, a folder of them, or a glob (data/*.csv)")
     delimiter: str | None = Field(None, description="field separator; detected when unset")
     encoding: str | None = Field(None, description="text encoding; detected when unset")
-    page_size: int = Field(2000, ge=1, description="rows per committed batch")
+    page_size: int = Field(10000, ge=1, description="rows per committed batch")
 
 
 def _sniff_delimiter(sample: str) -> str:
@@ -90,12 +90,13 @@ class CsvConnector(Connector[CsvConfig]):
             records: list[RawRecord] = []
             rejects: list[tuple[str, str, str]] = []
             pos = 0
+            name = path.name
             page_size = self.config.page_size
             for row in reader:
                 pos += 1
                 if pos <= start:
                     continue
-                origin = f"{path.name}:{reader.line_num}"
+                origin = f"{name}:{reader.line_num}"
                 if len(row) != width:
                     if not any(cell.strip() for cell in row):
                         continue  # blank line

@@ -3,15 +3,21 @@
 Each folder (`inbox`, `sentitems` by default) runs its own delta round: the first run pages
 `/mailFolders/{folder}/messages/delta` through `@odata.nextLink` to the `@odata.deltaLink`;
 later runs start from the stored deltaLink and get only what changed. Every page commits
-with the link to continue from, so a crash resumes mid-round. A 410 (sync state expired)
-starts the folder's round again from scratch; the Message-ID identity makes that re-read
-a no-op in the store. `@removed` entries keep their activity (the conversation happened).
-Throttling (429 + Retry-After) is waited out by the shared retry policy; the access token
-refreshes itself (connectors.oauth).
+with the link to continue from, so a crash resumes mid-round. A stored link the service no
+longer knows (410 Gone, or a 40X such as `syncStateNotFound`: the delta token expired) starts
+the folder's round again from scratch; the Message-ID identity makes that re-read a no-op in
+the store. `@removed` entries keep their activity (the conversation happened), and a change
+report that names no message content (a message read or flagged: only `id`, `isRead`...)
+is skipped. Throttling (429 + Retry-After) is waited out by the shared retry policy; the
+access token refreshes itself (connectors.oauth).
+
+`internetMessageHeaders` is selected (Graph returns it only when asked) for the headers the
+shared rules read: List-Unsubscribe, Auto-Submitted, Precedence, In-Reply-To, References.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from datetime import datetime
 from email.utils import format_datetime
@@ -24,15 +30,21 @@ from connectors.email_parsing import MailIdentity, email_records, parse_header_l
 from connectors.http import HttpConnector, HttpConnectorConfig
 from connectors.oauth import OAuthApiClient, RefreshToken
 from connectors.registry import register
-from crmhub.errors import PermanentError
+from crmhub.errors import AuthError, PermanentError
 from crmhub.records import Cursor, Page, RawRecord
 
 __all__ = ["GraphConnector"]
 
+log = logging.getLogger(__name__)
+
 _SELECT = (
     "subject,from,toRecipients,ccRecipients,receivedDateTime,sentDateTime,"
-    "internetMessageId,conversationId,bodyPreview,isDraft"
+    "internetMessageId,bodyPreview,isDraft,internetMessageHeaders"
 )
+# Of the message's internet headers, those the shared rules read (threads, automated mail).
+_HEADERS_READ = {"in-reply-to", "references", "list-unsubscribe", "auto-submitted", "precedence"}
+# A delta entry with none of these is a change report (read, flagged), not a message.
+_CONTENT = ("from", "subject", "internetMessageId", "toRecipients", "sentDateTime")
 MAX_RESTARTS = 2
 
 
@@ -144,8 +156,12 @@ class GraphConnector(HttpConnector["GraphConnector.Config"]):
             try:
                 body = await api.request_json("GET", url, params=params, stream="activities")
             except PermanentError as exc:
-                # 410: the delta token expired. Start a fresh round; staging absorbs repeats.
-                if getattr(exc, "status", None) == 410 and restarts < MAX_RESTARTS:
+                if url != start and _link_expired(exc) and restarts < MAX_RESTARTS:
+                    # The stored link died: a fresh round; staging absorbs the repeats.
+                    log.warning(
+                        "graph delta link expired; restarting the folder's round",
+                        extra={"connector": self.name, "folder": folder},
+                    )
                     restarts += 1
                     url = start
                     continue
@@ -180,6 +196,8 @@ class GraphConnector(HttpConnector["GraphConnector.Config"]):
         for item in items:
             if not isinstance(item, dict) or "@removed" in item or item.get("isDraft"):
                 continue
+            if not any(k in item for k in _CONTENT):
+                continue  # a flag or read-state change of a message delivered earlier
             origin = f"graph {folder} message {item.get('id')}"
             try:
                 headers = _headers(item)
@@ -189,6 +207,12 @@ class GraphConnector(HttpConnector["GraphConnector.Config"]):
             parsed = parse_header_list(headers, str(item.get("bodyPreview") or ""))
             records.extend(email_records(parsed, origin, identity))
         return records, rejects
+
+
+def _link_expired(exc: PermanentError) -> bool:
+    """410 Gone, or another 4xx on a stored link (Graph names `syncStateNotFound` with "a
+    40X-series error"), but not a refused token or permission: those are for the user."""
+    return not isinstance(exc, AuthError) and getattr(exc, "status", None) in (400, 404, 410)
 
 
 def _who(entry: Any) -> str:
@@ -214,5 +238,6 @@ def _headers(item: dict[str, Any]) -> list[tuple[str, str]]:
     if item.get("internetMessageId"):
         headers.append(("Message-ID", str(item["internetMessageId"])))
     for header in item.get("internetMessageHeaders") or []:
-        headers.append((str(header["name"]), str(header["value"])))
+        if str(header["name"]).lower() in _HEADERS_READ:
+            headers.append((str(header["name"]), str(header["value"])))
     return headers

@@ -1,6 +1,10 @@
 """HubSpot CRM v3: contacts (search on `lastmodifieddate`), archived contacts as deletions,
 and email engagements (search on `hs_lastmodifieddate`) as activities.
 
+A merge leaves the survivor listing the ids merged into it (`hs_merged_object_ids`; the old
+ids are no longer listed) and their addresses in `hs_additional_emails`: each merged id
+becomes `merged(old, survivor)`, an alias (sync/aliases.py), never a deletion.
+
 Incremental reads use the search endpoint sorted ascending and seek from the watermark each
 page, so a query never pages towards HubSpot's 10,000-result search cap. Archived contacts
 have no change filter: every contacts run lists them and yields a deletion for each one
@@ -11,14 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from datetime import datetime
 from typing import Any, ClassVar, Literal
 from urllib.parse import quote
 
 from pydantic import Field, SecretStr
 
-from connectors.base import Recipient, Stream
+from connectors.base import Recipient, Stream, merged
 from connectors.http import (
     ApiClient,
     HttpConnector,
@@ -26,7 +30,13 @@ from connectors.http import (
     bearer_auth,
     require_email,
 )
-from connectors.pagination import AfterPaginator, Watermark, iso, seek_pages
+from connectors.pagination import (
+    AfterPaginator,
+    Watermark,
+    iso,
+    resync_when_refused,
+    seek_pages,
+)
 from connectors.registry import register
 from crmhub.errors import PermanentError
 from crmhub.records import Cursor, Page, RawRecord
@@ -52,6 +62,7 @@ CONTACT_PROPERTIES = (
     "createdate",
     "lastmodifieddate",
     "hs_merged_object_ids",  # ids merged into this one: aliases, not deletions
+    "hs_additional_emails",  # the addresses of the contacts merged into this one (";")
 )
 EMAIL_PROPERTIES = (
     "hs_timestamp",
@@ -109,15 +120,19 @@ class HubSpotConnector(HttpConnector["HubSpotConnector.Config"]):
             )
         return f"HubSpot at {api.base_url}: token accepted, contacts readable"
 
-    async def pull(self, stream: Stream, cursor: Cursor | None) -> AsyncIterator[Page]:
+    def pull(self, stream: Stream, cursor: Cursor | None) -> AsyncIterator[Page]:
+        return resync_when_refused(
+            lambda at: self._pages(stream, at), cursor, connector=self.name, stream=stream
+        )
+
+    async def _pages(self, stream: Stream, cursor: Cursor | None) -> AsyncGenerator[Page, None]:
         api = self.api()
         async with api.session():
-            if stream == "contacts":
-                async for page in self._contacts(api, cursor):
-                    yield page
-            else:
-                async for page in self._emails(api, cursor):
-                    yield page
+            pages = (
+                self._contacts(api, cursor) if stream == "contacts" else self._emails(api, cursor)
+            )
+            async for page in pages:
+                yield page
 
     # -- write-back (needs the crm.objects.contacts.write and communication_preferences
     # scopes; GDPR delete needs crm.objects.contacts.write too) ------------------------
@@ -189,6 +204,7 @@ class HubSpotConnector(HttpConnector["HubSpotConnector.Config"]):
             origin="hubspot contacts search",
             cursor_extra=lambda: {"archived_since": archived_since} if archived_since else {},
         ):
+            page.records.extend(_merges(page.records))
             yield page
         async for page in self._archived(api, mark, archived_since):
             yield page
@@ -284,6 +300,20 @@ def _results(body: Any, connector: str, stream: str) -> list[Any]:
             stream=stream,
         )
     return results
+
+
+def _merges(contacts: list[RawRecord]) -> list[RawRecord]:
+    """An alias for every id merged into one of `contacts` (`hs_merged_object_ids`). The
+    survivor lists them for good; repeats are no-ops in the store."""
+    out = []
+    for record in contacts:
+        ids = (record.payload.get("properties") or {}).get("hs_merged_object_ids")
+        for old in str(ids or "").split(";"):
+            old = old.strip()
+            if old and old != record.external_id:
+                origin = f"hubspot contact {old} merged into {record.external_id}"
+                out.append(merged(old, record.external_id, record.updated_at, origin))
+    return out
 
 
 def _participants(headers: Any) -> list[str]:

@@ -14,6 +14,9 @@ A run selects each folder read-only (EXAMINE, so nothing is marked \\Seen) and:
 Only the header and the first `body_bytes` of the body are fetched (`BODY.PEEK[TEXT]<0.n>`):
 no attachment ever crosses the wire. imapclient is synchronous, so every round trip runs in
 a worker thread.
+
+Login is LOGIN with `password`, or AUTHENTICATE XOAUTH2 with an access token from the shared
+OAuth2 refresh flow (`refresh_token`, `client_id`, `token_url`; connectors.oauth).
 """
 
 from __future__ import annotations
@@ -27,12 +30,14 @@ import ssl
 from collections.abc import AsyncIterator, Callable
 from typing import Any, ClassVar, Literal, TypeVar
 
+import httpx
 from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginError
 from pydantic import Field, SecretStr, model_validator
 
 from connectors.base import Connector, ConnectorConfig, Stream
 from connectors.email_parsing import MailIdentity, email_records, parse_email
+from connectors.oauth import RefreshToken, shared_refresh_token
 from connectors.registry import register
 from crmhub.errors import AuthError, ConnectorError, PermanentError, TransientError
 from crmhub.records import Cursor, Page, RawRecord
@@ -51,8 +56,19 @@ class ImapConfig(ConnectorConfig):
     port: int | None = Field(None, ge=1, le=65535, description="993 for tls, else 143")
     username: str = Field(description="login name (usually the mailbox address)")
     password: SecretStr | None = Field(None, description="password for LOGIN, e.g. ${IMAP_PASS}")
-    oauth2_token: SecretStr | None = Field(
-        None, description="OAuth2 access token for AUTHENTICATE XOAUTH2 (instead of password)"
+    refresh_token: SecretStr | None = Field(
+        None,
+        description="OAuth2 refresh token: log in with AUTHENTICATE XOAUTH2 instead of a password",
+    )
+    client_id: str | None = Field(None, description="OAuth2 client id (with refresh_token)")
+    client_secret: SecretStr | None = Field(
+        None, description="OAuth2 client secret (with refresh_token; public clients have none)"
+    )
+    token_url: str | None = Field(
+        None, description="OAuth2 token endpoint that trades the refresh token for access tokens"
+    )
+    scope: str | None = Field(
+        None, description="OAuth2 scope to ask for (Microsoft needs it; Google does not)"
     )
     security: Literal["tls", "starttls", "none"] = Field(
         "tls", description="tls: implicit TLS; starttls: upgrade on 143; none: loopback only"
@@ -73,11 +89,22 @@ class ImapConfig(ConnectorConfig):
 
     @model_validator(mode="after")
     def _one_credential(self) -> ImapConfig:
-        if (self.password is None) == (self.oauth2_token is None):
-            raise ValueError("set exactly one of password or oauth2_token")
+        if (self.password is None) == (self.refresh_token is None):
+            raise ValueError(
+                "set exactly one of password (LOGIN) or refresh_token (XOAUTH2, with "
+                "client_id and token_url)"
+            )
+        if self.refresh_token is not None:
+            missing = [k for k in ("client_id", "token_url") if not getattr(self, k)]
+            if missing:
+                raise ValueError(f"refresh_token (XOAUTH2) also needs {' and '.join(missing)}")
         if not self.folders:
             raise ValueError("folders must name at least one folder")
         return self
+
+    @property
+    def xoauth2(self) -> bool:
+        return self.refresh_token is not None
 
 
 @register("imap", label="IMAP mailbox")
@@ -95,7 +122,7 @@ class ImapConnector(Connector[ImapConfig]):
         return MailIdentity.of(owner, self.config.internal_domains)
 
     async def check(self) -> str:
-        imap = await self._call(self._connect)
+        imap = await self._open()
         try:
             counts = []
             for folder in self.config.folders:
@@ -109,7 +136,7 @@ class ImapConnector(Connector[ImapConfig]):
         state: dict[str, dict[str, Any]] = {
             k: dict(v) for k, v in ((cursor or {}).get("folders") or {}).items()
         }
-        imap = await self._call(self._connect)
+        imap = await self._open()
         try:
             condstore = bool(imap.has_capability("CONDSTORE") and imap.has_capability("ENABLE"))
             if condstore:
@@ -190,7 +217,52 @@ class ImapConnector(Connector[ImapConfig]):
 
     # -- connection -------------------------------------------------------------------
 
-    def _connect(self) -> IMAPClient:
+    async def _open(self) -> IMAPClient:
+        """Connect and log in: LOGIN with the password, or XOAUTH2 with an access token.
+
+        The access token comes from the process's shared refresh flow (reused while it is
+        valid). A cached token the server refuses (revoked or expired early) is replaced
+        once; a freshly issued token that is refused is an `AuthError` at once.
+        """
+        if not self.config.xoauth2:
+            return await self._call(functools.partial(self._connect, None))
+        token = self._refresh_token()
+        cached = token.valid()
+        access = cached or await self._fresh_access(token)
+        try:
+            return await self._call(functools.partial(self._connect, access))
+        except AuthError:
+            if cached is None:
+                raise
+        log.info(
+            "imap XOAUTH2 access token refused; refreshing it once",
+            extra={"connector": self.name},
+        )
+        token.invalidate()
+        access = await self._fresh_access(token)
+        return await self._call(functools.partial(self._connect, access))
+
+    def _refresh_token(self) -> RefreshToken:
+        cfg = self.config
+        assert cfg.refresh_token is not None  # the validator requires the other two with it
+        assert cfg.client_id is not None
+        assert cfg.token_url is not None
+        return shared_refresh_token(
+            connector=self.name,
+            token_url=cfg.token_url,
+            client_id=cfg.client_id,
+            client_secret=cfg.client_secret.get_secret_value() if cfg.client_secret else None,
+            refresh_token=cfg.refresh_token.get_secret_value(),
+            scope=cfg.scope,
+        )
+
+    async def _fresh_access(self, token: RefreshToken) -> str:
+        if self.context.client is not None:
+            return await token.refresh(self.context.client)
+        async with httpx.AsyncClient(timeout=self.config.timeout) as client:
+            return await token.refresh(client)
+
+    def _connect(self, access_token: str | None) -> IMAPClient:
         cfg = self.config
         context = ssl.create_default_context(cafile=cfg.ca_file) if cfg.security != "none" else None
         port = cfg.port or (993 if cfg.security == "tls" else 143)
@@ -204,8 +276,8 @@ class ImapConnector(Connector[ImapConfig]):
         try:
             if cfg.security == "starttls":
                 imap.starttls(context)
-            if cfg.oauth2_token is not None:
-                imap.oauth2_login(cfg.username, cfg.oauth2_token.get_secret_value())
+            if access_token is not None:
+                imap.oauth2_login(cfg.username, access_token)
             else:
                 assert cfg.password is not None
                 imap.login(cfg.username, cfg.password.get_secret_value())
@@ -236,11 +308,28 @@ class ImapConnector(Connector[ImapConfig]):
             return await asyncio.to_thread(fn)
         except ConnectorError:
             raise
-        except LoginError:
-            secret = "oauth2_token" if self.config.oauth2_token is not None else "password"
+        except LoginError as exc:
+            if any(code in str(exc) for code in _TRANSIENT_CODES):
+                # e.g. Dovecot's "[UNAVAILABLE] Temporary authentication failure": its password
+                # or token check is down, the credentials may be fine.
+                raise TransientError(
+                    f"{self.name}: the IMAP server could not check the login of "
+                    f"{self.config.username!r} right now: {_short(exc)}",
+                    connector=self.name,
+                    stream="activities",
+                ) from None
+            if self.config.xoauth2:
+                hint = (
+                    "a freshly issued OAuth2 access token: check that 'username' is the account "
+                    "the refresh token belongs to and that its scope allows IMAP "
+                    "(Google: https://mail.google.com/; Microsoft: "
+                    "https://outlook.office.com/IMAP.AccessAsUser.All)"
+                )
+            else:
+                hint = f"the password: check the 'password' setting of connector {self.name!r}"
             raise AuthError(
-                f"{self.name}: the IMAP server refused the login of {self.config.username!r}: "
-                f"check the {secret!r} setting of connector {self.name!r}",
+                f"{self.name}: the IMAP server refused the login of {self.config.username!r} "
+                f"with {hint}",
                 connector=self.name,
                 stream="activities",
             ) from None

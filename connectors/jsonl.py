@@ -29,7 +29,7 @@ class JsonlConfig(ConnectorConfig):
         description="submission: an activity plus its submitter as a contact; or one kind only",
     )
     encoding: str | None = Field(None, description="text encoding; detected when unset")
-    page_size: int = Field(2000, ge=1, description="lines per committed batch")
+    page_size: int = Field(10000, ge=1, description="lines per committed batch")
 
 
 @register("jsonl", label="JSON Lines file")

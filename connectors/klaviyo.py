@@ -2,23 +2,29 @@
 
 Both streams filter `greater-than(<field>, since - 1s)` sorted ascending and follow
 `links.next` within a run. The stored cursor is the watermark, not Klaviyo's page cursor,
-so an expired page cursor (400) restarts the query from the watermark: a scoped resync of
-that stream, not a failed run. Unsubscribes and suppressions are in each profile's
-`subscriptions` (requested as an additional field); deleted profiles simply disappear, so
-there is nothing to read for them.
+so an expired page cursor (400) restarts the query from the watermark of the last page read
+(`resync_when_refused`), not a failed run. Unsubscribes and suppressions are in each
+profile's `subscriptions` (requested as an additional field); deleted profiles simply
+disappear (a `--full` run infers those deletions).
+
+A profile merge deletes the source profile, moves its events to the destination profile and
+adds a "Merged Profile" event to the destination (Klaviyo Help Center, identity resolution
+FAQ). That event becomes `merged(source, destination)`, an alias (sync/aliases.py), when it
+names the source profile in `MERGED_SOURCE_PROPERTY`; the public docs do not name that
+property, so the name is an assumption to check against a real account.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from datetime import timedelta
 from typing import Any, ClassVar, Literal
 from urllib.parse import quote
 
 from pydantic import Field, SecretStr
 
-from connectors.base import Recipient, Stream
+from connectors.base import Recipient, Stream, merged
 from connectors.http import (
     ApiClient,
     HttpConnector,
@@ -26,7 +32,13 @@ from connectors.http import (
     header_auth,
     require_email,
 )
-from connectors.pagination import LinksNextPaginator, Watermark, iso, reject_of
+from connectors.pagination import (
+    LinksNextPaginator,
+    Watermark,
+    iso,
+    reject_of,
+    resync_when_refused,
+)
 from connectors.registry import register
 from crmhub.errors import PermanentError
 from crmhub.records import Cursor, Page, RawRecord
@@ -34,7 +46,9 @@ from crmhub.transforms import parse_datetime
 
 __all__ = ["KlaviyoConnector"]
 
-MAX_RESTARTS = 3
+MERGED_METRIC = "Merged Profile"
+MERGED_SOURCE_PROPERTY = "source_profile_id"  # unconfirmed: see the module docstring
+
 # Canonical field -> profile attribute.
 PROFILE_ATTRIBUTES = {
     "first_name": "first_name",
@@ -136,7 +150,12 @@ class KlaviyoConnector(HttpConnector["KlaviyoConnector.Config"]):
                 "POST", "/data-privacy-deletion-jobs", json_body=body, stream="writeback"
             )
 
-    async def pull(self, stream: Stream, cursor: Cursor | None) -> AsyncIterator[Page]:
+    def pull(self, stream: Stream, cursor: Cursor | None) -> AsyncIterator[Page]:
+        return resync_when_refused(
+            lambda at: self._pages(stream, at), cursor, connector=self.name, stream=stream
+        )
+
+    async def _pages(self, stream: Stream, cursor: Cursor | None) -> AsyncGenerator[Page, None]:
         api = self.api()
         async with api.session():
             if stream == "contacts":
@@ -160,6 +179,8 @@ class KlaviyoConnector(HttpConnector["KlaviyoConnector.Config"]):
                     _event,
                 )
             async for page in pages:
+                if stream == "activities":
+                    page.records.extend(_merges(page.records))
                 yield page
 
     async def _follow(
@@ -175,26 +196,13 @@ class KlaviyoConnector(HttpConnector["KlaviyoConnector.Config"]):
         mark = Watermark.from_cursor(cursor, overlap=timedelta(seconds=1), strict=True)
         seen: set[tuple[str, Any]] = set()
         paginator = LinksNextPaginator()
-        restarts = 0
-
-        def first_request() -> tuple[str, dict[str, Any]]:
-            params = {**base_params, "sort": field}
-            low = mark.query_from()
-            if low is not None:
-                params["filter"] = f"greater-than({field},{iso(low)})"
-            return path, params
-
-        url, params = first_request()
+        url, params = path, {**base_params, "sort": field}
+        low = mark.query_from()
+        if low is not None:
+            params["filter"] = f"greater-than({field},{iso(low)})"
         while True:
-            try:
-                body = await api.request_json("GET", url, params=params, stream=stream)
-            except PermanentError as exc:
-                # An expired page cursor: start again from the watermark, a few times at most.
-                if getattr(exc, "status", None) == 400 and url != path and restarts < MAX_RESTARTS:
-                    restarts += 1
-                    url, params = first_request()
-                    continue
-                raise
+            # An expired page cursor is a 400: `resync_when_refused` resumes from the mark.
+            body = await api.request_json("GET", url, params=params, stream=stream)
             data = body.get("data") if isinstance(body, dict) else None
             if not isinstance(data, list):
                 raise PermanentError(
@@ -235,6 +243,21 @@ def _profile(item: Any, included: dict[Any, Any]) -> RawRecord:
         updated_at=parse_datetime(attrs["updated"]),
         origin=f"klaviyo profile {item['id']}",
     )
+
+
+def _merges(events: list[RawRecord]) -> list[RawRecord]:
+    """An alias for each "Merged Profile" event that names the profile merged away."""
+    out = []
+    for event in events:
+        if event.payload.get("metric_name") != MERGED_METRIC or not event.payload.get("profile_id"):
+            continue
+        props = (event.payload.get("attributes") or {}).get("event_properties") or {}
+        source = props.get(MERGED_SOURCE_PROPERTY)
+        if source:
+            survivor = str(event.payload["profile_id"])
+            origin = f"klaviyo profile {source} merged into {survivor}"
+            out.append(merged(str(source), survivor, event.updated_at, origin))
+    return out
 
 
 def _event(item: Any, included: dict[Any, Any]) -> RawRecord:

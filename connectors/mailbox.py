@@ -15,7 +15,7 @@ from typing import ClassVar
 from pydantic import Field
 
 from connectors.base import Connector, ConnectorConfig, Stream
-from connectors.email_parsing import ParsedEmail, parse_email
+from connectors.email_parsing import MailIdentity, email_records, parse_email
 from connectors.files import advance, file_state, resolve_files, resume_position
 from connectors.registry import register
 from crmhub.records import Cursor, Page, RawRecord
@@ -43,6 +43,7 @@ class MailboxConnector(Connector[MailboxConfig]):
 
     async def pull(self, stream: Stream, cursor: Cursor | None) -> AsyncIterator[Page]:
         current = cursor
+        identity = MailIdentity.of(self.config.owner, self.config.internal_domains)
         records: list[RawRecord] = []
         rejects: list[tuple[str, str, str]] = []
         for path in resolve_files(self.context, self.config.path, suffixes=_SUFFIXES):
@@ -59,7 +60,7 @@ class MailboxConnector(Connector[MailboxConfig]):
                 except Exception as exc:
                     rejects.append((origin, f"unreadable message: {exc}", ""))
                     continue
-                records.extend(self._records(parsed, origin))
+                records.extend(email_records(parsed, origin, identity))
                 if len(records) >= self.config.page_size:
                     current = advance(current, path, state, pos, False)
                     yield Page(records, current, rejects)
@@ -78,23 +79,3 @@ class MailboxConnector(Connector[MailboxConfig]):
                 yield index, f"{path.name}#{index}", box.get_bytes(key)
         finally:
             box.close()
-
-    def _is_external(self, address: str) -> bool:
-        owner = {a.lower() for a in self.config.owner}
-        domain = address.rpartition("@")[2]
-        internal = {d.lower().lstrip("@") for d in self.config.internal_domains}
-        return address not in owner and domain not in internal
-
-    def _records(self, parsed: ParsedEmail, origin: str) -> list[RawRecord]:
-        out: list[RawRecord] = []
-        for name, address in parsed.participants:
-            if not self._is_external(address):
-                continue
-            if parsed.automated and parsed.sender and address == parsed.sender[1]:
-                continue
-            out.append(
-                RawRecord(address, "contact", {"email": address, "name": name}, origin=origin)
-            )
-        payload = parsed.as_payload()
-        out.append(RawRecord(parsed.message_id, "activity", payload, parsed.sent_at, origin))
-        return out

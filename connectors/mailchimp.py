@@ -10,7 +10,7 @@ permanent delete leaves no trace to read. Activity comes from each sent campaign
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from datetime import datetime, timedelta
 from typing import Any, ClassVar, Literal
 
@@ -25,7 +25,13 @@ from connectors.http import (
     mailchimp_base_url,
     tolerate_missing,
 )
-from connectors.pagination import OffsetPaginator, Watermark, iso, seek_pages
+from connectors.pagination import (
+    OffsetPaginator,
+    Watermark,
+    iso,
+    resync_when_refused,
+    seek_pages,
+)
 from connectors.registry import register
 from crmhub.errors import PermanentError, SettingsError
 from crmhub.records import Cursor, Page, RawRecord
@@ -86,7 +92,12 @@ class MailchimpConnector(HttpConnector["MailchimpConnector.Config"]):
         total = body.get("total_items") if isinstance(body, dict) else None
         return f"Mailchimp audience {self.config.list_id}: {total} members readable"
 
-    async def pull(self, stream: Stream, cursor: Cursor | None) -> AsyncIterator[Page]:
+    def pull(self, stream: Stream, cursor: Cursor | None) -> AsyncIterator[Page]:
+        return resync_when_refused(
+            lambda at: self._pages(stream, at), cursor, connector=self.name, stream=stream
+        )
+
+    async def _pages(self, stream: Stream, cursor: Cursor | None) -> AsyncGenerator[Page, None]:
         api = self.api()
         async with api.session():
             pages = (

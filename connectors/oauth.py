@@ -6,10 +6,15 @@ skew). A refresh token the identity provider refuses (`invalid_grant`) is an `Au
 naming the setting to fix; it is never retried. Vendors that signal throttling with 403
 (Gmail's `rateLimitExceeded`) are mapped to `RateLimitedError` here, before the shared
 error table would call them an auth problem.
+
+`shared_refresh_token` keeps one `RefreshToken` per credential set for the life of the process,
+so a worker that syncs a mailbox every few minutes reuses a valid access token instead of
+asking the identity provider for a new one each run (IMAP XOAUTH2 uses this).
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -19,9 +24,17 @@ import httpx
 from connectors.http import ApiClient, error_for_response, parse_retry_after
 from crmhub.errors import AuthError, PermanentError, RateLimitedError, TransientError
 
-__all__ = ["OAuthApiClient", "RefreshToken"]
+__all__ = ["OAuthApiClient", "RefreshToken", "shared_refresh_token"]
 
-_RATE_REASONS = ("ratelimitexceeded", "userratelimitexceeded", "quotaexceeded", "toomanyrequests")
+# Gmail's 403 reasons for throttling (its "Resolve errors" guide); `dailyLimitExceeded` (the
+# project's daily quota) is not a credential problem either: retried with backoff.
+_RATE_REASONS = (
+    "ratelimitexceeded",
+    "userratelimitexceeded",
+    "dailylimitexceeded",
+    "quotaexceeded",
+    "toomanyrequests",
+)
 _EARLY = 60.0  # refresh this many seconds before expiry
 
 
@@ -58,6 +71,11 @@ class RefreshToken:
             return self._access
         return None
 
+    def invalidate(self) -> None:
+        """Forget the access token (the server refused it before its `expires_in`)."""
+        self._access = None
+        self._expires = 0.0
+
     async def refresh(self, client: httpx.AsyncClient) -> str:
         self.refreshes += 1
         try:
@@ -93,6 +111,38 @@ class RefreshToken:
         self._access = token
         self._expires = time.monotonic() + float(body.get("expires_in") or 3600)
         return token
+
+
+_SHARED: dict[str, RefreshToken] = {}
+
+
+def shared_refresh_token(
+    *,
+    connector: str,
+    token_url: str,
+    client_id: str,
+    client_secret: str | None,
+    refresh_token: str,
+    scope: str | None = None,
+) -> RefreshToken:
+    """The process's `RefreshToken` for these credentials (created on first use).
+
+    Keyed by a hash of every field, so changed credentials get a new entry and the key
+    itself reveals nothing. Access tokens only ever live in memory.
+    """
+    parts = (connector, token_url, client_id, client_secret or "", refresh_token, scope or "")
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()
+    token = _SHARED.get(key)
+    if token is None:
+        token = _SHARED[key] = RefreshToken(
+            connector=connector,
+            token_url=token_url,
+            client_id=client_id,
+            client_secret=client_secret,
+            refresh_token=refresh_token,
+            scope=scope,
+        )
+    return token
 
 
 def _json(response: httpx.Response) -> dict[str, Any]:

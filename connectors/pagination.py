@@ -10,14 +10,17 @@ request parameters (query string or JSON body, the connector decides which):
 
 `Watermark` is the incremental cursor, written down once:
 
-- The cursor is `{"since": ISO-8601 UTC, "seen": [ids]}`: the greatest `updated_at` among
-  committed records, and the ids committed *at exactly that instant*.
+- The cursor is `{"since": ISO-8601 UTC, "seen": [ids], "recent": {id: ISO-8601}}`: the
+  greatest `updated_at` among committed records, the ids committed *at exactly that instant*,
+  and (sources queried with an overlap) those committed inside the overlap below it.
 - A query asks for `updated_at >= since` (inclusive filters) or `updated_at > since - overlap`
   (strict filters, `strict=True`; `overlap` is the source's timestamp resolution), sorted
   ascending, so records sharing the boundary instant are always read again, never lost to a tie.
-- Records already committed at the boundary (`seen`) are dropped on resume, so a resumed run
-  neither skips nor repeats them. Records in the overlap below `since` may be yielded again;
-  the store absorbs those.
+- Records already committed at the boundary or in the overlap (`seen`, `recent`) are dropped
+  on resume, so a resumed run neither skips nor repeats them. Above `MAX_SEEN_IDS` of them the
+  ids are not stored and a resume re-reads them; the store absorbs those.
+- A source that refuses a position (an expired page token, a result cap, a `since` it no
+  longer takes) gets a scoped resync of that stream (`resync_when_refused`), not a failed run.
 - Offset-paged sources page by seeking: each request restarts at `since` and skips only the
   records already consumed in that window, less a safety margin re-read and dropped by id. A
   record edited mid-run moves to the end of the order instead of shifting an unread record
@@ -26,13 +29,16 @@ request parameters (query string or JSON body, the connector decides which):
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from crmhub.errors import PermanentError
 from crmhub.records import Cursor, Page, RawRecord
 from crmhub.transforms import parse_datetime
 
@@ -45,8 +51,11 @@ __all__ = [
     "dig",
     "iso",
     "reject_of",
+    "resync_when_refused",
     "seek_pages",
 ]
+
+log = logging.getLogger(__name__)
 
 MAX_SEEN_IDS = 1000
 """Above this many ties at the boundary the ids are not stored; a resume re-reads the ties."""
@@ -133,8 +142,10 @@ class Watermark:
     since: datetime | None = None
     overlap: timedelta = timedelta(0)
     strict: bool = False
-    # Records consumed that the current query window still returns, id -> updated_at.
+    # Records consumed that the current query window still returns, id -> updated_at
+    # (pruned lazily: exact whenever `consumed_in_window` or `cursor()` is read).
     _window: dict[str, datetime] = field(default_factory=dict)
+    _pruned_at: datetime | None = None
 
     @classmethod
     def from_cursor(
@@ -148,8 +159,10 @@ class Watermark:
         if not cursor or not cursor.get(key):
             return cls(None, overlap, strict)
         since = parse_datetime(cursor[key])
-        seen = cursor.get("seen") or []
-        return cls(since, overlap, strict, {str(i): since for i in seen})
+        window = {str(i): since for i in cursor.get("seen") or []}
+        for i, at in (cursor.get("recent") or {}).items():
+            window[str(i)] = parse_datetime(at)
+        return cls(since, overlap, strict, window)
 
     def query_from(self) -> datetime | None:
         """The lower bound to send (`since - overlap`), or None for everything."""
@@ -158,34 +171,106 @@ class Watermark:
     def _in_window(self, at: datetime, low: datetime) -> bool:
         return at > low if self.strict else at >= low
 
+    def _prune(self) -> None:
+        """Forget records the query window has moved past. Once a page, not once a record:
+        with a 1 s overlap and dense timestamps the window holds hundreds of ids."""
+        if self.since is None or self._pruned_at == self.since:
+            return
+        low = self.since - self.overlap
+        if self.strict:
+            self._window = {k: v for k, v in self._window.items() if v > low}
+        else:
+            self._window = {k: v for k, v in self._window.items() if v >= low}
+        self._pruned_at = self.since
+
     @property
     def consumed_in_window(self) -> int:
+        self._prune()
         return len(self._window)
 
     def admit(self, record_id: str, updated_at: datetime | None) -> bool:
         """Record that `record_id` was read; False when it is a repeat at the boundary."""
         if updated_at is None:
             return True
-        if self._window.get(record_id) == updated_at:
+        window = self._window
+        if window.get(record_id) == updated_at:
             return False
-        if self.since is not None and not self._in_window(updated_at, self.since - self.overlap):
-            return True  # out of order at the source; keep it, do not move the mark back
-        self._window[record_id] = updated_at
-        if self.since is None or updated_at > self.since:
+        since = self.since
+        if since is None or updated_at > since:
             self.since = updated_at
-            low = updated_at - self.overlap
-            self._window = {k: v for k, v in self._window.items() if self._in_window(v, low)}
+        elif not self._in_window(updated_at, since - self.overlap):
+            return True  # out of order at the source; keep it, do not move the mark back
+        window[record_id] = updated_at
         return True
 
     def cursor(self, **extra: Any) -> Cursor | None:
         if self.since is None:
             return dict(extra) if extra else None
+        self._prune()
         at_mark = [k for k, v in self._window.items() if v == self.since]
-        out: Cursor = {"since": iso(self.since)}
+        out: Cursor = {"since": _exact(self.since)}
         if len(at_mark) <= MAX_SEEN_IDS:
             out["seen"] = sorted(at_mark)
+        if len(self._window) <= MAX_SEEN_IDS:
+            # Sub-second sources queried with an overlap: what was read below the mark too.
+            recent = {k: _exact(v) for k, v in self._window.items() if v != self.since}
+            if recent:
+                out["recent"] = dict(sorted(recent.items()))
         out.update(extra)
         return out
+
+
+def _exact(value: datetime) -> str:
+    """Like `iso`, to the microsecond when there is one: a stored mark must compare equal
+    to the timestamps it was taken from."""
+    spec = "microseconds" if value.microsecond % 1000 else "milliseconds"
+    return value.astimezone(UTC).isoformat(timespec=spec).replace("+00:00", "Z")
+
+
+REFUSED = frozenset({400, 410, 422})
+"""Statuses with which a source refuses a position it once gave out or accepted: an expired
+page token (Klaviyo 400), a result cap (HubSpot search, 400), a `since` it no longer takes."""
+
+
+async def resync_when_refused(
+    pages_from: Callable[[Cursor | None], AsyncGenerator[Page, None]],
+    cursor: Cursor | None,
+    *,
+    connector: str,
+    stream: str,
+    restarts: int = 3,
+) -> AsyncIterator[Page]:
+    """`pages_from(cursor)`, resumed instead of failed when the source refuses a position.
+
+    The one primitive for a cursor the source no longer accepts: a refused request (`REFUSED`)
+    restarts the stream from the last page's cursor when pages came since the last start
+    (the engine commits them, in order, before anything read after), else from nothing:
+    a scoped resync of this stream, whose records the store absorbs by content hash. A refusal
+    of a fresh start, or more than `restarts` of them, is an error for the operator.
+    """
+    start = cursor
+    while True:
+        progressed, last = False, start
+        try:
+            async with contextlib.aclosing(pages_from(start)) as pages:
+                async for page in pages:
+                    progressed, last = True, page.next_cursor
+                    yield page
+            return
+        except PermanentError as exc:
+            status = exc.context.get("status")
+            if status not in REFUSED or restarts <= 0 or (start is None and not progressed):
+                raise
+            restarts -= 1
+            start = last if progressed else None
+            log.warning(
+                "%s: the source refused the %s stream's position (HTTP %s); %s",
+                connector,
+                stream,
+                status,
+                "resuming from the last committed page" if progressed else "resyncing the stream",
+                extra={"connector": connector, "stream": stream, "status": status},
+            )
 
 
 Fetch = Callable[[datetime | None, int], Awaitable[tuple[list[Any], int | None]]]

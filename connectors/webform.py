@@ -24,8 +24,9 @@ import re
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from connectors.base import Connector, ConnectorConfig, Stream
 from connectors.registry import register
@@ -73,10 +74,12 @@ class WebformConfig(ConnectorConfig):
     rate_limit: int = Field(10, ge=1, description="hosted-form posts per minute per client IP")
     max_body_bytes: int = Field(262_144, ge=1024, description="larger bodies get 413")
     max_json_depth: int = Field(32, ge=2, description="deeper JSON gets 400")
-    process: Literal["inline", "drain"] = Field(
+    process: Literal["inline", "worker", "drain"] = Field(
         "inline",
-        description="inline: the web process maps and matches right after the 2xx; drain: it "
-        "only accepts, and `crmhub forms drain --follow` (another process) processes",
+        description="inline: `crmhub serve` maps and matches right after the 2xx (in its "
+        "processor process); worker: it queues an arq job and `crmhub worker` processes "
+        "(needs [queue] redis_url); drain: it only accepts, and `crmhub forms drain --follow` "
+        "(another process) processes",
     )
     form_fields: list[str] = Field(
         default_factory=lambda: ["name", "email", "phone", "company", "message"],
@@ -92,6 +95,28 @@ class WebformConfig(ConnectorConfig):
             if provider in PROVIDERS:
                 data = {**data, "mapping": str(BUILTIN_MAPPINGS / f"webform_{provider}.toml")}
         return data
+
+    @field_validator("public_url", "thank_you_url")
+    @classmethod
+    def _web_url(cls, value: str | None) -> str | None:
+        # Only ever compared (public_url) or sent to browsers as a redirect (thank_you_url):
+        # crmhub never fetches either. A javascript:/file: URL would still be a foot-gun.
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ValueError(f"must be an http(s) URL with a host, got {value!r}")
+        return value
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, values: list[str]) -> list[str]:
+        for value in values:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.netloc or parts.path.strip("/"):
+                raise ValueError(
+                    f"an origin is scheme://host[:port] (https://www.example.com), got {value!r}"
+                )
+        return values
 
     @model_validator(mode="after")
     def _reachable(self) -> WebformConfig:
@@ -145,6 +170,15 @@ def _same(expected: str, given: str) -> None:
         raise AuthError("signature does not match", reason="bad_signature")
 
 
+_RESERVED = ":/?@!$'()*,;"
+_PERCENT = re.compile("|".join(f"%{ord(c):02X}" for c in _RESERVED), re.IGNORECASE)
+
+
+def _decode_reserved(uri: str) -> str:
+    """`uri` with percent-encoded reserved characters (: / ? @ ! $ ' ( ) * , ;) decoded."""
+    return _PERCENT.sub(lambda m: chr(int(m.group()[1:], 16)), uri)
+
+
 def sign_generic(secret: str, body: bytes, timestamp: int) -> str:
     """The `X-Crmhub-Signature` value for `body` sent at `timestamp` (for senders and tests)."""
     mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
@@ -188,8 +222,13 @@ def verify(
         given = _header(headers, "X-HubSpot-Signature-v3")
         _fresh(stamp, config.tolerance, now, millis=True)
         uri = config.public_url or url
-        message = method.upper().encode() + uri.encode() + body + stamp.encode()
-        _same(base64.b64encode(_hmac(secret, message)).decode(), given)
+        # HubSpot signs the URI with its URL-encoded characters decoded; accept either form.
+        for candidate in dict.fromkeys((uri, _decode_reserved(uri))):
+            message = method.upper().encode() + candidate.encode() + body + stamp.encode()
+            mac = base64.b64encode(_hmac(secret, message)).decode()
+            if hmac.compare_digest(mac.encode(), given.strip().encode()):
+                return
+        raise AuthError("signature does not match", reason="bad_signature")
     else:
         # X-Crmhub-Signature: t=<unix s>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>[,v1=...]
         parts = [p.split("=", 1) for p in _header(headers, "X-Crmhub-Signature").split(",")]
@@ -226,7 +265,11 @@ def delivery_id(
         inner = payload.get("payload")
         candidates = [inner.get("id") if isinstance(inner, dict) else None]
     elif provider == "hubspot":
-        candidates = [payload.get("submissionId"), payload.get("conversionId")]
+        candidates = [
+            payload.get("submissionId"),
+            payload.get("conversionId"),
+            _latest_form_submission(payload).get("conversion-id"),
+        ]
     else:
         candidates = [
             headers.get("x-crmhub-delivery"),
@@ -271,6 +314,14 @@ def _typeform(payload: dict[str, Any]) -> dict[str, Any]:
     resp = payload.get("form_response")
     if not isinstance(resp, dict):
         raise RecordError("Typeform delivery without form_response", field="form_response")
+    definition = resp.get("definition") or {}
+    # Answers name their field by id; its readable ref may only be in the definition
+    # (Typeform's documented example payload has no ref on the answers).
+    refs = {
+        f.get("id"): f.get("ref")
+        for f in definition.get("fields") or []
+        if isinstance(f, dict) and f.get("ref")
+    }
     fields: dict[str, Any] = {}
     typed: dict[str, Any] = {}
     for answer in resp.get("answers") or []:
@@ -283,11 +334,10 @@ def _typeform(payload: dict[str, Any]) -> dict[str, Any]:
             value = value.get("label") or value.get("other")
         elif kind == "choices" and isinstance(value, dict):
             value = value.get("labels") or []
-        key = _slug(field.get("ref") or field.get("id") or kind)
+        key = _slug(field.get("ref") or refs.get(field.get("id")) or field.get("id") or kind)
         _typed(fields, typed, kind, key, value)
     for key, value in (resp.get("hidden") or {}).items():
         fields.setdefault(_slug(key), value)
-    definition = resp.get("definition") or {}
     return {
         "submission_id": resp.get("token"),
         "form": definition.get("title"),
@@ -312,7 +362,7 @@ def _tally(payload: dict[str, Any]) -> dict[str, Any]:
             o.get("id"): o.get("text") for o in item.get("options") or [] if isinstance(o, dict)
         }
         if options and isinstance(value, list):  # choices arrive as option ids
-            value = [options.get(v, v) for v in value]
+            value = [options.get(v, v) if isinstance(v, str) else v for v in value]
         key = _slug(item.get("label") or item.get("key"))
         _typed(fields, typed, str(item.get("type", "")), key, value)
     return {
@@ -329,14 +379,14 @@ def _webflow(payload: dict[str, Any]) -> dict[str, Any]:
     inner = payload.get("payload")
     if not isinstance(inner, dict) or not isinstance(inner.get("data"), dict):
         raise RecordError("Webflow delivery without payload.data", field="payload.data")
-    kinds = {
-        s.get("fieldName"): str(s.get("fieldType", ""))
-        for s in inner.get("schema") or []
-        if isinstance(s, dict)
-    }
+    schema = [s for s in inner.get("schema") or [] if isinstance(s, dict)]
+    kinds = {s.get("fieldName"): str(s.get("fieldType", "")) for s in schema}
+    # `data` is keyed by field name; a key that is a field's element id gets its name.
+    names = {s.get("fieldElementId"): s.get("fieldName") for s in schema if s.get("fieldName")}
     fields: dict[str, Any] = {}
     typed: dict[str, Any] = {}
-    for name, value in inner["data"].items():
+    for key, value in inner["data"].items():
+        name = names.get(key, key)
         _typed(fields, typed, kinds.get(name, ""), _slug(name), value)
     return {
         "submission_id": inner.get("id"),
@@ -348,25 +398,49 @@ def _webflow(payload: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _scalar(value: Any) -> bool:
+    return value is None or isinstance(value, str | int | float | bool)
+
+
+def _latest_form_submission(payload: dict[str, Any]) -> dict[str, Any]:
+    """The newest entry of a contact's `form-submissions` (workflow webhook), or {}."""
+    entries = [e for e in payload.get("form-submissions") or [] if isinstance(e, dict)]
+    timed = [e for e in entries if isinstance(e.get("timestamp"), int | float)]
+    if timed:
+        return max(timed, key=lambda e: e["timestamp"])
+    return entries[0] if entries else {}
+
+
 def _hubspot(payload: dict[str, Any]) -> dict[str, Any]:
     fields: dict[str, Any] = {}
-    raw = payload.get("fields")
-    if isinstance(raw, list):  # the Forms API shape: [{"name": ..., "value": ...}]
+    raw = payload.get("fields") or payload.get("values")
+    latest: dict[str, Any] = {}
+    if isinstance(raw, list):  # Forms API shapes: [{"name": ..., "value": ...}]
         for item in raw:
             if isinstance(item, dict) and item.get("name"):
                 fields[_slug(item["name"])] = item.get("value")
-    elif isinstance(payload.get("properties"), dict):  # workflow webhook: contact properties
+    elif isinstance(payload.get("properties"), dict):
+        # A workflow's "Send a webhook": the enrolled contact as the contacts API returns it,
+        # {"value": ..., "versions": [...]} per property, and its newest form submission.
         for name, value in payload["properties"].items():
+            if str(name).startswith("hs_"):
+                continue  # HubSpot's own analytics and system properties, not answers
             fields[_slug(name)] = value.get("value") if isinstance(value, dict) else value
+        latest = _latest_form_submission(payload)
     else:
-        raise RecordError("HubSpot delivery without fields or properties", field="fields")
+        # "Customize request body": the properties the workflow picked, as flat JSON.
+        fields = {_slug(k): v for k, v in payload.items() if _scalar(v)}
+        if not fields:
+            raise RecordError("HubSpot delivery without fields or properties", field="fields")
     raw_context = payload.get("context")
     context: dict[str, Any] = raw_context if isinstance(raw_context, dict) else {}
     return {
-        "submission_id": payload.get("submissionId") or payload.get("conversionId"),
-        "form": payload.get("formName") or context.get("pageName"),
-        "form_id": payload.get("formId") or payload.get("formGuid"),
-        "submitted_at": _iso(payload.get("submittedAt")),
+        "submission_id": payload.get("submissionId")
+        or payload.get("conversionId")
+        or latest.get("conversion-id"),
+        "form": payload.get("formName") or context.get("pageName") or latest.get("title"),
+        "form_id": payload.get("formId") or payload.get("formGuid") or latest.get("form-id"),
+        "submitted_at": _iso(payload.get("submittedAt") or latest.get("timestamp")),
         "fields": fields,
         "typed": {},
     }

@@ -23,7 +23,8 @@ Format (see mappings/README.md for the full reference)::
 
 A path is dotted (`a.b`), `[n]` indexes a list, and a key that exists verbatim wins (CSV
 headers such as `First Name`). A field is a path, or a table with `path` or `paths`
-(several values), `const`, `default` and `transform` (names, or tables with arguments).
+(several values), `const`, `default`, `transform` (names, or tables with arguments) and
+`when = { path, in }` (map the field only while another value is one of `in`).
 `canonical = true` maps columns named like canonical fields without listing them.
 
 Values are normalised after mapping whatever the file says: emails validated and lowercased,
@@ -64,6 +65,7 @@ __all__ = [
     "Mapping",
     "canonical_column",
     "content_hash",
+    "json_text",
     "load_mapping",
     "mapping_path_for",
     "record_data",
@@ -136,8 +138,12 @@ class _FieldSpec:
     const: Any = _MISSING
     default: Any = _MISSING
     transforms: list[tuple[str, Callable[..., Any], dict[str, Any]]] = field(default_factory=list)
+    # `when = { path, in }`: the field maps only while the value at `path` is one of `in`.
+    when: tuple[tuple[str, tuple[str | int, ...]], frozenset[str]] | None = None
 
     def extract(self, payload: Any) -> Any:
+        if self.when is not None and str(_get(payload, self.when[0])) not in self.when[1]:
+            return None
         if self.const is not _MISSING:
             return self.const
         if self.many:
@@ -366,7 +372,9 @@ def _build_contact(
         except ValueError as exc:
             issues.append(FieldIssue("consent", f"{exc} (value dropped)"))
             data.pop("consent")
-    for key in ("source_created_at", "source_updated_at"):
+    if data.get("consent") in (None, "unknown"):
+        data.pop("consent_at", None)  # a date with no status says nothing (a form without a box)
+    for key in ("consent_at", "source_created_at", "source_updated_at"):
         if data.get(key) is not None:
             try:
                 data[key] = parse_datetime(data[key])
@@ -424,7 +432,7 @@ def _compile_field(target: str, raw: Any, where: str, problems: list[str]) -> _F
     if not isinstance(raw, dict):
         problems.append(f"{where}: expected a path or a table, got {raw!r}")
         return None
-    unknown = set(raw) - {"path", "paths", "const", "default", "transform"}
+    unknown = set(raw) - {"path", "paths", "const", "default", "transform", "when"}
     if unknown:
         problems.append(f"{where}: unknown option(s) {', '.join(sorted(unknown))}")
     spec = _FieldSpec(target, [])
@@ -438,7 +446,27 @@ def _compile_field(target: str, raw: Any, where: str, problems: list[str]) -> _F
     spec.const = raw.get("const", _MISSING)
     spec.default = raw.get("default", _MISSING)
     spec.transforms = _compile_transforms(raw.get("transform"), where, problems)
+    if "when" in raw:
+        spec.when = _compile_when(raw["when"], where, problems)
     return spec
+
+
+def _compile_when(
+    raw: Any, where: str, problems: list[str]
+) -> tuple[tuple[str, tuple[str | int, ...]], frozenset[str]] | None:
+    values = raw.get("in") if isinstance(raw, dict) else None
+    if (
+        not isinstance(raw, dict)
+        or set(raw) != {"path", "in"}
+        or not isinstance(raw["path"], str)
+        or not isinstance(values, list)
+        or not values
+    ):
+        problems.append(
+            f'{where}.when: expected {{ path = "...", in = ["value", ...] }}, got {raw!r}'
+        )
+        return None
+    return _compile_path(raw["path"]), frozenset(str(v) for v in values)
 
 
 def _compile_section(
@@ -527,6 +555,11 @@ def mapping_path_for(
     if extra_dir is not None and (extra_dir / f"{kind}.toml").exists():
         return extra_dir / f"{kind}.toml"
     return BUILTIN_MAPPINGS / f"{kind}.toml"
+
+
+def json_text(value: Any) -> str:
+    """A value as the store's JSON columns hold it (what their bind processors write)."""
+    return orjson.dumps(value, default=str).decode()
 
 
 def content_hash(payload: Any) -> str:

@@ -14,7 +14,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -22,6 +22,7 @@ from pydantic_settings import (
 )
 
 from crmhub.errors import SettingsError
+from crmhub.records import SCALAR_CONTACT_FIELDS
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -29,6 +30,7 @@ __all__ = [
     "QueueSettings",
     "Settings",
     "StoreSettings",
+    "SurvivorshipSettings",
     "describe_validation_error",
     "expand_env",
     "load_settings",
@@ -74,6 +76,90 @@ class MatchingSettings(_Section):
     auto_merge: float = Field(0.95, ge=0, le=1, description="merge at or above this probability")
     review: float = Field(0.80, ge=0, le=1, description="queue for review at or above this")
     default_region: str = Field("US", description="ISO country for phones without +prefix")
+    # Learning from steward decisions (`crmhub dedupe train`, dedupe/training.py).
+    train_min_labels: int = Field(
+        20, ge=1, description="steward decisions needed before training changes anything"
+    )
+    train_prior_strength: float = Field(
+        100.0,
+        gt=0,
+        description="labels at which observed level shares and the shipped m weigh equally",
+    )
+    train_prior_shift_sd: float = Field(
+        0.0, ge=0, description="bits; > 0 recalibrates the prior on the labels (0 = off)"
+    )
+    train_schedule: str | None = Field(
+        None, description="cron expression (UTC) for retraining in `crmhub worker`; unset = never"
+    )
+    rebuild_max_moved_share: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="`crmhub rebuild` refuses without --yes when it would move more than this "
+        "share of contacts to another golden record",
+    )
+    batch_first_load: int = Field(
+        5_000,
+        ge=0,
+        description="a run into a store with no golden record yet that has staged this many "
+        "contacts stages the rest without matching and clusters the store in one batch at the "
+        "end of its contacts (probabilistic matcher; 0: always match page by page)",
+    )
+
+    @field_validator("train_schedule")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        from croniter import croniter
+
+        if value and not croniter.is_valid(value):
+            raise ValueError(
+                f"{value!r} is not a cron expression (five fields: minute hour day-of-month "
+                "month day-of-week, e.g. '0 3 * * *' for 03:00 UTC daily)"
+            )
+        return value or None
+
+
+SurvivorshipRule = Literal["most_recent", "most_complete", "most_frequent", "source_priority"]
+
+
+class SurvivorshipSettings(_Section):
+    default: SurvivorshipRule = Field(
+        "most_recent",
+        description="rule for fields not listed: most_recent | most_complete | most_frequent "
+        "| source_priority",
+    )
+    fields: dict[str, SurvivorshipRule] = Field(
+        default_factory=dict, description="rule per golden field, e.g. job_title = 'most_recent'"
+    )
+    source_priority: list[str] = Field(
+        default_factory=list, description="connector names, most trusted first (source_priority)"
+    )
+
+    @field_validator("fields")
+    @classmethod
+    def _known_fields(cls, value: dict[str, str]) -> dict[str, str]:
+        # Every scalar field but consent (always most restrictive); as in dedupe.survivorship.
+        ruled = [f for f in SCALAR_CONTACT_FIELDS if f != "consent"]
+        for name in value:
+            if name not in ruled:
+                close = difflib.get_close_matches(name, ruled, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(
+                    f"no golden field {name!r}{hint}; fields with a rule: "
+                    f"{', '.join(ruled)} (consent is always most restrictive, "
+                    "emails and phones keep every value)"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _priority_given(self) -> SurvivorshipSettings:
+        uses = self.default == "source_priority" or "source_priority" in self.fields.values()
+        if uses and not self.source_priority:
+            raise ValueError(
+                "the source_priority rule needs [survivorship] source_priority = "
+                '["connector", ...] (most trusted first)'
+            )
+        return self
 
 
 class Settings(BaseSettings):
@@ -86,6 +172,7 @@ class Settings(BaseSettings):
     store: StoreSettings = Field(default_factory=StoreSettings)
     queue: QueueSettings = Field(default_factory=QueueSettings)
     matching: MatchingSettings = Field(default_factory=MatchingSettings)
+    survivorship: SurvivorshipSettings = Field(default_factory=SurvivorshipSettings)
     mappings_dir: Path | None = Field(None, description="extra folder searched for mappings")
     connectors: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # Where the settings came from; relative paths in connector tables resolve against it.

@@ -62,7 +62,12 @@ def normalise_phone(value: str, region: str = "US") -> str:
         number = phonenumbers.parse(text, region.upper())
     except phonenumbers.NumberParseException:
         raise ValueError("not a phone number") from None
-    if not phonenumbers.is_valid_number(number):
+    # Most numbers belong to the default region: checking it first skips the search for the
+    # number's region (for +1, a walk through two dozen NANP regions).
+    if not (
+        phonenumbers.is_valid_number_for_region(number, region.upper())
+        or phonenumbers.is_valid_number(number)
+    ):
         raise ValueError(f"not a valid phone number for region {region.upper()}")
     formatted = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
     assert _E164.fullmatch(formatted)

@@ -8,35 +8,57 @@ costs 50,000 key entries, not 1.25 billion comparisons.
 
 from __future__ import annotations
 
+import gc
 import logging
 from array import array
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
+from itertools import repeat
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from crmhub.records import Contact
 from dedupe.comparators import COMPARISONS, NULL, Columns, levels_many
-from dedupe.matcher import PROBE_KINDS, FellegiSunterMatcher, MatchKey, blocking_keys, is_probe
+from dedupe.matcher import (
+    PROBE_KINDS,
+    FellegiSunterMatcher,
+    MatchKey,
+    blocking_keys,
+    key_tuples,
+)
 from dedupe.normalize import Prepared, prepare
-from dedupe.scoring import FrequencyTable, Params, default_params, estimate_m, estimate_u, tf_values
+from dedupe.scoring import (
+    MIN_POPULATION,
+    FrequencyTable,
+    Params,
+    default_params,
+    estimate_m,
+    estimate_u,
+    tf_values,
+)
 
 __all__ = [
     "CandidatePairs",
     "ClusterResult",
+    "KeyIndex",
     "candidate_pairs",
     "cluster",
     "cluster_prepared",
+    "collection_paused",
     "frequency_table",
-    "record_keys",
+    "link",
+    "prepare_all",
     "should_join",
     "train",
 ]
 
 log = logging.getLogger(__name__)
+PAIRS_PER_STEP = 1 << 22  # candidate pairs built per NumPy step (bounds the temporaries)
 PROBE_MARKERS = frozenset(PROBE_KINDS.values())
 
 
@@ -61,18 +83,37 @@ class ClusterResult:
     probabilities: npt.NDArray[np.float64] = field(repr=False)
 
 
-def record_keys(records: Sequence[Prepared]) -> list[list[MatchKey]]:
-    """Every record's blocking keys, computed once for `frequency_table` and `candidate_pairs`."""
-    return [blocking_keys(rec) for rec in records]
+@contextmanager
+def collection_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while a batch builds its records.
+
+    Preparing 100,000 records allocates millions of small objects that all stay alive; the
+    collector would re-scan them again and again as they accumulate (a quarter of the load
+    time). Reference counting still frees everything acyclic meanwhile, and the collector
+    runs again afterwards.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def prepare_all(contacts: Sequence[Contact]) -> list[Prepared]:
+    """`prepare` for a batch (collector paused, see `collection_paused`)."""
+    with collection_paused():
+        return [prepare(c) for c in contacts]
 
 
 def frequency_table(
     records: Sequence[Prepared],
-    keys: Sequence[list[MatchKey]] | None = None,
+    keys: Sequence[Sequence[tuple[str, str]]] | None = None,
     *,
     blocking: bool = True,
 ) -> FrequencyTable:
-    """Term frequencies and blocking-key counts of a batch (`keys`: from `record_keys`).
+    """Term frequencies and blocking-key counts of a batch (`keys`: each record's `key_tuples`).
 
     `blocking=False` counts term frequencies only: the batch path caps blocks itself and
     never asks `Matcher.keys()`, so it need not hold a count for every key.
@@ -84,9 +125,9 @@ def frequency_table(
             by_kind[kind].extend(values)
         if not blocking:
             continue
-        for key in keys[i] if keys is not None else blocking_keys(rec):
-            if key.kind not in ("email", "phone"):  # those two are counted as tf values
-                by_kind[key.kind].append(key.value)
+        for kind, value in keys[i] if keys is not None else key_tuples(rec):
+            if kind not in ("email", "phone"):  # those two are counted as tf values
+                by_kind[kind].append(value)
     for kind, seen in by_kind.items():
         table.add(kind, seen)
     return table
@@ -98,11 +139,50 @@ def _triu(size: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     return ti.astype(np.int64), tj.astype(np.int64)
 
 
+class KeyIndex:
+    """A batch's blocking keys as flat arrays (64-bit hash, owner, probe flag), built one
+    record at a time, so a caller that computes each record's keys anyway (a rebuild, which
+    stores them) need not keep them as Python objects for `candidate_pairs`.
+
+    `kinds`: keep only keys of these kinds (None: all). Probe markers are never kept.
+    """
+
+    __slots__ = ("flags", "hashes", "kinds", "owners")
+
+    def __init__(self, kinds: frozenset[str] | None = None) -> None:
+        self.kinds = kinds
+        self.hashes, self.owners, self.flags = array("q"), array("q"), array("b")
+
+    def add(self, owner: int, record: Prepared, keys: Sequence[tuple[str, str]]) -> None:
+        """Record `owner`'s keys (`key_tuples(record)`)."""
+        kinds = self.kinds
+        used = [k for k in keys if k[0] not in PROBE_MARKERS and (kinds is None or k[0] in kinds)]
+        self.hashes.extend(map(hash, used))
+        self.owners.extend(repeat(owner, len(used)))
+        # 0: ordinary kind; probe kinds: 1 for a probe of the block, 2 for any other member
+        probe = _PROBE_FLAGS[len(record.first) == 1 if record.first else 2]
+        self.flags.extend([probe.get(k[0], 0) for k in used])
+
+    @classmethod
+    def of(
+        cls,
+        records: Sequence[Prepared],
+        kinds: frozenset[str] | None = None,
+        keys: Sequence[Sequence[tuple[str, str]]] | None = None,
+    ) -> KeyIndex:
+        index = cls(kinds)
+        for i, rec in enumerate(records):
+            index.add(i, rec, keys[i] if keys is not None else key_tuples(rec))
+        return index
+
+
 def candidate_pairs(
     records: Sequence[Prepared],
     max_block: int = 200,
     kinds: frozenset[str] | None = None,
-    keys: Sequence[list[MatchKey]] | None = None,
+    keys: Sequence[Sequence[tuple[str, str]]] | None = None,
+    *,
+    index: KeyIndex | None = None,
 ) -> CandidatePairs:
     """Union of the blocking rules' pairs (all, or those of `kinds`), each pair once.
 
@@ -110,20 +190,14 @@ def candidate_pairs(
     a block of a probe kind gives probe x member pairs and is skipped when that exceeds
     max_block^2 / 2 pairs (the cost of the largest ordinary block).
 
-    Keys are held as 64-bit hashes in flat arrays and grouped by sorting, so no per-key
-    Python object outlives its record; a hash collision could only add candidate pairs,
-    which scoring then rejects.
+    Keys are held as 64-bit hashes in flat arrays (`KeyIndex`; pass `index` when it was
+    built already, and it is consumed) and grouped by sorting, so no per-key Python object
+    outlives its record; a hash collision could only add candidate pairs, which scoring then
+    rejects.
     """
-    hashes, owners, flags = array("q"), array("q"), array("b")
-    for i, rec in enumerate(records):
-        for key in keys[i] if keys is not None else blocking_keys(rec):
-            kind = key.kind
-            if kind in PROBE_MARKERS or (kinds is not None and kind not in kinds):
-                continue
-            hashes.append(hash(key))
-            owners.append(i)
-            # 0: ordinary kind; probe kinds: 1 for a probe of the block, 2 for any other member
-            flags.append(0 if kind not in PROBE_KINDS else 1 if is_probe(rec, kind) else 2)
+    built = index if index is not None else KeyIndex.of(records, kinds, keys)
+    hashes, owners, flags = built.hashes, built.owners, built.flags
+    built.hashes, built.owners, built.flags = array("q"), array("q"), array("b")
     h = np.frombuffer(hashes, dtype=np.int64) if hashes else np.zeros(0, dtype=np.int64)
     order = np.argsort(h, kind="stable")
     h = h[order]
@@ -134,8 +208,9 @@ def candidate_pairs(
     sizes = np.diff(np.r_[starts, len(h)])
     probe_block = flag[starts] != 0
     capped_at: list[tuple[int, int]] = []  # (start, size) of skipped blocks
-    chunks_a: list[npt.NDArray[np.int64]] = []
-    chunks_b: list[npt.NDArray[np.int64]] = []
+    # Each pair as one code, min * n + max (8 bytes a pair until the duplicates go, not 16).
+    n = np.int64(max(len(records), 1))
+    chunks: list[npt.NDArray[np.int64]] = []
     # Ordinary blocks, vectorised per block size: a (blocks, size) matrix of members.
     ordinary = ~probe_block & (sizes >= 2)
     for size in np.unique(sizes[ordinary]).tolist():
@@ -143,10 +218,14 @@ def candidate_pairs(
         if size > max_block:
             capped_at += [(s, size) for s in at.tolist()]
             continue
-        members = owner[at[:, None] + np.arange(size)]
         ti, tj = _triu(size)
-        chunks_a.append(members[:, ti].ravel())
-        chunks_b.append(members[:, tj].ravel())
+        per = max(1, PAIRS_PER_STEP // len(ti))  # blocks at a time: bounded temporaries
+        for lo in range(0, len(at), per):
+            members = owner[at[lo : lo + per, None] + np.arange(size)]
+            # members are in key order, not by index: either column may hold the smaller one
+            left, right = members[:, ti].ravel(), members[:, tj].ravel()
+            chunks.append(np.minimum(left, right) * n + np.maximum(left, right))
+            del members, left, right
     budget = max_block * max_block // 2
     for s, size in zip(
         starts[probe_block & (sizes >= 2)].tolist(),
@@ -161,24 +240,46 @@ def candidate_pairs(
             capped_at.append((s, size))
             continue
         pa, pb = np.repeat(probes, size), np.tile(members, len(probes))
-        chunks_a.append(pa[pa != pb])
-        chunks_b.append(pb[pa != pb])
+        pa, pb = pa[pa != pb], pb[pa != pb]
+        chunks.append(np.minimum(pa, pb) * n + np.maximum(pa, pb))
     capped = [(_key_of(records, int(owner[s]), int(h[s])), size) for s, size in capped_at]
     if capped:
+        # The kind only: a key's value is an email or phone (PII stays out of logs; the
+        # values are in ClusterResult.capped for the report that asked for them).
+        largest, size = max(capped, key=lambda c: c[1])
         log.warning(
-            "%d blocking keys skipped as too common (largest %s:%s, %d records)",
+            "%d blocking keys skipped as too common (largest: a %s key held by %d records)",
             len(capped),
-            *max(capped, key=lambda c: c[1])[0],
-            max(c[1] for c in capped),
+            largest.kind,
+            size,
         )
-    if not chunks_a:
+    del h, owner, flag
+    if not chunks:
         empty = np.zeros(0, dtype=np.int64)
         return CandidatePairs(empty, empty, capped)
-    a, b = np.concatenate(chunks_a), np.concatenate(chunks_b)
-    del chunks_a, chunks_b
-    n = np.int64(max(len(records), 1))
-    codes = np.unique(np.minimum(a, b) * n + np.maximum(a, b))
+    codes = np.concatenate(chunks)
+    del chunks
+    codes = _distinct(codes, in_place=True)
     return CandidatePairs(codes // n, codes % n, capped)
+
+
+# Probe flags by kind for a record with a full first name (0), an initial (1), none (2):
+# the same as `is_probe` (tests/dedupe/test_cluster.py checks the table against it).
+_PROBE_FLAGS = (
+    {"initial": 2, "surname": 2},
+    {"initial": 1, "surname": 2},
+    {"initial": 2, "surname": 1},
+)
+
+
+def _distinct(values: npt.NDArray[np.int64], *, in_place: bool = False) -> npt.NDArray[np.int64]:
+    """Sorted distinct values (`np.unique`'s hash path is many times slower on millions of
+    mostly distinct integers than a sort). `in_place`: sort `values` itself (no copy)."""
+    if in_place:
+        values.sort()
+    else:
+        values = np.sort(values)
+    return values[np.r_[True, values[1:] != values[:-1]]] if len(values) else values
 
 
 def _key_of(records: Sequence[Prepared], owner: int, key_hash: int) -> MatchKey:
@@ -207,7 +308,7 @@ def train(
     did not block on; fields estimated twice are averaged. The match rate comes from the
     union of all candidate pairs with the learnt m and u.
     """
-    records = [prepare(c) for c in contacts]
+    records = prepare_all(contacts)
     base = start or default_params()
     if len(records) < 2:
         return base
@@ -243,11 +344,34 @@ def train(
 
 
 class _Clusters:
-    """Union-find with member lists (merging the smaller into the larger)."""
+    """Union-find with member lists (merging the smaller into the larger). Member lists exist
+    only for merged clusters: a singleton's members are itself.
+
+    Cannot-link pairs (`forbid`): `allowed(ra, rb)` says whether two clusters may join; only
+    the constrained members of each cluster are looked at, so constraints cost nothing for
+    clusters without any."""
 
     def __init__(self, n: int) -> None:
         self.root = list(range(n))
-        self.members: dict[int, list[int]] = {i: [i] for i in range(n)}
+        self.size = [1] * n
+        self.merged: dict[int, list[int]] = {}
+        self.apart: dict[int, set[int]] = defaultdict(set)  # record -> records never joined
+        self.marked: dict[int, set[int]] = {}  # root -> its members with a cannot-link
+
+    def forbid(self, pairs: Sequence[tuple[int, int]]) -> None:
+        for a, b in pairs:
+            self.apart[a].add(b)
+            self.apart[b].add(a)
+            for x in (a, b):
+                self.marked.setdefault(self.find(x), set()).add(x)
+
+    def allowed(self, ra: int, rb: int) -> bool:
+        """May the clusters rooted at `ra` and `rb` join (no cannot-link between them)?"""
+        ma, mb = self.marked.get(ra), self.marked.get(rb)
+        if not ma or not mb:
+            return True
+        small, other = (ma, rb) if len(ma) <= len(mb) else (mb, ra)
+        return not any(self.find(y) == other for x in small for y in self.apart[x])
 
     def find(self, x: int) -> int:
         root = self.root[x]
@@ -257,28 +381,46 @@ class _Clusters:
             self.root[x], x = root, self.root[x]
         return root
 
+    def members(self, root: int) -> list[int]:
+        return self.merged.get(root) or [root]
+
     def union(self, a: int, b: int) -> None:
-        if len(self.members[a]) < len(self.members[b]):
+        if self.size[a] < self.size[b]:
             a, b = b, a
-        for x in self.members[b]:
+        taken = self.merged.pop(b, None) or [b]
+        for x in taken:
             self.root[x] = a
-        self.members[a] += self.members.pop(b)
+        self.merged[a] = self.members(a) + taken
+        self.size[a] += self.size[b]
+        if b in self.marked:
+            self.marked.setdefault(a, set()).update(self.marked.pop(b))
+
+    def groups(self) -> list[list[int]]:
+        """Every cluster, singletons included, each sorted, ordered by first member."""
+        out = [sorted(m) for m in self.merged.values()]
+        out += [[i] for i, r in enumerate(self.root) if r == i and i not in self.merged]
+        out.sort(key=lambda m: m[0])
+        return out
 
 
-def should_join(scores_between_clusters: Sequence[float], review: float) -> bool:
+def should_join(
+    scores_between_clusters: Sequence[float], review: float, auto_merge: float = 0.95
+) -> bool:
     """The chain guard: may a strong link join two clusters, given every scored pair between
     them (the link included)?
 
     Yes when the pairs agree on average (mean probability >= `review`), or when none of them
-    leans towards "different people" (every probability >= 0.5): a record from before a job
-    change scores low against the others but not below even odds, while a namesake pulled in
-    through one shared switchboard number usually contradicts someone. No pairs: nothing
-    contradicts the link, so yes. Pure, so the incremental path applies the same rule before
-    it joins two existing golden records.
+    contradicts the link: a pair contradicts when the model is as sure that its two records
+    are different people as it must be sure of a pair to merge it (probability below
+    1 - `auto_merge`). A record from before a job change, or one with nothing but a common
+    name, scores low against the others without contradicting them; a namesake pulled in
+    through one shared switchboard number usually differs from someone by first name, city
+    or address, and is held. No pairs: nothing contradicts the link, so yes. Pure, so the
+    incremental path applies the same rule before it joins two existing golden records.
     """
     if not scores_between_clusters:
         return True
-    if min(scores_between_clusters) >= 0.5:
+    if min(scores_between_clusters) >= 1.0 - auto_merge:
         return True
     return sum(scores_between_clusters) / len(scores_between_clusters) >= review
 
@@ -289,7 +431,7 @@ class _Adjacency:
     `nbr[start[x]:start[x + 1]]` with probabilities `prob[...]` (arrays, not dicts)."""
 
     start: npt.NDArray[np.int64]
-    nbr: npt.NDArray[np.int64]
+    nbr: npt.NDArray[np.signedinteger[Any]]
     prob: npt.NDArray[np.float64]
 
     @classmethod
@@ -300,18 +442,26 @@ class _Adjacency:
         ib: npt.NDArray[np.int64],
         probs: npt.NDArray[np.float64],
     ) -> _Adjacency:
-        src, dst = np.concatenate([ia, ib]), np.concatenate([ib, ia])
-        order = np.argsort(src, kind="stable")
+        # Record indices as int32 while sorting (half the memory of int64); pair k is at
+        # positions k and m + k of the doubled list, so its probability is probs[pos % m].
+        m = len(ia)
+        both: npt.NDArray[np.signedinteger[Any]]
+        both = np.empty(2 * m, dtype=np.int32 if n < 2**31 else np.int64)
+        both[:m], both[m:] = ia, ib
         start = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(np.bincount(src, minlength=n), out=start[1:])
-        return cls(start, dst[order], np.concatenate([probs, probs])[order])
+        np.cumsum(np.bincount(both, minlength=n), out=start[1:])
+        order = np.argsort(both, kind="stable")
+        both[:m], both[m:] = ib, ia
+        nbr = both[order]
+        del both
+        return cls(start, nbr, np.take(probs, order, mode="wrap") if m else probs)
 
 
 def _between(clusters: _Clusters, adjacency: _Adjacency, ra: int, rb: int) -> list[float]:
     """Probabilities of the scored pairs between two clusters."""
-    small, other = (ra, rb) if len(clusters.members[ra]) <= len(clusters.members[rb]) else (rb, ra)
+    small, other = (ra, rb) if clusters.size[ra] <= clusters.size[rb] else (rb, ra)
     out: list[float] = []
-    for x in clusters.members[small]:
+    for x in clusters.members(small):
         lo, hi = int(adjacency.start[x]), int(adjacency.start[x + 1])
         for y, p in zip(adjacency.nbr[lo:hi].tolist(), adjacency.prob[lo:hi].tolist(), strict=True):
             if clusters.find(y) == other:
@@ -319,20 +469,21 @@ def _between(clusters: _Clusters, adjacency: _Adjacency, ra: int, rb: int) -> li
     return out
 
 
-def _content_rank(records: Sequence[Prepared]) -> npt.NDArray[np.int64]:
-    """Dense rank of each record by its content (identical records share a rank)."""
-
-    def key(i: int) -> tuple[str, ...]:
-        r = records[i]
-        return (r.last, r.first, "|".join(r.emails), "|".join(r.phones), r.company, r.city)
-
-    ordered = sorted(range(len(records)), key=key)
+def _content_rank(
+    records: Sequence[Prepared], subset: npt.NDArray[np.int64]
+) -> npt.NDArray[np.int64]:
+    """Dense rank by content of the records in `subset` (identical records share a rank;
+    others get 0). Ranks within any subset keep the order a full ranking would give."""
+    keys = {
+        i: (r.last, r.first, "|".join(r.emails), "|".join(r.phones), r.company, r.city)
+        for i in subset.tolist()
+        for r in (records[i],)
+    }
     rank = np.zeros(len(records), dtype=np.int64)
     current, previous = -1, None
-    for i in ordered:
-        k = key(i)
-        if k != previous:
-            current, previous = current + 1, k
+    for i in sorted(keys, key=keys.__getitem__):
+        if keys[i] != previous:
+            current, previous = current + 1, keys[i]
         rank[i] = current
     return rank
 
@@ -342,7 +493,9 @@ def cluster_prepared(
     matcher: FellegiSunterMatcher,
     *,
     max_block: int = 200,
-    keys: Sequence[list[MatchKey]] | None = None,
+    index: KeyIndex | None = None,
+    must_link: Sequence[tuple[int, int]] = (),
+    cannot_link: Sequence[tuple[int, int]] = (),
 ) -> ClusterResult:
     """Block, score and cluster prepared records with `matcher`'s params and thresholds.
 
@@ -350,41 +503,79 @@ def cluster_prepared(
     join only if `should_join` accepts the scored pairs between them; a strong link that fails
     goes to review instead (one strong link cannot join two groups whose other members
     disagree).
+
+    Steward constraints (indices into `records`): `must_link` pairs are joined before any
+    scored link (a confirmed merge); no link ever joins two clusters holding a `cannot_link`
+    pair (a do-not-merge), and such a link is not sent to review either (a steward decided).
+    `index`: the records' blocking keys when the caller built them already (`KeyIndex`).
     """
-    pairs = candidate_pairs(records, max_block, keys=keys)
+    pairs = candidate_pairs(records, max_block, index=index)
     probs = matcher.probabilities(Columns.of(records), pairs.ia, pairs.ib)
     # Strongest first; ties broken by the records' content, not their position, so that the
     # clusters do not depend on input order (tests/dedupe/test_order_independence.py).
-    rank = _content_rank(records)
-    rank_a, rank_b = rank[pairs.ia], rank[pairs.ib]
-    order = np.lexsort((np.maximum(rank_a, rank_b), np.minimum(rank_a, rank_b), -probs))
-    strong = order[probs[order] >= matcher.review]
+    strong = np.flatnonzero(probs >= matcher.review)
+    rank = _content_rank(records, _distinct(np.r_[pairs.ia[strong], pairs.ib[strong]]))
+    rank_a, rank_b = rank[pairs.ia[strong]], rank[pairs.ib[strong]]
+    strong = strong[
+        np.lexsort((np.maximum(rank_a, rank_b), np.minimum(rank_a, rank_b), -probs[strong]))
+    ]
     # Only records with an auto-merge link ever join a cluster, so only pairs between two such
     # records can lie between clusters: the guard's adjacency holds just those.
     joinable = np.zeros(len(records), dtype=bool)
     sure = probs >= matcher.auto_merge
     joinable[pairs.ia[sure]] = joinable[pairs.ib[sure]] = True
-    kept = np.flatnonzero(joinable[pairs.ia] & joinable[pairs.ib])
+    kept = joinable[pairs.ia] & joinable[pairs.ib]
+    del joinable
     adjacency = _Adjacency.of(len(records), pairs.ia[kept], pairs.ib[kept], probs[kept])
-    del kept, joinable
+    del kept
     clusters = _Clusters(len(records))
-    review: list[tuple[int, int, float]] = []
-    for k in strong:
-        a, b, p = int(pairs.ia[k]), int(pairs.ib[k]), float(probs[k])
+    for a, b in must_link:
         ra, rb = clusters.find(a), clusters.find(b)
-        if ra == rb:
+        if ra != rb:
+            clusters.union(ra, rb)
+    clusters.forbid(cannot_link)
+    review: list[tuple[int, int, float]] = []
+    links = zip(
+        pairs.ia[strong].tolist(), pairs.ib[strong].tolist(), probs[strong].tolist(), strict=True
+    )
+    for a, b, p in links:
+        ra, rb = clusters.find(a), clusters.find(b)
+        if ra == rb or not clusters.allowed(ra, rb):
             continue
         if p < matcher.auto_merge:
             review.append((a, b, p))
             continue
-        if len(clusters.members[ra]) + len(clusters.members[rb]) > 2 and not should_join(
-            _between(clusters, adjacency, ra, rb), matcher.review
+        if clusters.size[ra] + clusters.size[rb] > 2 and not should_join(
+            _between(clusters, adjacency, ra, rb), matcher.review, matcher.auto_merge
         ):
             review.append((a, b, p))
             continue
         clusters.union(ra, rb)
-    groups = sorted((sorted(m) for m in clusters.members.values()), key=lambda m: m[0])
-    return ClusterResult(groups, review, pairs.capped, pairs, probs)
+    return ClusterResult(clusters.groups(), review, pairs.capped, pairs, probs)
+
+
+def link(
+    n: int,
+    pairs: Sequence[tuple[int, int]],
+    *,
+    must_link: Sequence[tuple[int, int]] = (),
+    cannot_link: Sequence[tuple[int, int]] = (),
+) -> list[list[int]]:
+    """Clusters of `n` records joined transitively by `pairs` (a matcher whose every link is
+    a merge, such as the exact one), under the same steward constraints as
+    `cluster_prepared`. Pairs are taken in order; a pair that would join two clusters holding
+    a `cannot_link` pair is skipped."""
+    clusters = _Clusters(n)
+    for a, b in must_link:
+        ra, rb = clusters.find(a), clusters.find(b)
+        if ra != rb:
+            clusters.union(ra, rb)
+    clusters.forbid(cannot_link)
+    for a, b in pairs:
+        ra, rb = clusters.find(a), clusters.find(b)
+        if ra != rb and clusters.allowed(ra, rb):
+            clusters.union(ra, rb)
+    return clusters.groups()
 
 
 def cluster(
@@ -395,12 +586,14 @@ def cluster(
     review: float = 0.80,
     max_block: int = 200,
 ) -> ClusterResult:
-    """Deduplicate a batch: term frequencies from the batch itself, then `cluster_prepared`."""
-    records = [prepare(c) for c in contacts]
+    """Deduplicate a batch: term frequencies from the batch itself (from `MIN_POPULATION`
+    records on, as in the pipeline), then `cluster_prepared`."""
+    records = prepare_all(contacts)
+    enough = len(records) >= MIN_POPULATION
     matcher = FellegiSunterMatcher(
         params,
         auto_merge=auto_merge,
         review=review,
-        frequencies=frequency_table(records, blocking=False),
+        frequencies=frequency_table(records, blocking=False) if enough else None,
     )
     return cluster_prepared(records, matcher, max_block=max_block)

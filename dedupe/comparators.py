@@ -11,7 +11,7 @@ tests/dedupe/test_comparators.py checks that on random pairs.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -20,17 +20,20 @@ from rapidfuzz import fuzz
 from rapidfuzz.distance import OSA, JaroWinkler, Levenshtein
 from rapidfuzz.process import cpdist
 
-from dedupe.normalize import Prepared, nickname_of
+from dedupe.normalize import Prepared, nickname_of, nickname_pairs
 
 __all__ = [
     "COMPARISONS",
     "NULL",
     "Columns",
     "Comparison",
+    "TfCounts",
     "compare_levels",
     "email_local",
     "level_notes",
     "levels_many",
+    "own_readings",
+    "shares_address",
 ]
 
 NULL = -1
@@ -81,26 +84,73 @@ COMPARISONS: tuple[Comparison, ...] = (
 FIRST, LAST, EMAIL, PHONE, COMPANY, CITY = range(len(COMPARISONS))
 
 
+def _firsts(p: Prepared) -> tuple[str, ...]:
+    """A record's readings of its first name: as written, and as its email address spells it."""
+    return (p.first, p.first_alt) if p.first_alt else (p.first,)
+
+
+def _lasts(p: Prepared) -> tuple[str, ...]:
+    return (p.last, p.last_alt) if p.last_alt else (p.last,)
+
+
+def own_readings(a: Prepared, b: Prepared) -> tuple[Prepared, Prepared]:
+    """The pair as compared: two records that share an address do not also read their names
+    from it (that would count one piece of evidence twice)."""
+    if (a.first_alt or a.last_alt or b.first_alt or b.last_alt) and set(a.emails) & set(b.emails):
+        return _written(a), _written(b)
+    return a, b
+
+
+def _written(p: Prepared) -> Prepared:
+    return replace(p, first_alt="", last_alt="") if p.first_alt or p.last_alt else p
+
+
+def shares_address(
+    cols: Columns, ia: npt.NDArray[np.int64], ib: npt.NDArray[np.int64]
+) -> npt.NDArray[np.bool_]:
+    """Per pair, whether the two records share an email key (vectorised for single ones)."""
+    ea, eb = cols.email[ia], cols.email[ib]
+    shared: npt.NDArray[np.bool_] = (ea == eb) & (ea != "")
+    recs = cols.records
+    for k in np.flatnonzero(cols.multi[ia] | cols.multi[ib]).tolist():
+        shared[k] = bool(set(recs[ia[k]].emails) & set(recs[ib[k]].emails))
+    return shared
+
+
+def _straight_levels(a: Prepared, b: Prepared) -> tuple[int, int]:
+    """First- and last-name levels, each the best over both records' readings."""
+    first = max(_first_level(x, y) for x in _firsts(a) for y in _firsts(b))
+    last = max(_last_level(x, y) for x in _lasts(a) for y in _lasts(b))
+    return first, last
+
+
+def _swap_fits(first: int, last: int) -> bool:
+    """A swapped reading counts with the exact surname and a fitting first name, or a surname
+    one typo away and a first name at least that close."""
+    return (last == 2 and first >= 1) or (last == 1 and first >= 2)
+
+
 def _name_levels(a: Prepared, b: Prepared) -> tuple[int, int, bool]:
     """First- and last-name levels, and whether they were read with one side swapped.
 
     A source that puts the surname in the first-name field ('Pagan, William' read as
-    first=pagan) is compared both ways; the swapped reading counts only when it gives the
-    exact surname and a fitting first name (initial at least), and the straight reading
-    agrees on neither name.
+    first=pagan) is compared both ways; the swapped reading counts only when the straight
+    reading agrees on neither name and the swapped one fits (`_swap_fits`). A record without
+    a first name is read swapped against the other's first name ('Collingwood' vs
+    'Collingwood Isaac') when that gives the exact surname and the straight surnames differ.
     """
-    first, last = _first_level(a.first, b.first), _last_level(a.last, b.last)
-    if first == 4 and last == 2:
+    a, b = own_readings(a, b)
+    first, last = _straight_levels(a, b)
+    if max(first, last) >= 2 or not a.last or not b.last:
         return first, last, False
-    if a.first and a.last and b.first and b.last and (a.first == b.last or a.last == b.first):
-        if a.first == b.last and a.last == b.first and a.first != a.last:
-            return 4, 2, True
-        if a.first == b.last:
-            sw_first = _first_level(a.last, b.first)
-        else:
-            sw_first = _first_level(a.first, b.last)
-        if sw_first >= 1 and (sw_first, 2) > (first, last) and max(first, last) < 2:
-            return sw_first, 2, True
+    if a.first and b.first:
+        one = (_first_level(a.last, b.first), _last_level(a.first, b.last))  # a swapped
+        other = (_first_level(a.first, b.last), _last_level(a.last, b.first))  # b swapped
+        sw_first, sw_last = max(one, other, key=lambda r: (r[1], r[0]))
+        if _swap_fits(sw_first, sw_last):
+            return sw_first, sw_last, True
+    elif last == 0 and (a.last == b.first or a.first == b.last):
+        return first, 2, True
     return first, last, False
 
 
@@ -210,25 +260,60 @@ def compare_levels(a: Prepared, b: Prepared) -> tuple[int, ...]:
     """The level of every comparison for one pair (symmetric in a and b)."""
     first, last, _ = _name_levels(a, b)
     company = _company_level(a, b)
+    email, phone = _contact_rules(a, b, last, company)
+    return (first, last, email, phone, company, _city_level(a.city, b.city))
+
+
+def _contact_rules(a: Prepared, b: Prepared, last: int, company: int) -> tuple[int, int]:
+    """Email and phone levels, read in the light of the names and organisations."""
     email, phone = _email_level(a.emails, b.emails), _phone_level(a.phones, b.phones)
     if email == 2 and _name_derived(a, b):
         email = NULL  # "john.smith" elsewhere repeats the name evidence; it is not new evidence
+    if email == 3 and last in (0, 1):
+        email = 0  # joyce.fernandez@ / joyce.hernandez@: two surnames, not a typo
     if company == 0:  # at different organisations, different addresses and numbers are expected
         email = NULL if email == 1 else email
         phone = NULL if phone == 0 else phone
-    return (first, last, email, phone, company, _city_level(a.city, b.city))
+    return email, phone
 
 
 def level_notes(a: Prepared, b: Prepared, levels: Sequence[int]) -> dict[str, str]:
     """Human-readable reasons for the agreeing levels ('nickname bob = robert', ...)."""
     notes: dict[str, str] = {}
-    crossed = bool(a.first) and (a.first == b.last or a.last == b.first)
-    if crossed and _name_levels(a, b)[2]:
+    a, b = own_readings(a, b)
+    if _name_levels(a, b)[2]:
         notes["first_name"] = notes["last_name"] = "first and last name swapped"
-    elif levels[FIRST] == 3:
-        notes["first_name"] = f"nickname {a.first} = {b.first}"
+        return notes | _contact_notes(a, b, levels)
+    first, second = _name_pair(_firsts(a), _firsts(b), _first_level)
+    if levels[FIRST] == 3:
+        notes["first_name"] = f"nickname {first} = {second}"
     elif levels[FIRST] == 1:
-        notes["first_name"] = f"initial {a.first[0]} fits {max(a.first, b.first, key=len)}"
+        notes["first_name"] = f"initial {first[0]} fits {max(first, second, key=len)}"
+    if (first, second) != (a.first, b.first) and levels[FIRST] > _first_level(a.first, b.first):
+        notes["first_name"] = _joined(notes.get("first_name"), _spelled(first, second, a, b))
+    last, other = _name_pair(_lasts(a), _lasts(b), _last_level)
+    if levels[LAST] > _last_level(a.last, b.last):
+        notes["last_name"] = _spelled(last, other, a, b)
+    return notes | _contact_notes(a, b, levels)
+
+
+def _name_pair(xs: tuple[str, ...], ys: tuple[str, ...], level: Any) -> tuple[str, str]:
+    """The readings of a name that gave its level (written names first on ties)."""
+    return max(((x, y) for x in xs for y in ys), key=lambda p: level(*p))
+
+
+def _spelled(x: str, y: str, a: Prepared, b: Prepared) -> str:
+    alts = {a.first_alt, a.last_alt, b.first_alt, b.last_alt} - {""}
+    used = ", ".join(v for v in dict.fromkeys((x, y)) if v in alts)
+    return f"read as the email address spells it ({used})"
+
+
+def _joined(first: str | None, second: str) -> str:
+    return f"{first}; {second}" if first else second
+
+
+def _contact_notes(a: Prepared, b: Prepared, levels: Sequence[int]) -> dict[str, str]:
+    notes: dict[str, str] = {}
     if levels[EMAIL] == 2:
         notes["email"] = "same user name at another domain"
     if levels[EMAIL] == 4:
@@ -255,6 +340,50 @@ def _col(values: Sequence[object], dtype: type = object) -> npt.NDArray[Any]:
     return np.array(values, dtype=dtype) if len(values) else np.zeros(0, dtype=dtype)
 
 
+@dataclass(frozen=True, slots=True)
+class _NameColumn:
+    """One name field of every record (or of some rows: `at`): value, length, first letter
+    as a character code (0 when missing) and a code (equal codes, equal names) shared by all
+    name fields of one `Columns`. Values are looked up only where strings must be compared
+    (`values`): most pairs are settled by the integer arrays."""
+
+    value: npt.NDArray[np.object_]  # the whole column's values
+    rows: npt.NDArray[np.int64] | None  # which of them this view holds (None: all)
+    length: npt.NDArray[np.int64]
+    initial: npt.NDArray[np.int64]
+    code: npt.NDArray[np.int64]
+
+    @classmethod
+    def of(cls, values: list[str], vocabulary: dict[str, int]) -> _NameColumn:
+        codes = [vocabulary.setdefault(v, len(vocabulary)) for v in values]
+        return cls(
+            _col(values),
+            None,
+            _col([len(v) for v in values], np.int64),
+            _col([ord(v[0]) if v else 0 for v in values], np.int64),
+            _col(codes, np.int64),
+        )
+
+    def values(self, rows: npt.NDArray[np.int64]) -> npt.NDArray[np.object_]:
+        return self.value[rows if self.rows is None else self.rows[rows]]
+
+    def at(self, idx: npt.NDArray[np.int64]) -> _NameColumn:
+        return _NameColumn(
+            self.value,
+            idx if self.rows is None else self.rows[idx],
+            self.length[idx],
+            self.initial[idx],
+            self.code[idx],
+        )
+
+
+def _codes(values: list[str]) -> tuple[npt.NDArray[np.int64], list[str]]:
+    """Integer codes of the values ('' is 0) and the distinct values by code."""
+    seen = {"": 0}
+    codes = _col([seen.setdefault(v, len(seen)) for v in values], np.int64)
+    return codes, list(seen)
+
+
 @dataclass(slots=True)
 class Columns:
     """Column-wise view of prepared records for the vectorised path.
@@ -279,10 +408,23 @@ class Columns:
     phone: npt.NDArray[np.object_]
     org: npt.NDArray[np.object_]  # the one organisation, '' when none
     multi: npt.NDArray[np.bool_]  # more than one email, phone or organisation
-    first_len: npt.NDArray[np.int64]
-    last_len: npt.NDArray[np.int64]
-    initial: npt.NDArray[np.object_]  # first letter of the first name, '' when none
-    tf_cache: dict[int, dict[str, npt.NDArray[np.int64]]] = field(default_factory=dict)
+    # 'first', 'last', 'first_alt', 'last_alt': values with their lengths and first letters
+    names: dict[str, _NameColumn]
+    vocabulary: list[str]  # the names by code
+    # integer codes of company, city, email, domain, local, phone, org ('' is 0): equal
+    # codes, equal values, and comparing integers is many times cheaper than strings
+    codes: dict[str, npt.NDArray[np.int64]]
+    distinct: dict[str, list[str]]  # their values by code
+    tf_cache: dict[int, TfCounts] = field(default_factory=dict)
+    _nicknames: npt.NDArray[np.int64] | None = None
+
+    def nicknames(self) -> npt.NDArray[np.int64]:
+        """Sorted pair codes (`_CODES` * a + b) of the names that are nicknames of each other."""
+        if self._nicknames is None:
+            pairs = nickname_pairs(self.vocabulary)
+            codes = np.array([a * int(_CODES) + b for a, b in pairs], dtype=np.int64)
+            self._nicknames = np.sort(codes)
+        return self._nicknames
 
     @classmethod
     def of(cls, records: Sequence[Prepared]) -> Columns:
@@ -296,6 +438,12 @@ class Columns:
             user.append(u)
             domain.append(d)
         local = [email_local(e) if e else "" for e in email]
+        phone = [r.phones[0] if r.phones else "" for r in records]
+        org = [next(iter(r.orgs)) if len(r.orgs) == 1 else "" for r in records]
+        vocabulary: dict[str, int] = {}
+        plain = {"email": email, "domain": domain, "local": local, "phone": phone, "org": org}
+        plain |= {name: [getattr(r, name) for r in records] for name in ("company", "city")}
+        distinct = {name: _codes(values) for name, values in plain.items()}
         return cls(
             records,
             col("first"),
@@ -308,44 +456,61 @@ class Columns:
             domain=_col(domain),
             local=_col(local),
             local_len=_col([len(x) for x in local], np.int64),
-            phone=_col([r.phones[0] if r.phones else "" for r in records]),
-            org=_col([next(iter(r.orgs)) if len(r.orgs) == 1 else "" for r in records]),
+            phone=_col(phone),
+            org=_col(org),
             multi=_col(
                 [len(r.emails) > 1 or len(r.phones) > 1 or len(r.orgs) > 1 for r in records],
                 bool,
             ),
-            first_len=_col([len(r.first) for r in records], np.int64),
-            last_len=_col([len(r.last) for r in records], np.int64),
-            initial=_col([r.first[:1] for r in records]),
+            names={
+                name: _NameColumn.of([getattr(r, name) for r in records], vocabulary)
+                for name in ("first", "last", "first_alt", "last_alt")
+            },
+            vocabulary=list(vocabulary),
+            codes={name: coded[0] for name, coded in distinct.items()},
+            distinct={name: coded[1] for name, coded in distinct.items()},
         )
 
-    def tf_counts(self, freq: Frequencies) -> dict[str, npt.NDArray[np.int64]]:
-        """Per record, how often its value of each term-frequency kind occurs (cached)."""
+    def tf_counts(self, freq: Frequencies) -> TfCounts:
+        """How often records' values occur, counted as asked for (cached per `freq`)."""
         cached = self.tf_cache.get(id(freq))
-        if cached is not None:
-            return cached
+        if cached is None:
+            cached = TfCounts(self, freq)
+            self.tf_cache = {id(freq): cached}
+        return cached
 
-        def counts(kind: str, values: npt.NDArray[np.object_]) -> npt.NDArray[np.int64]:
-            seen: dict[str, int] = {}
-            out = np.zeros(len(values), dtype=np.int64)
-            for i, v in enumerate(values.tolist()):
-                if v:
-                    c = seen.get(v)
-                    if c is None:
-                        c = seen[v] = freq.count(kind, v)
-                    out[i] = c
-            return out
 
-        result = {
-            "first": counts("first", self.first),
-            "last": counts("last", self.last),
-            "company": counts("company", self.company),
-            "email": counts("email", self.email),
-            "local": counts("local", self.local),
-            "phone": counts("phone", self.phone),
-        }
-        self.tf_cache = {id(freq): result}
-        return result
+class TfCounts:
+    """Per record, how often its value of a term-frequency column occurs, counted on first
+    use and each distinct value once. Only the values a pair's agreement actually weighs
+    are asked for: an incremental caller's `Frequencies` counts them in the store, and the
+    candidates of one record hold thousands of values it never needs."""
+
+    def __init__(self, cols: Columns, freq: Frequencies) -> None:
+        # The columns' parts, not the columns: `Columns.tf_cache` holds this object, and a
+        # reference cycle would keep every batch's columns alive until the cyclic collector
+        # runs (which the batch path pauses).
+        self._names, self._vocabulary = cols.names, cols.vocabulary
+        self._codes, self._distinct = cols.codes, cols.distinct
+        self._freq = freq
+        self._per_code: dict[str, npt.NDArray[np.int64]] = {}  # by kind; -1: not counted yet
+
+    def of(self, column: str, rows: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        """Counts of `column`'s value (first, last, first_alt, last_alt, company, email,
+        local, phone) for the records at `rows`."""
+        if column in self._names:
+            kind = column.removesuffix("_alt")
+            codes, values = self._names[column].code, self._vocabulary
+        else:
+            kind, codes, values = column, self._codes[column], self._distinct[column]
+        per_code = self._per_code.get(kind)
+        if per_code is None:
+            per_code = self._per_code[kind] = np.full(len(values), -1, dtype=np.int64)
+        wanted = codes[rows]
+        for code in np.unique(wanted[per_code[wanted] < 0]).tolist():
+            value = values[code]
+            per_code[code] = self._freq.count(kind, value) if value else 0
+        return per_code[wanted]
 
 
 def _jw(x: npt.NDArray[np.object_], y: npt.NDArray[np.object_]) -> npt.NDArray[np.float64]:
@@ -378,43 +543,49 @@ def _contact_levels(
     ib: npt.NDArray[np.int64],
     single: npt.NDArray[np.bool_],
     company: npt.NDArray[np.int8],
+    last: npt.NDArray[np.int8],
 ) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.int8]]:
     """Email and phone levels of the pairs whose records hold at most one of each (vectorised
-    `_email_level` / `_phone_level` plus the rules of `compare_levels`); others are left 0."""
+    `_contact_rules`); others are left 0."""
     n = len(ia)
-    ea, eb = cols.email[ia], cols.email[ib]
+    code = cols.codes
+    ea, eb = code["email"][ia], code["email"][ib]
     email = np.ones(n, dtype=np.int8)
-    same_domain = cols.domain[ia] == cols.domain[ib]
+    same_domain = code["domain"][ia] == code["domain"][ib]
     email[same_domain] = 0
     near = np.flatnonzero(
         same_domain & (np.minimum(cols.user_len[ia], cols.user_len[ib]) > 3) & (ea != eb)
     )
     if len(near):
+        users_a, users_b = cols.user[ia[near]], cols.user[ib[near]]
         dist = np.asarray(
             cpdist(
-                cols.user[ia[near]],
-                cols.user[ib[near]],
+                users_a,
+                users_b,
                 scorer=Levenshtein.distance,
                 score_cutoff=1,
                 dtype=np.int32,
                 workers=1,
             )
         )
-        users_a, users_b = cols.user[ia], cols.user[ib]
-        email[
-            [k for k in near[dist <= 1].tolist() if not _distinguishing(users_a[k], users_b[k])]
-        ] = 3
-    la, lb = cols.local[ia], cols.local[ib]
+        typo = [
+            k
+            for k in np.flatnonzero(dist <= 1).tolist()
+            if not _distinguishing(users_a[k], users_b[k])
+        ]
+        email[near[typo]] = 3
+    la, lb = code["local"][ia], code["local"][ib]
     email[~same_domain & (cols.local_len[ia] >= 5) & (la == lb)] = 2
     email[ea == eb] = 4
     recs = cols.records
     for k in np.flatnonzero((email == 2) & single).tolist():
         if _name_derived(recs[ia[k]], recs[ib[k]]):
             email[k] = NULL
-    email[(ea == "") | (eb == "")] = NULL
-    pa, pb = cols.phone[ia], cols.phone[ib]
+    email[(email == 3) & ((last == 0) | (last == 1))] = 0
+    email[(ea == 0) | (eb == 0)] = NULL
+    pa, pb = code["phone"][ia], code["phone"][ib]
     phone = (pa == pb).astype(np.int8)
-    phone[(pa == "") | (pb == "")] = NULL
+    phone[(pa == 0) | (pb == 0)] = NULL
     moved = company == 0
     email[moved & (email == 1)] = NULL
     phone[moved & (phone == 0)] = NULL
@@ -423,60 +594,138 @@ def _contact_levels(
     return email, phone
 
 
+def _distinct_pairs(
+    x: npt.NDArray[np.int64], y: npt.NDArray[np.int64], rows: npt.NDArray[np.int64]
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """One representative row per distinct (x, y) code pair among `rows`, and for each row
+    the index of its representative: values repeat, so each distinct pair is compared once."""
+    if not len(rows):
+        return rows, rows
+    codes = x[rows] * _CODES + y[rows]
+    _, first, inverse = np.unique(codes, return_index=True, return_inverse=True)
+    return rows[first], np.asarray(inverse, dtype=np.int64).ravel()
+
+
+_CODES = np.int64(1 << 31)  # more distinct names than any batch holds
+
+
+def _first_many(
+    x: _NameColumn, y: _NameColumn, nicknames: npt.NDArray[np.int64]
+) -> npt.NDArray[np.int8]:
+    """`_first_level` over arrays of pairs (`nicknames`: `Columns.nicknames()`)."""
+    shorter = np.minimum(x.length, y.length)
+    out = np.zeros(len(x.code), dtype=np.int8)
+    differ = np.flatnonzero((x.code != y.code) & (shorter > 1))
+    rep, inverse = _distinct_pairs(x.code, y.code, differ)
+    xs, ys = x.values(rep), y.values(rep)
+    out[differ] = np.where(_close_many(xs, ys, shorter[rep]), 2, 0)[inverse]
+    initial = (shorter > 0) & (x.initial == y.initial) & ((x.length == 1) | (y.length == 1))
+    out[initial & (out == 0)] = 1
+    nick = np.isin(x.code[rep] * _CODES + y.code[rep], nicknames)
+    if len(nick):
+        out[differ[nick[inverse]]] = 3
+    out[(x.code == y.code) & (shorter > 0)] = 4
+    out[shorter == 0] = NULL
+    return out
+
+
+def _last_many(x: _NameColumn, y: _NameColumn) -> npt.NDArray[np.int8]:
+    """`_last_level` over arrays of pairs."""
+    shorter = np.minimum(x.length, y.length)
+    out = np.zeros(len(x.code), dtype=np.int8)
+    differ = np.flatnonzero((x.code != y.code) & (shorter > 0))
+    rep, inverse = _distinct_pairs(x.code, y.code, differ)
+    out[differ] = np.where(_close_many(x.values(rep), y.values(rep), shorter[rep]), 1, 0)[inverse]
+    out[(x.code == y.code) & (shorter > 0)] = 2
+    out[shorter == 0] = NULL
+    return out
+
+
+def _name_levels_many(
+    cols: Columns, ia: npt.NDArray[np.int64], ib: npt.NDArray[np.int64]
+) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.int8]]:
+    """First- and last-name levels of the pairs (vectorised `_name_levels`)."""
+    names = cols.names
+    nicknames = cols.nicknames()
+
+    def first_many(x: _NameColumn, y: _NameColumn) -> npt.NDArray[np.int8]:
+        return _first_many(x, y, nicknames)
+
+    fa, fb = names["first"].at(ia), names["first"].at(ib)
+    la, lb = names["last"].at(ia), names["last"].at(ib)
+    first, last = first_many(fa, fb), _last_many(la, lb)
+    alt = (names["first_alt"].length[ia] > 0) | (names["last_alt"].length[ia] > 0)
+    alt |= (names["first_alt"].length[ib] > 0) | (names["last_alt"].length[ib] > 0)
+    rows = np.flatnonzero(alt)
+    rows = rows[~shares_address(cols, ia[rows], ib[rows])]  # see `own_readings`
+    if len(rows):
+        ra, rb = ia[rows], ib[rows]
+        for level, kind, base in ((first_many, "first", first), (_last_many, "last", last)):
+            xs = (names[kind].at(ra), names[f"{kind}_alt"].at(ra))
+            ys = (names[kind].at(rb), names[f"{kind}_alt"].at(rb))
+            best = base[rows]
+            for x, y in ((xs[1], ys[0]), (xs[0], ys[1]), (xs[1], ys[1])):
+                best = np.maximum(best, level(x, y))
+            base[rows] = best
+    # Swapped readings, where the straight one agrees on neither name.
+    open_ = (np.maximum(first, last) < 2) & (la.length > 0) & (lb.length > 0)
+    both = np.flatnonzero(open_ & (fa.length > 0) & (fb.length > 0))
+    if len(both):
+        fa_, fb_, la_, lb_ = fa.at(both), fb.at(both), la.at(both), lb.at(both)
+        last_one, last_other = _last_many(fa_, lb_), _last_many(la_, fb_)
+        first_one = np.full(len(both), NULL, dtype=np.int8)
+        first_other = np.full(len(both), NULL, dtype=np.int8)
+        rows = np.flatnonzero(last_one >= 1)  # only a fitting surname can make a reading count
+        first_one[rows] = first_many(la_.at(rows), fb_.at(rows))
+        rows = np.flatnonzero(last_other >= 1)
+        first_other[rows] = first_many(fa_.at(rows), lb_.at(rows))
+        one = (last_one > last_other) | ((last_one == last_other) & (first_one >= first_other))
+        sw_first = np.where(one, first_one, first_other)
+        sw_last = np.where(one, last_one, last_other)
+        fits = ((sw_last == 2) & (sw_first >= 1)) | ((sw_last == 1) & (sw_first >= 2))
+        first[both[fits]], last[both[fits]] = sw_first[fits], sw_last[fits]
+    lone = np.flatnonzero(
+        open_
+        & ((fa.length > 0) != (fb.length > 0))
+        & (last == 0)
+        & ((la.code == fb.code) | (fa.code == lb.code))
+    )
+    last[lone] = 2
+    return first, last
+
+
 def levels_many(
     cols: Columns, ia: npt.NDArray[np.int64], ib: npt.NDArray[np.int64]
 ) -> npt.NDArray[np.int8]:
     """Levels for the pairs (cols.records[ia[k]], cols.records[ib[k]]) as an (n, fields) array."""
     n = len(ia)
     out = np.zeros((n, len(COMPARISONS)), dtype=np.int8)
-    fa, fb, la, lb = cols.first[ia], cols.first[ib], cols.last[ia], cols.last[ib]
-    empty_f, empty_l = (fa == "") | (fb == ""), (la == "") | (lb == "")
-
-    first = np.zeros(n, dtype=np.int8)
-    len_a, len_b = cols.first_len[ia], cols.first_len[ib]
-    first[_close_many(fa, fb, np.minimum(len_a, len_b))] = 2
-    short = np.minimum(len_a, len_b) <= 1
-    first[short & (first == 2)] = 0
-    initial = (
-        (len_a > 0)
-        & (len_b > 0)
-        & (cols.initial[ia] == cols.initial[ib])
-        & ((len_a == 1) | (len_b == 1))
-    )
-    first[initial & (first == 0)] = 1
-    candidates = np.flatnonzero((fa != fb) & ~short)
-    nick = [k for k in candidates if nickname_of(fa[k], fb[k])]
-    first[nick] = 3
-    first[fa == fb] = 4
-    first[empty_f] = NULL
-
-    last_len = np.minimum(cols.last_len[ia], cols.last_len[ib])
-    last = np.where(_close_many(la, lb, last_len), 1, 0).astype(np.int8)
-    last[la == lb] = 2
-    last[empty_l] = NULL
-
+    out[:, FIRST], out[:, LAST] = _name_levels_many(cols, ia, ib)
     recs = cols.records
-    # Swapped readings: only pairs where a first name equals the other's surname (rare).
-    crossed = ~empty_f & ~empty_l & ((fa == lb) | (la == fb)) & ~((first == 4) & (last == 2))
-    for k in np.flatnonzero(crossed).tolist():
-        first[k], last[k], _ = _name_levels(recs[ia[k]], recs[ib[k]])
-    out[:, FIRST], out[:, LAST] = first, last
 
-    ca, cb = cols.company[ia], cols.company[ib]
+    code = cols.codes
+    ca, cb = code["company"][ia], code["company"][ib]
     company = np.zeros(n, dtype=np.int8)
-    both = np.flatnonzero((ca != "") & (cb != ""))
-    if len(both):
+    differ = np.flatnonzero((ca != 0) & (cb != 0) & (ca != cb))
+    rep, inverse = _distinct_pairs(ca, cb, differ)
+    if len(rep):
         ratio = np.asarray(
-            cpdist(ca[both], cb[both], scorer=fuzz.token_set_ratio, dtype=np.float64, workers=1)
+            cpdist(
+                cols.company[ia[rep]],
+                cols.company[ib[rep]],
+                scorer=fuzz.token_set_ratio,
+                dtype=np.float64,
+                workers=1,
+            )
         )
-        company[both[ratio >= COMPANY_RATIO]] = 2
-        company[both[ca[both] == cb[both]]] = 3
+        company[differ[(ratio >= COMPANY_RATIO)[inverse]]] = 2
+    company[(ca != 0) & (ca == cb)] = 3
     multi = cols.multi[ia] | cols.multi[ib]
     single = ~multi
-    oa, ob = cols.org[ia], cols.org[ib]
+    oa, ob = code["org"][ia], code["org"][ib]
     zero = (company == 0) & single
-    company[zero & ((oa == "") | (ob == ""))] = NULL
-    company[zero & (oa != "") & (oa == ob)] = 1
+    company[zero & ((oa == 0) | (ob == 0))] = NULL
+    company[zero & (oa != 0) & (oa == ob)] = 1
     for k in np.flatnonzero((company == 0) & multi).tolist():
         a, b = recs[ia[k]], recs[ib[k]]
         if not a.orgs or not b.orgs:
@@ -484,19 +733,15 @@ def levels_many(
         elif a.orgs & b.orgs:
             company[k] = 1
     out[:, COMPANY] = company
-    out[:, EMAIL], out[:, PHONE] = _contact_levels(cols, ia, ib, single, company)
+    last = out[:, LAST]
+    out[:, EMAIL], out[:, PHONE] = _contact_levels(cols, ia, ib, single, company, last)
     for k in np.flatnonzero(multi).tolist():
-        a, b = recs[ia[k]], recs[ib[k]]
-        email, phone = _email_level(a.emails, b.emails), _phone_level(a.phones, b.phones)
-        if email == 2 and _name_derived(a, b):
-            email = NULL
-        if company[k] == 0:
-            email = NULL if email == 1 else email
-            phone = NULL if phone == 0 else phone
-        out[k, EMAIL], out[k, PHONE] = email, phone
+        out[k, EMAIL], out[k, PHONE] = _contact_rules(
+            recs[ia[k]], recs[ib[k]], int(last[k]), int(company[k])
+        )
 
-    xa, xb = cols.city[ia], cols.city[ib]
+    xa, xb = code["city"][ia], code["city"][ib]
     city = (xa == xb).astype(np.int8)
-    city[(xa == "") | (xb == "")] = NULL
+    city[(xa == 0) | (xb == 0)] = NULL
     out[:, CITY] = city
     return out

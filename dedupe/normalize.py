@@ -8,12 +8,14 @@ tokenised form every comparator and blocking rule reads, computed once per recor
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
 import jellyfish
 from anyascii import anyascii
 from nicknames import NickNamer
+from rapidfuzz.distance import OSA
 
 from crmhub.records import Contact
 
@@ -24,9 +26,12 @@ __all__ = [
     "company_key",
     "domain_org",
     "email_key",
+    "email_names",
     "fold",
     "is_role_address",
     "name_group",
+    "nickname_of",
+    "nickname_pairs",
     "phonetic",
     "prepare",
     "split_full_name",
@@ -149,8 +154,9 @@ def fold(text: str) -> str:
     return _NON_ALNUM.sub(" ", ascii_text).strip()
 
 
-def _name_tokens(text: str) -> list[str]:
-    return [t for t in fold(text).split() if t not in _TITLES and t not in _SUFFIXES]
+@lru_cache(maxsize=131072)
+def _name_tokens(text: str) -> tuple[str, ...]:
+    return tuple(t for t in fold(text).split() if t not in _TITLES and t not in _SUFFIXES)
 
 
 @lru_cache(maxsize=65536)
@@ -180,13 +186,40 @@ def name_group(first: str) -> frozenset[str]:
 
 
 @lru_cache(maxsize=65536)
+def _nicknames(first: str) -> frozenset[str]:
+    return frozenset(_NICKNAMER.nicknames_of(first))
+
+
+def nickname_pairs(names: Sequence[str]) -> set[tuple[int, int]]:
+    """Every (i, j) with `nickname_of(names[i], names[j])`, found through the nickname
+    groups instead of by trying all pairs."""
+    code = {name: i for i, name in enumerate(names)}
+    by_canonical: dict[str, list[int]] = {}
+    pairs: set[tuple[int, int]] = set()
+    for i, name in enumerate(names):
+        if len(name) < 2:
+            continue
+        for canonical in name_group(name):
+            by_canonical.setdefault(canonical, []).append(i)
+        for nick in _nicknames(name):
+            j = code.get(nick)
+            if j is not None and j != i and len(nick) >= 2:
+                pairs.update(((i, j), (j, i)))
+    for members in by_canonical.values():
+        pairs.update((i, j) for i in members for j in members if i != j)
+    return pairs
+
+
 def nickname_of(a: str, b: str) -> bool:
-    """True when one first name is a known nickname of the other (symmetric)."""
+    """True when one first name is a known nickname of the other (symmetric).
+
+    Cached per name, not per pair: a batch compares hundreds of thousands of name pairs.
+    """
     if a == b or len(a) < 2 or len(b) < 2:
         return False
     if name_group(a) & name_group(b):
         return True
-    return b in _NICKNAMER.nicknames_of(a) or a in _NICKNAMER.nicknames_of(b)
+    return b in _nicknames(a) or a in _nicknames(b)
 
 
 @lru_cache(maxsize=65536)
@@ -232,8 +265,10 @@ def domain_org(email: str) -> str:
 class Prepared:
     """A contact in the comparable form: folded names, email keys, phones, organisation keys.
 
-    `first_raw` keeps the folded first name as written, so explanations can say
-    'nickname bob = robert'. Empty strings mean missing.
+    `first_alt` / `last_alt` are the names as the record's email address spells them, when
+    that differs from the written name and fits it ('Rod Duggn' <rogerduggan@...> reads also
+    as roger / duggan): an address is typed by its owner and used daily, so its spelling
+    repairs typos, initials and nicknames in the name fields. Empty strings mean missing.
     """
 
     first: str
@@ -244,10 +279,12 @@ class Prepared:
     company: str
     orgs: frozenset[str]  # company key (no spaces) plus organisations of non-freemail domains
     city: str
+    first_alt: str = ""
+    last_alt: str = ""
 
 
 def _first_last(contact: Contact) -> tuple[str, str]:
-    first = _name_tokens(contact.first_name)[:1] if contact.first_name else []
+    first = _name_tokens(contact.first_name)[:1] if contact.first_name else ()
     last = " ".join(_name_tokens(contact.last_name)) if contact.last_name else ""
     first_name = first[0] if first else ""
     if (not first_name or not last) and contact.full_name:
@@ -269,6 +306,81 @@ def _email_note(email: str, key: str) -> str:
     return ", ".join(notes)
 
 
+_LOCAL_SPLIT = re.compile(r"[._-]+")
+
+
+def _one_edit(x: str, y: str) -> bool:
+    """A typo apart: one edit (a transposition counts as one), same first letter, 4+ letters."""
+    return (
+        x[:1] == y[:1]
+        and max(len(x), len(y)) >= 4
+        and abs(len(x) - len(y)) <= 1
+        and OSA.distance(x, y, score_cutoff=1) <= 1
+    )
+
+
+def _fits_last(part: str, last: str) -> bool:
+    return part == last or (min(len(part), len(last)) >= 3 and _one_edit(part, last))
+
+
+def _fits_first(part: str, first: str) -> bool:
+    """Whether a user-name part can be this first name: the same, its initial, the full name
+    of a written initial, a nickname pair, or a typo apart. Any part fits a missing name."""
+    if not first or part == first:
+        return bool(part)
+    if len(part) == 1 or len(first) == 1:
+        return part[0] == first[0]
+    return nickname_of(part, first) or _one_edit(part, first)
+
+
+def email_names(local: str, first: str, last: str) -> tuple[str, str]:
+    """(first, last) as an address's user name spells them, or '' for a part it does not give.
+
+    Only user names that spell *this* record's name count: 'first.last', 'last.first',
+    'firstlast', 'flast' and 'first' (digits after them ignored), where the surname part is the
+    written surname or one typo from it and the first-name part fits the written first name
+    (`_fits_first`). 'jsmith' gives ('j', 'smith'); 'sales.team' gives nothing.
+    """
+    last = last.replace(" ", "")
+    base = local.split("+", 1)[0].rstrip("0123456789")
+    parts = [p for p in _LOCAL_SPLIT.split(base) if p]
+    if len(last) < 2 or not parts or len(parts) > 2:
+        return "", ""
+    if len(parts) == 2:
+        x, y = parts
+        for f, s in ((x, y), (y, x)):
+            if _fits_last(s, last) and _fits_first(f, first):
+                return f, s
+        return "", ""
+    word = parts[0]
+    if word.endswith(last) and len(word) > len(last) and _fits_first(word[: -len(last)], first):
+        return word[: -len(last)], last
+    # A surname with a typo at the end of the user name: one edit keeps its length within
+    # one of the written surname's, so only those (at most three) cuts can fit.
+    low = max(1, len(word) - len(last) - 1)
+    for cut in range(low, min(len(word) - 2, len(word) - len(last) + 2)):
+        f, s = word[:cut], word[cut:]
+        if _one_edit(s, last) and _fits_first(f, first):
+            return f, s
+    if first and len(word) >= 3 and word != first and _fits_first(word, first):
+        return word, ""
+    return "", ""
+
+
+def _alt_names(first: str, last: str, emails: tuple[str, ...]) -> tuple[str, str, str]:
+    """(first, first_alt, last_alt): a missing first name is taken from the address; otherwise
+    the address's spelling becomes the alternative when it says more than the written one."""
+    for email in emails:
+        f, s = email_names(email.partition("@")[0], first, last)
+        if not f and not s:
+            continue
+        s = s if s != last.replace(" ", "") else ""
+        if not first:
+            return f, "", s
+        return first, f if len(f) > 1 and f != first else "", s
+    return first, "", ""
+
+
 def prepare(contact: Contact) -> Prepared:
     """Normalise one contact for comparison and blocking."""
     first, last = _first_last(contact)
@@ -285,7 +397,11 @@ def prepare(contact: Contact) -> Prepared:
     company = company_key(contact.company) if contact.company else ""
     # Spaces dropped so that 'Jade Robotics' and jaderobotics.com name the same organisation.
     orgs = {company.replace(" ", "")} if company else set()
-    orgs.update(o for o in (domain_org(e) for e in emails) if o)
+    for email in emails:
+        org = domain_org(email)
+        if org:
+            orgs.add(org)
+    first, first_alt, last_alt = _alt_names(first, last, tuple(emails)) if last else (first, "", "")
     return Prepared(
         first=first,
         last=last,
@@ -295,4 +411,6 @@ def prepare(contact: Contact) -> Prepared:
         company=company,
         orgs=frozenset(orgs),
         city=fold(contact.city) if contact.city else "",
+        first_alt=first_alt,
+        last_alt=last_alt,
     )

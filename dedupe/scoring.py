@@ -33,6 +33,7 @@ from dedupe.comparators import COMPARISONS, NULL, Columns, email_local, levels_m
 from dedupe.normalize import Prepared
 
 __all__ = [
+    "MIN_POPULATION",
     "MODEL_VERSION",
     "Frequencies",
     "FrequencyTable",
@@ -43,7 +44,10 @@ __all__ = [
     "tf_values",
 ]
 
-MODEL_VERSION = "crmhub-fs-2"  # bump when comparisons or shipped params change
+MODEL_VERSION = "crmhub-fs-3"  # bump when comparisons or shipped params change
+# Below this many records term frequencies are noise (a phone on 2 of 3 records looks
+# "common"): the matcher keeps its shipped priors. The pipeline applies the same floor.
+MIN_POPULATION = 2000
 TF_MIN, TF_MAX = -16.0, 6.0  # bits, for names and companies
 _EPS = 1e-6
 
@@ -90,8 +94,8 @@ class FrequencyTable:
 def tf_values(record: Prepared) -> dict[str, tuple[str, ...]]:
     """The values of a record that term frequencies are counted on, by kind."""
     return {
-        "first": (record.first,) if record.first else (),
-        "last": (record.last,) if record.last else (),
+        "first": tuple(v for v in (record.first, record.first_alt) if v),
+        "last": tuple(v for v in (record.last, record.last_alt) if v),
         "email": record.emails,
         "local": tuple(loc for loc in (email_local(e) for e in record.emails) if len(loc) >= 5),
         "phone": record.phones,
@@ -109,6 +113,9 @@ class Params:
     version: str = MODEL_VERSION
     trained_on: int = 0  # records seen by training; 0 for the shipped defaults
     population: int = 100_000  # store size assumed when no Frequencies says otherwise
+    # How these were made, for parameters trained from steward labels (dedupe.training):
+    # labels used, date, base version. Empty for the shipped and EM-trained parameters.
+    provenance: dict[str, Any] = field(default_factory=dict)
     _weights: dict[str, list[float]] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -157,6 +164,7 @@ class Params:
                     }
                     for c in COMPARISONS
                 },
+                **({"provenance": self.provenance} if self.provenance else {}),
             },
             indent=2,
         )
@@ -172,6 +180,7 @@ class Params:
             version=str(data.get("version", MODEL_VERSION)),
             trained_on=int(data.get("trained_on", 0)),
             population=int(data.get("population", 100_000)),
+            provenance=dict(data.get("provenance") or {}),
         )
 
 

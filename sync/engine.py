@@ -20,24 +20,32 @@ import httpx
 from sqlalchemy import Connection, Engine, select
 
 from connectors import Connector
+from connectors.base import merged_into
 from crmhub.errors import CrmHubError
-from crmhub.records import Activity, Contact, Cursor, Page, RawRecord
+from crmhub.records import Contact, Cursor, Page, RawRecord
 from crmhub.settings import Settings
 from dedupe import ExactMatcher, Matcher, build_matcher
-from dedupe.matcher import email_key
-from sync import writeback
+from sync import first_load, writeback
+from sync.activities import index_activities
+from sync.aliases import apply_aliases
+from sync.collector import bulk_collection
+from sync.configure import configure
+from sync.constraints import recheck as recheck_constraints
+from sync.deletions import FullScan, HeldDeletions, apply_inferred
 from sync.erasure import is_suppressed
+from sync.first_load import Deferral
 from sync.frequencies import StoreFrequencies
-from sync.golden import MatchInput, match_and_merge, recompute_goldens
+from sync.golden import CandidateCache, MatchInput, match_and_merge, recompute_goldens
+from sync.locks import fence
 from sync.mapping_step import MappedRecord, PageMapper, Rejected
+from sync.model_params import use_active_params
 from sync.sources import Source, load_source
 from sync.staging import Staged, StageItem, chunks, stage
 from sync.state import load_cursor, save_cursor
 from sync.store import (
-    activity,
-    activity_participant,
     bulk_insert,
     dead_letter,
+    json_text,
     match_key,
     membership,
     one_of,
@@ -50,6 +58,14 @@ from sync.store import (
 __all__ = ["PageReport", "RunCounts", "RunResult", "SyncEngine"]
 
 log = logging.getLogger("crmhub.sync")
+
+# Pushed deliveries (`ingest`, one small batch each) look for newly trained matcher
+# parameters, and for a first load left to cluster, at most this often; a pull run always
+# looks at its start.
+PARAMS_CHECK_SECONDS = 10.0
+# Records pulled ahead of the writer, at most; and written in one transaction, at most.
+READ_AHEAD = 8000
+WRITE_BATCH = 2000
 
 
 @dataclass(slots=True)
@@ -69,6 +85,8 @@ class RunCounts:
     goldens_merged: int = 0
     reviews_queued: int = 0
     suppressed: int = 0
+    aliased: int = 0  # contacts the source merged into others (sync/aliases.py)
+    deletions_held: int = 0  # inferred deletions the guard refused (sync/deletions.py)
 
     def add(self, other: RunCounts) -> None:
         for name in self.__dataclass_fields__:
@@ -83,6 +101,7 @@ class RunResult:
     counts: RunCounts
     seconds: float
     error: str | None = None
+    held: HeldDeletions | None = None  # a full scan's deletions awaiting confirmation
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -92,17 +111,20 @@ class RunResult:
             "seconds": round(self.seconds, 3),
             "error": self.error,
             "counts": asdict(self.counts),
+            "held_deletions": self.held.as_dict() if self.held else None,
         }
 
 
 @dataclass(slots=True)
 class PageReport:
-    """Sent to the progress callback after each committed page."""
+    """Sent to the progress callback after each committed page (and, with a `note`, when the
+    run does something long that is not a page, such as a first load's batch)."""
 
     connector: str
     stream: str
     counts: RunCounts
     total_hint: int | None
+    note: str = ""
 
 
 class SyncEngine:
@@ -112,6 +134,7 @@ class SyncEngine:
         self.settings = settings
         self.db = db
         m = settings.matching
+        self._own_matcher = matcher is None  # a matcher passed in keeps its own parameters
         if matcher is None:
             matcher = (
                 ExactMatcher()
@@ -119,10 +142,13 @@ class SyncEngine:
                 else build_matcher(m.auto_merge, m.review, m.default_region)
             )
         self.matcher = matcher
+        self._params_checked = self._pending_checked = 0.0
+        self.use_trained_params()
         self.frequencies = StoreFrequencies()
+        self.candidates = CandidateCache()
         self._analyzed_at = 0
-        self.mapper = PageMapper(m.default_region)
-        writeback.install(db, settings)  # golden changes enqueue pushes where configured
+        self.mapper = PageMapper(m.default_region, exact_keys=isinstance(matcher, ExactMatcher))
+        configure(db, settings)  # survivorship policy and write-back plan for this store
 
     async def run(
         self,
@@ -132,27 +158,78 @@ class SyncEngine:
         progress: Callable[[PageReport], None] | None = None,
         client: httpx.AsyncClient | None = None,
         run_id: int | None = None,
+        allow_deletes: bool = False,
     ) -> RunResult:
         """Sync connector `name` to the store; returns the run's counts and state.
 
         Config errors raise before a run is recorded. Connector errors end the run as
         `failed` (recorded with the error) and are re-raised for the caller to report.
         `run_id` continues a run row recorded earlier (a queued background job).
+        `allow_deletes` confirms deletions a full run infers above `max_delete_ratio`.
         """
         source = load_source(self.settings, name)
+        with bulk_collection():
+            return await self._run(source, full, progress, client, run_id, allow_deletes)
+
+    async def _run(
+        self,
+        source: Source,
+        full: bool,
+        progress: Callable[[PageReport], None] | None,
+        client: httpx.AsyncClient | None,
+        run_id: int | None,
+        allow_deletes: bool = False,
+    ) -> RunResult:
+        name = source.name
+        self.use_trained_params()
         run_id = self._start_run(name, full, run_id)
         started = time.perf_counter()
         counts = RunCounts()
         log.info("sync started", extra={"connector": name, "run_id": run_id, "full": full})
         own_client = client is None
         client = client or httpx.AsyncClient(timeout=httpx.Timeout(30.0))
+        held: HeldDeletions | None = None
         try:
+            # A first load interrupted earlier is clustered before anything else is matched.
+            await self._cluster_pending(counts, own=name)
             connector = source.connector(self.settings, client)
+            limit = connector.max_delete_ratio if full else None
+            scan = FullScan(datetime.now(UTC)) if limit is not None else None
+            deferral = self._first_load()
             # Contacts first, so activities in the same run link to them.
             for stream in sorted(connector.streams, key=lambda s: s != "contacts"):
                 with self.db.connect() as conn:
                     cursor = None if full else load_cursor(conn, name, stream)
-                await self._pipeline(source, connector, stream, cursor, run_id, counts, progress)
+                await self._pipeline(
+                    source,
+                    connector,
+                    stream,
+                    cursor,
+                    run_id,
+                    counts,
+                    progress,
+                    scan if stream == "contacts" else None,
+                    deferral if stream == "contacts" else None,
+                )
+                if stream == "contacts" and deferral is not None and deferral.deferred:
+                    # Before the activities, which link to the contacts' golden records.
+                    if progress is not None:
+                        note = f"matching {counts.contacts:,} contacts in one batch"
+                        progress(PageReport(name, stream, counts, None, note))
+                    await self._cluster_pending(counts, own=name)
+            if scan is not None and limit is not None:  # the scan completed: infer deletions
+                deleted, held = await asyncio.to_thread(
+                    apply_inferred,
+                    self.db,
+                    name,
+                    scan,
+                    limit=limit,
+                    confirmed=allow_deletes,
+                    delete=self._apply_deletions,
+                    now=datetime.now(UTC),
+                )
+                counts.deleted += deleted
+                counts.deletions_held = held.missing if held else 0
         except (CrmHubError, httpx.HTTPError, OSError) as exc:
             self._finish_run(run_id, "failed", counts, _describe(exc))
             log.warning(
@@ -167,10 +244,10 @@ class SyncEngine:
         finally:
             if own_client:
                 await client.aclose()
-        self._finish_run(run_id, "succeeded", counts, None)
+        self._finish_run(run_id, "succeeded", counts, held.message() if held else None)
         seconds = time.perf_counter() - started
         log.info("sync finished", extra={"connector": name, "run_id": run_id, **asdict(counts)})
-        return RunResult(run_id, name, "succeeded", counts, seconds)
+        return RunResult(run_id, name, "succeeded", counts, seconds, held=held)
 
     async def _pipeline(
         self,
@@ -181,33 +258,61 @@ class SyncEngine:
         run_id: int,
         counts: RunCounts,
         progress: Callable[[PageReport], None] | None,
+        scan: FullScan | None = None,
+        deferral: Deferral | None = None,
     ) -> None:
-        """Pull and map page N+1 while page N is written; commit pages strictly in order."""
+        """Pull and map ahead while earlier pages are written; commit pages strictly in order.
+
+        Pages already pulled and mapped when the writer is ready are written together (up to
+        WRITE_BATCH records) where the connector allows it (`joins_pages`: vendor-sized pages),
+        so small API pages do not each pay a whole transaction; the cursor stored is the last
+        page's, in the same transaction as all their records.
+        """
         queue: asyncio.Queue[tuple[Page, asyncio.Task[list[MappedRecord | Rejected]]] | None]
-        queue = asyncio.Queue(maxsize=2)
+        queue = asyncio.Queue()
+        room = asyncio.Condition()  # the producer waits while READ_AHEAD records are queued
+        queued = 0
+
+        def has_room() -> bool:
+            return queued < READ_AHEAD
 
         async def produce() -> None:
+            nonlocal queued
             cancelled = False
             try:
                 async for page in connector.pull(stream, cursor):  # type: ignore[arg-type]
+                    async with room:
+                        await room.wait_for(has_room)
+                        queued += len(page.records)
                     task = asyncio.ensure_future(self.mapper.map(source.mapping, page.records))
-                    await queue.put((page, task))
+                    queue.put_nowait((page, task))
             except asyncio.CancelledError:
-                # The consumer is gone (run cancelled): waiting to hand it the end marker
-                # on a full queue would hang the shutdown.
                 cancelled = True
                 raise
             finally:
                 if not cancelled:
-                    await queue.put(None)
+                    queue.put_nowait(None)
 
         producer = asyncio.create_task(produce())
         try:
-            while (item := await queue.get()) is not None:
-                page, mapping_task = item
-                mapped = await mapping_task
+            ended = False
+            while not ended and (item := await queue.get()) is not None:
+                batch = [item]
+                while connector.joins_pages and _batchable(batch) and not queue.empty():
+                    following = queue.get_nowait()
+                    if following is None:
+                        ended = True
+                        break
+                    batch.append(following)
+                pages = [(page, await task) for page, task in batch]
+                async with room:
+                    queued -= sum(len(p.records) for p, _ in pages)
+                    room.notify_all()
+                page, mapped = _combined(pages)
                 applying = asyncio.ensure_future(
-                    asyncio.to_thread(self._apply_page, source, stream, page, mapped, run_id)
+                    asyncio.to_thread(
+                        self._apply_page, source, stream, page, mapped, run_id, deferral
+                    )
                 )
                 try:
                     page_counts = await asyncio.shield(applying)
@@ -218,6 +323,8 @@ class SyncEngine:
                         await applying
                     raise
                 counts.add(page_counts)
+                if scan is not None:
+                    scan.saw(page)
                 await asyncio.to_thread(self._refresh_statistics, counts.new)
                 if progress is not None:
                     progress(PageReport(source.name, stream, counts, page.total_hint))
@@ -235,9 +342,43 @@ class SyncEngine:
         repeated delivery of the same record a no-op.
         """
         source = load_source(self.settings, name)
+        if time.monotonic() - self._params_checked > PARAMS_CHECK_SECONDS:
+            self.use_trained_params()
+        if time.monotonic() - self._pending_checked > PARAMS_CHECK_SECONDS:
+            await self._cluster_pending(RunCounts())  # an interrupted first load, if any
         page = Page(records, next_cursor=None)
-        mapped = await self.mapper.map(source.mapping, records)
+        # In-process: pushed batches are small and their processing already has a process
+        # of its own (`crmhub serve`'s processor); a mapping helper would be one more.
+        mapped = await self.mapper.map(source.mapping, records, inline=True)
         return await asyncio.to_thread(self._apply_page, source, None, page, mapped, None)
+
+    def _first_load(self) -> Deferral | None:
+        """This run's first-load deferral, when the store has no golden record yet and the
+        matcher is the settings' probabilistic one (sync/first_load.py)."""
+        after = self.settings.matching.batch_first_load
+        if not after or not self._own_matcher or isinstance(self.matcher, ExactMatcher):
+            return None
+        with self.db.connect() as conn:
+            return None if first_load.has_goldens(conn) else Deferral(after)
+
+    async def _cluster_pending(self, counts: RunCounts, own: str | None = None) -> None:
+        """Cluster a pending first load (`own`'s, or one interrupted earlier)."""
+        self._pending_checked = time.monotonic()
+        if not first_load.is_pending(self.db):
+            return
+        done = await asyncio.to_thread(first_load.cluster_pending, self.db, self.settings, own)
+        if done is not None:
+            counts.goldens_created += done.goldens_created
+            counts.goldens_merged += done.goldens_merged
+            counts.records_merged += done.records_merged
+            counts.reviews_queued += done.reviews_queued
+            self.frequencies.recount()  # its pages were not counted as they were staged
+
+    def use_trained_params(self) -> None:
+        """Newest parameters trained from steward labels (`crmhub dedupe train`), if any."""
+        if self._own_matcher:
+            use_active_params(self.db, self.matcher)
+        self._params_checked = time.monotonic()
 
     def close(self) -> None:
         """Stop the mapping helper process, if one was started."""
@@ -307,6 +448,7 @@ class SyncEngine:
         page: Page,
         mapped: list[MappedRecord | Rejected],
         run_id: int | None,
+        deferral: Deferral | None = None,
     ) -> RunCounts:
         counts = RunCounts(pulled=len(page.records))
         now = datetime.now(UTC)
@@ -332,18 +474,29 @@ class SyncEngine:
                         run_id, source.name, "field", item.origin, field_name, reason, None, now
                     )
                 )
-        deletions = [r.external_id for r in page.records if r.kind == "deletion"]
+        merges = {
+            r.external_id: m for r in page.records if r.kind == "deletion" and (m := merged_into(r))
+        }
+        deletions = [
+            r.external_id
+            for r in page.records
+            if r.kind == "deletion" and r.external_id not in merges
+        ]
         contacts = [m for m in latest.values() if m.kind == "contact"]
         activities = [m for m in latest.values() if m.kind == "activity"]
         with write_transaction(self.db) as conn:
-            self._apply_contacts(conn, source, page, contacts, counts)
+            fence(conn, source.name)  # a run that lost its lease may still be writing a page
+            self._apply_contacts(conn, source, page, contacts, counts, run_id, deferral)
             self._apply_activities(conn, source, page, activities, counts)
+            if merges:  # after the contacts: a survivor in this page is staged first
+                counts.aliased += apply_aliases(conn, source.name, merges, now)
             if deletions:
                 counts.deleted += self._apply_deletions(conn, source.name, deletions, now)
             if letters:
                 bulk_insert(conn, dead_letter, letters)
             if stream is not None:  # pushed records have no cursor
                 save_cursor(conn, source.name, stream, page.next_cursor)
+        self.frequencies.page_committed()
         counts.dead_letters = sum(1 for x in letters if x["scope"] == "record")
         counts.field_issues = len(letters) - counts.dead_letters
         return counts
@@ -356,6 +509,7 @@ class SyncEngine:
         kind: str,
         items: list[MappedRecord],
         counts: RunCounts,
+        run_id: int | None = None,
     ) -> list[Staged]:
         staged = stage(
             conn,
@@ -365,12 +519,13 @@ class SyncEngine:
                 StageItem(
                     m.external_id,
                     m.content_hash,
-                    page.records[m.index].payload,
-                    m.data,
+                    m.payload_json or json_text(page.records[m.index].payload),
+                    m.data_json or json_text(m.data),
                     m.updated_at,
                 )
                 for m in items
             ],
+            run_id,
         )
         for s in staged:
             setattr(counts, s.status, getattr(counts, s.status) + 1)
@@ -383,24 +538,40 @@ class SyncEngine:
         page: Page,
         items: list[MappedRecord],
         counts: RunCounts,
+        run_id: int | None,
+        deferral: Deferral | None = None,
     ) -> None:
         if not items:
             return
         items = self._without_erased(conn, source, items, counts)
-        staged = self._stage(conn, source, page, "contact", items, counts)
+        deferred = deferral is not None and deferral.due
+        staged = self._stage(conn, source, page, "contact", items, counts, run_id)
         counts.contacts += len(staged)
+        if deferral is not None:
+            deferral.staged += len(staged)
+        if deferred and deferral is not None:
+            # A first load past `batch_first_load`: clustered in one batch at the end.
+            first_load.mark_pending(conn, source.name, datetime.now(UTC))
+            deferral.deferred = True
+            return
+        mapped = {m.external_id: m for m in items}
         inputs = [
             MatchInput(
                 s.record_id,
-                Contact.model_validate(s.item.data),
-                s.item.data,
+                s.item.data_json,
                 s.item.source_updated_at,
                 "new" if s.status == "new" else "changed",
+                source.name,
+                mapped[s.item.external_id].keys,
+                mapped[s.item.external_id].solo,
             )
             for s in staged
             if s.status != "unchanged"
         ]
-        outcome = match_and_merge(conn, self.matcher, inputs, frequencies=self.frequencies)
+        outcome = match_and_merge(
+            conn, self.matcher, inputs, frequencies=self.frequencies, cache=self.candidates
+        )
+        counts.reviews_queued += recheck_constraints(conn, self.matcher, inputs)
         counts.goldens_created += outcome.goldens_created
         counts.records_merged += outcome.records_merged
         counts.goldens_merged += outcome.goldens_merged
@@ -440,34 +611,11 @@ class SyncEngine:
         staged = self._stage(conn, source, page, "activity", items, counts)
         counts.activities += len(staged)
         touched = [s for s in staged if s.status != "unchanged"]
-        changed_ids = [s.record_id for s in touched if s.status == "changed"]
-        for part in chunks(changed_ids):
-            conn.execute(activity.delete().where(one_of(conn, activity.c.record_id, part)))
-            conn.execute(
-                activity_participant.delete().where(
-                    one_of(conn, activity_participant.c.record_id, part)
-                )
-            )
-        rows: list[dict[str, Any]] = []
-        participants: list[dict[str, Any]] = []
-        for s in touched:
-            act = Activity.model_validate(s.item.data)
-            rows.append(
-                {
-                    "record_id": s.record_id,
-                    "type": act.type,
-                    "occurred_at": act.occurred_at,
-                    "subject": (act.subject or "")[:500],
-                }
-            )
-            participants.extend(
-                {"record_id": s.record_id, "email_key": key}
-                for key in dict.fromkeys(email_key(p) for p in act.participants)
-            )
-        if rows:
-            bulk_insert(conn, activity, rows)
-        if participants:
-            bulk_insert(conn, activity_participant, participants)
+        participants = index_activities(
+            conn,
+            [(s.record_id, s.item.data) for s in touched],
+            [s.record_id for s in touched if s.status == "changed"],
+        )
         keys = {p["email_key"] for p in participants}
         known: set[str] = set()
         for part in chunks(sorted(keys)):
@@ -521,6 +669,34 @@ class SyncEngine:
 
         with self.db.connect() as conn:
             return store_totals(conn)
+
+
+def _batchable(batch: list[tuple[Page, Any]]) -> bool:
+    """May another page join this write? Not past WRITE_BATCH records, and never across a
+    page with deletions (applied after the page's contacts, they must not overtake a later
+    page's re-created contact)."""
+    return sum(len(page.records) for page, _ in batch) < WRITE_BATCH and not any(
+        r.kind == "deletion" for page, _ in batch for r in page.records
+    )
+
+
+def _combined(
+    pages: list[tuple[Page, list[MappedRecord | Rejected]]],
+) -> tuple[Page, list[MappedRecord | Rejected]]:
+    """Consecutive pages as one: records in order, the last page's cursor."""
+    if len(pages) == 1:
+        return pages[0]
+    records: list[RawRecord] = []
+    rejects: list[tuple[str, str, str]] = []
+    mapped: list[MappedRecord | Rejected] = []
+    for page, items in pages:
+        for item in items:
+            item.index += len(records)  # positions in the combined page
+        records += page.records
+        rejects += page.rejects
+        mapped += items
+    last = pages[-1][0]
+    return Page(records, last.next_cursor, rejects, last.total_hint), mapped
 
 
 def _letter(

@@ -7,27 +7,35 @@ items. Steward constraints (do-not-merge) always win.
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Hashable, Iterable
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
-from sqlalchemy import Connection, bindparam, func, or_, select
+import numpy as np
+import orjson
+from sqlalchemy import Connection, Text, bindparam, cast, or_, select
 
 from crmhub.records import Contact
-from dedupe import Decision, Matcher, Member, survive
+from dedupe import Decision, ExactMatcher, Matcher, Member, survive
 from dedupe.cluster import should_join
-from dedupe.matcher import blocking_keys, lookup_keys
+from dedupe.comparators import Columns
+from dedupe.matcher import FellegiSunterMatcher, MatchKey, blocking_keys, lookup_keys
 from dedupe.normalize import Prepared, prepare
-from dedupe.scoring import tf_values
+from dedupe.scoring import MIN_POPULATION, tf_values
 from sync import writeback
+from sync.configure import survivorship_for
 from sync.frequencies import StoreFrequencies, tf_rows
-from sync.staging import chunks
+from sync.key_lookup import key_counts, key_holders
+from sync.staging import LONG_CHUNK, chunks
 from sync.store import (
     allocate_ids,
-    bulk_insert,
+    bind_values,
+    field_choice,
     golden_record,
+    insert_rows,
+    json_text,
     match_key,
     membership,
     merge_constraint,
@@ -36,26 +44,59 @@ from sync.store import (
     source_record,
 )
 
-__all__ = ["MatchInput", "MatchOutcome", "match_and_merge", "recompute_goldens"]
+__all__ = [
+    "CandidateCache",
+    "MatchInput",
+    "MatchOutcome",
+    "fold_golden",
+    "match_and_merge",
+    "recompute_goldens",
+]
 
 Node = tuple[Literal["r", "g"], int]
 # A blocking key held by more records than this finds no candidates (reported as capped).
 MAX_BLOCK = 200
 # pg_advisory_xact_lock key that serialises match-and-merge on PostgreSQL ("crmhub" in hex).
 MERGE_LOCK = 0x63726D687562
-# Store size from which term frequencies and the store-size prior apply.
-MIN_POPULATION = 2000
 # Members per golden record sampled by the chain guard.
 GUARD_SAMPLE = 8
+# A page with at least this many candidate pairs scores them vectorised (`_score_pairs`).
+VECTOR_PAIRS = 32
 
 
 @dataclass(slots=True)
 class MatchInput:
     record_id: int
-    contact: Contact
-    data: dict[str, Any]
+    data_json: str  # the mapped (already validated) contact, as the store keeps it
     updated_at: datetime | None
     status: Literal["new", "changed"]
+    source: str = ""  # the connector, for source-priority survivorship
+    # Worked out by the mapping process when it could: the exact matcher's keys, and the
+    # golden fields (JSON text) and lineage keys of this record alone
+    # (`dedupe.survivorship.solo`).
+    keys: list[tuple[str, str]] | None = None
+    solo: tuple[str, list[str]] | None = None
+    _data: dict[str, Any] | None = field(default=None, init=False, repr=False)
+    _contact: Contact | None = field(default=None, init=False, repr=False)
+
+    @property
+    def data(self) -> dict[str, Any]:
+        """The contact's data, decoded on first use (most records never need it)."""
+        if self._data is None:
+            self._data = orjson.loads(self.data_json)
+        return self._data
+
+    @property
+    def contact(self) -> Contact:
+        """The data as a Contact, built on first use (exact matching never needs it)."""
+        if self._contact is None:
+            self._contact = Contact.model_validate(self.data)
+        return self._contact
+
+
+class _Identifiers(NamedTuple):
+    emails: list[str]
+    phones: list[str]
 
 
 @dataclass(slots=True)
@@ -75,13 +116,61 @@ class _Comparer:
         self.matcher = matcher
         self.transitive = bool(getattr(matcher, "transitive", False))
         self._compare_prepared = getattr(matcher, "compare_prepared", None)
+        self.uses_prepared = self._compare_prepared is not None
         self._prepared: dict[int, Prepared] = {}
+        self._blocking: dict[int, list[MatchKey]] = {}
+        self._lookup: dict[int, list[MatchKey]] = {}
+
+    def remember(self, record_id: int, prepared: Prepared) -> None:
+        """`record_id`'s prepared form, worked out earlier (`CandidateCache`)."""
+        self._prepared[record_id] = prepared
 
     def prepared(self, record_id: int, contact: Contact) -> Prepared:
         found = self._prepared.get(record_id)
         if found is None:
             found = self._prepared[record_id] = prepare(contact)
         return found
+
+    def blocking(self, item: MatchInput) -> list[MatchKey]:
+        """`dedupe.matcher.blocking_keys` of `item`, computed once per batch."""
+        found = self._blocking.get(item.record_id)
+        if found is None:
+            prepared = self.prepared(item.record_id, item.contact)
+            found = self._blocking[item.record_id] = blocking_keys(prepared)
+        return found
+
+    def lookup(self, item: MatchInput) -> list[MatchKey]:
+        """`dedupe.matcher.lookup_keys` of `item`, computed once per batch."""
+        found = self._lookup.get(item.record_id)
+        if found is None:
+            prepared = self.prepared(item.record_id, item.contact)
+            found = self._lookup[item.record_id] = lookup_keys(prepared, self.blocking(item))
+        return found
+
+    def keys(self, item: MatchInput) -> set[tuple[str, str]]:
+        """The matcher's blocking keys of `item` as (kind, value), from what the mapping
+        process worked out or the prepared form where possible."""
+        matcher = self.matcher
+        if isinstance(matcher, ExactMatcher):
+            if item.keys is not None:
+                return set(item.keys)
+            data = item.data
+            found = matcher.keys(_Identifiers(data.get("emails", []), data.get("phones", [])))
+        elif isinstance(matcher, FellegiSunterMatcher):
+            found = matcher.capped(self.blocking(item))
+        else:
+            found = matcher.keys(item.contact)
+        return {(k.kind, k.value) for k in found}
+
+    def lookups(self, item: MatchInput, stored: set[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Keys to find `item`'s candidates with: the matcher's lookup keys, else its keys."""
+        matcher = self.matcher
+        if isinstance(matcher, FellegiSunterMatcher):
+            return [(k.kind, k.value) for k in matcher.capped(self.lookup(item))]
+        lookup = getattr(matcher, "lookup_keys", None)
+        if lookup is not None:
+            return [(k.kind, k.value) for k in lookup(item.contact)]
+        return sorted(stored)
 
     def __call__(self, a: int, contact_a: Contact, b: int, contact_b: Contact) -> Decision:
         if self._compare_prepared is None:
@@ -92,10 +181,56 @@ class _Comparer:
         return decision
 
 
-def _load_contacts(conn: Connection, ids: set[int], into: dict[int, Contact]) -> None:
-    query = select(source_record.c.id, source_record.c.data)
-    for rid, data in _in_chunks(conn, query, source_record.c.id, ids - set(into)):
-        into[rid] = Contact.model_validate(data)
+class CandidateCache:
+    """Stored records recently compared, as `Contact` and prepared form, across pages.
+
+    Candidates recur (everyone called Smith is a candidate of every new Smith), and loading,
+    decoding, validating and preparing one costs several times comparing it. Entries are keyed
+    by record id and content hash, so a record staged again since (by any process) is a miss.
+    """
+
+    def __init__(self, size: int = 10_000) -> None:
+        self.size = size
+        self._items: OrderedDict[tuple[int, str], tuple[Contact, Prepared | None]] = OrderedDict()
+
+    def get(self, key: tuple[int, str]) -> tuple[Contact, Prepared | None] | None:
+        found = self._items.get(key)
+        if found is not None:
+            self._items.move_to_end(key)
+        return found
+
+    def put(self, key: tuple[int, str], value: tuple[Contact, Prepared | None]) -> None:
+        self._items[key] = value
+        if len(self._items) > self.size:
+            self._items.popitem(last=False)
+
+
+def _load_contacts(
+    conn: Connection,
+    ids: set[int],
+    into: dict[int, Contact],
+    compare: _Comparer | None = None,
+    cache: CandidateCache | None = None,
+) -> None:
+    """Stored contacts `ids` into `into`; with a `cache`, their prepared forms into `compare`
+    too, decoding only the records the cache does not hold."""
+    if cache is None or compare is None:
+        query = select(source_record.c.id, source_record.c.data)
+        for rid, data in _in_chunks(conn, query, source_record.c.id, ids - set(into)):
+            into[rid] = Contact.model_validate(data)
+        return
+    text = select(
+        source_record.c.id, source_record.c.content_hash, cast(source_record.c.data, Text)
+    )
+    for rid, digest, data in _in_chunks(conn, text, source_record.c.id, ids - set(into)):
+        found = cache.get((rid, digest))
+        if found is None:
+            contact = Contact.model_validate(orjson.loads(data))
+            found = (contact, compare.prepared(rid, contact) if compare.uses_prepared else None)
+            cache.put((rid, digest), found)
+        into[rid] = found[0]
+        if found[1] is not None:
+            compare.remember(rid, found[1])
 
 
 def _scores_between(
@@ -155,7 +290,7 @@ class _UnionFind:
 
 def _in_chunks(conn: Connection, query: Any, column: Any, values: Iterable[Any]) -> list[Any]:
     rows: list[Any] = []
-    for part in chunks(sorted(set(values))):
+    for part in chunks(sorted(set(values)), LONG_CHUNK):
         rows.extend(conn.execute(query.where(one_of(conn, column, part))).all())
     return rows
 
@@ -167,72 +302,109 @@ def _prefetch_frequencies(
     wanted: list[tuple[str, str]] = []
     for item in inputs:
         prepared = compare.prepared(item.record_id, item.contact)
-        wanted += [(k.kind, k.value) for k in blocking_keys(prepared)]
-        wanted += [(k.kind, k.value) for k in lookup_keys(prepared)]
+        wanted += [(k.kind, k.value) for k in compare.blocking(item)]
+        wanted += [(k.kind, k.value) for k in compare.lookup(item)]
         wanted += [(kind, v) for kind, vs in tf_values(prepared).items() for v in vs]
-    freq.prefetch(conn, wanted)
+    freq.prefetch(conn, wanted, added=sum(1 for i in inputs if i.status == "new"))
 
 
-def _write_keys(
-    conn: Connection,
-    matcher: Matcher,
-    compare: _Comparer,
-    inputs: list[MatchInput],
-    freq: StoreFrequencies | None,
+def _batch_keys(
+    conn: Connection, compare: _Comparer, inputs: list[MatchInput]
 ) -> dict[int, set[tuple[str, str]]]:
-    keys = {i.record_id: {(k.kind, k.value) for k in matcher.keys(i.contact)} for i in inputs}
+    """The keys each record of the batch is stored under; changed records' old keys (and
+    term-frequency rows) are deleted, so the store holds only earlier records' keys until
+    `_store_keys` writes these after the candidate lookup."""
+    keys = {i.record_id: compare.keys(i) for i in inputs}
     changed = [i.record_id for i in inputs if i.status == "changed"]
     for part in chunks(changed):
         conn.execute(match_key.delete().where(one_of(conn, match_key.c.record_id, part)))
-    rows = [
-        {"record_id": rid, "key_kind": kind, "key_value": value}
-        for rid, pairs in keys.items()
-        for kind, value in pairs
-    ]
+    return keys
+
+
+def _store_keys(
+    conn: Connection,
+    compare: _Comparer,
+    inputs: list[MatchInput],
+    keys: dict[int, set[tuple[str, str]]],
+    freq: StoreFrequencies | None,
+) -> None:
+    rows = [(rid, kind, value) for rid, pairs in keys.items() for kind, value in pairs]
     if freq is not None:
         # Term-frequency rows: how many contacts share a first name, surname, company...
         rows += [
-            {"record_id": i.record_id, "key_kind": kind, "key_value": value}
+            (i.record_id, kind, value)
             for i in inputs
             for kind, value in dict.fromkeys(
                 tf_rows(tf_values(compare.prepared(i.record_id, i.contact)))
             )
         ]
-    if rows:
-        bulk_insert(conn, match_key, rows)
-    return keys
+    insert_rows(conn, match_key, ("record_id", "key_kind", "key_value"), rows)
 
 
 def _candidates(
-    conn: Connection, lookups: dict[int, list[tuple[str, str]]], outcome: MatchOutcome
+    conn: Connection,
+    lookups: dict[int, list[tuple[str, str]]],
+    keys: dict[int, set[tuple[str, str]]],
+    before: Callable[[str, str], int | None],
+    outcome: MatchOutcome,
 ) -> dict[tuple[str, str], list[int]]:
     """Records holding each lookup key; keys held by more than MAX_BLOCK records are capped
-    (a shared inbox or switchboard number says nothing about who someone is)."""
-    by_kind: dict[str, set[str]] = defaultdict(set)
-    for pairs in lookups.values():
-        for kind, value in pairs:
-            by_kind[kind].add(value)
-    holders: dict[tuple[str, str], list[int]] = defaultdict(list)
-    for kind, values in by_kind.items():
-        counted = select(match_key.c.key_value, func.count()).where(match_key.c.key_kind == kind)
-        usable = []
-        for part in chunks(sorted(values)):
-            rows = conn.execute(
-                counted.where(one_of(conn, match_key.c.key_value, part)).group_by(
-                    match_key.c.key_value
-                )
-            )
-            for value, count in rows:
-                if count > MAX_BLOCK:
-                    outcome.capped_keys.add((kind, value))
-                else:
-                    usable.append(value)
-        query = select(match_key.c.key_value, match_key.c.record_id).where(
-            match_key.c.key_kind == kind
-        )
-        for value, record_id in _in_chunks(conn, query, match_key.c.key_value, usable):
-            holders[(kind, value)].append(record_id)
+    (a shared inbox or switchboard number says nothing about who someone is).
+
+    Called before the batch's own `keys` are stored: the store answers for earlier records
+    only, and the batch's holders are added from `keys`. `before(kind, value)`: how many
+    records held a key before this batch, when known (an upper bound: changed records' old
+    keys are gone since). A key no earlier record holds is answered from the batch alone,
+    and one that cannot exceed the cap is fetched without counting it first.
+    """
+    in_batch: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for rid, pairs in keys.items():
+        for key in pairs:
+            in_batch[key].append(rid)
+    holders: dict[tuple[str, str], list[int]] = {}
+    to_count: list[tuple[str, str]] = []
+    to_fetch: list[tuple[str, str]] = []
+
+    def from_batch(key: tuple[str, str]) -> None:
+        mine = in_batch.get(key, [])
+        if len(mine) > MAX_BLOCK:
+            outcome.capped_keys.add(key)
+        elif mine:
+            holders[key] = mine
+
+    for key in {key for pairs in lookups.values() for key in pairs}:
+        earlier = before(*key)
+        if earlier == 0:
+            from_batch(key)
+        elif earlier is not None and earlier + len(in_batch.get(key, ())) <= MAX_BLOCK:
+            to_fetch.append(key)
+        elif earlier is not None and earlier - len(keys) > MAX_BLOCK:
+            # Capped for certain: at most one row per batch record was deleted since.
+            outcome.capped_keys.add(key)
+        else:
+            to_count.append(key)
+    # Counted first, so the holders of a capped key are never fetched.
+    counts = key_counts(conn, to_count)
+    for key in to_count:
+        earlier = counts.get(key, 0)
+        if earlier + len(in_batch.get(key, ())) > MAX_BLOCK:
+            outcome.capped_keys.add(key)
+        elif earlier == 0:
+            from_batch(key)
+        else:
+            to_fetch.append(key)
+    fetched = key_holders(conn, to_fetch)
+    for key in to_fetch:
+        found = fetched.get(key, []) + in_batch.get(key, [])
+        if len(found) > MAX_BLOCK:
+            outcome.capped_keys.add(key)
+        elif found:
+            holders[key] = found
     return holders
+
+
+def _unknown(kind: str, value: str) -> int | None:
+    return None
 
 
 def _do_not_merge(conn: Connection, ids: set[int]) -> set[frozenset[int]]:
@@ -257,8 +429,10 @@ def match_and_merge(
     inputs: list[MatchInput],
     now: datetime | None = None,
     frequencies: StoreFrequencies | None = None,
+    cache: CandidateCache | None = None,
 ) -> MatchOutcome:
-    """Fold new/changed contacts into golden records; call inside the page's transaction."""
+    """Fold new/changed contacts into golden records; call inside the page's transaction.
+    `cache`: candidates' prepared forms kept from earlier calls (a long-lived caller's)."""
     now = now or datetime.now(UTC)
     outcome = MatchOutcome()
     if not inputs:
@@ -278,44 +452,60 @@ def match_and_merge(
         # "common"): the matcher keeps its shipped priors until the store is big enough.
         enough = frequencies.total >= MIN_POPULATION
         matcher.frequencies = frequencies if enough else None  # type: ignore[attr-defined]
-    keys = _write_keys(conn, matcher, compare, inputs, frequencies)
-    lookup = getattr(matcher, "lookup_keys", None)
-    lookups = {
-        i.record_id: (
-            [(k.kind, k.value) for k in lookup(i.contact)] if lookup else sorted(keys[i.record_id])
-        )
-        for i in inputs
-    }
-    holders = _candidates(conn, lookups, outcome)
+    keys = _batch_keys(conn, compare, inputs)
+    lookups = {i.record_id: compare.lookups(i, keys[i.record_id]) for i in inputs}
+    holders = _candidates(
+        conn, lookups, keys, frequencies.stored if frequencies else _unknown, outcome
+    )
     pairs: set[tuple[int, int]] = set()
     for rid, wanted in lookups.items():
         for key in wanted:
             pairs.update((min(rid, o), max(rid, o)) for o in holders.get(key, ()) if o != rid)
     candidate_ids = {rid for pair in pairs for rid in pair}
+    # New records have no membership yet: only candidates and changed records are looked up.
     member_of = dict(
         _in_chunks(
             conn,
             select(membership.c.record_id, membership.c.golden_id),
             membership.c.record_id,
-            candidate_ids | set(batch),
+            candidate_ids | {rid for rid, i in batch.items() if i.status == "changed"},
         )
     )
-    contacts: dict[int, Contact] = {rid: i.contact for rid, i in batch.items()}
-    _load_contacts(conn, candidate_ids - set(batch), contacts)
+    # The exact matcher merges every pair that shares a key, and candidates share one by
+    # construction: its contacts are loaded only for the chain guard, if it ever asks.
+    exact = isinstance(matcher, ExactMatcher)
+    contacts: dict[int, Contact] = {}
+    if not exact:
+        contacts.update((rid, batch[rid].contact) for rid in candidate_ids & set(batch))
+        _load_contacts(conn, candidate_ids - set(batch), contacts, compare, cache)
     forbidden = _do_not_merge(conn, set(batch))
+    ordered = [pair for pair in sorted(pairs) if frozenset(pair) not in forbidden]
+    scored = (
+        _score_pairs(compare, matcher, ordered, contacts)
+        if isinstance(matcher, FellegiSunterMatcher) and len(ordered) >= VECTOR_PAIRS
+        else {}
+    )
+    # Stored after the counts above were taken: they describe the store before this page.
+    _store_keys(conn, compare, inputs, keys, frequencies)
 
     uf = _UnionFind()
+    # Records with no candidate and no golden record yet need no union-find: each gets a
+    # golden record of its own (most records of a first load).
+    lone = [rid for rid in batch if rid not in candidate_ids and rid not in member_of]
     for rid in batch:
-        uf.find(("r", rid))
-        if rid in member_of:
-            uf.union(("g", member_of[rid]), ("r", rid))
+        if rid in candidate_ids or rid in member_of:
+            uf.find(("r", rid))
+            if rid in member_of:
+                uf.union(("g", member_of[rid]), ("r", rid))
     reviews: dict[tuple[int, int], Decision] = {}
     # batch record -> golden record -> its strongest merge decision (and with which member)
     links: dict[int, dict[int, tuple[Decision, int]]] = defaultdict(dict)
-    for a, b in sorted(pairs):
-        if frozenset((a, b)) in forbidden:
-            continue
-        decision = compare(a, contacts[a], b, contacts[b])
+    for a, b in ordered:
+        decision = (
+            _SHARES_A_KEY
+            if exact
+            else scored.get((a, b)) or compare(a, contacts[a], b, contacts[b])
+        )
         if decision.action == "review":
             reviews[(a, b)] = decision
         elif decision.action == "merge":
@@ -339,10 +529,15 @@ def match_and_merge(
             if compare.transitive:
                 joined.append(golden)
                 continue
+            contacts.setdefault(rid, batch[rid].contact)
             scores = _scores_between(conn, compare, rid, joined[0], golden, contacts)
-            if should_join(scores, float(getattr(matcher, "review", 0.0))):
+            review = float(getattr(matcher, "review", 0.0))
+            if should_join(scores, review, float(getattr(matcher, "auto_merge", 1.0))):
                 joined.append(golden)
             else:
+                if not decision.explanation:  # a shortcut's decision: explain it now
+                    _load_contacts(conn, {other}, contacts)
+                    decision = compare(rid, contacts[rid], other, contacts[other])
                 average = sum(scores) / len(scores)
                 held = (
                     f"held for review: this record would join two golden records ({joined[0]} "
@@ -354,9 +549,10 @@ def match_and_merge(
         for golden_id in joined:
             uf.union(("g", golden_id), ("r", rid))
 
-    new_members: list[dict[str, Any]] = []
+    stamp = bind_values(conn, membership.c.decided_at, [now])[0]  # `now`, as the driver takes it
+    new_members: list[tuple[int, int, str, float | None, Any]] = []
     moved: list[dict[str, Any]] = []
-    fresh: list[list[int]] = []  # groups of batch records that need a new golden record
+    fresh: list[list[int]] = [[rid] for rid in lone]  # batch records needing a golden record
     for group in uf.groups():
         goldens = sorted(g for kind, g in group if kind == "g")
         records = sorted(r for kind, r in group if kind == "r")
@@ -370,44 +566,51 @@ def match_and_merge(
         golden_id = goldens[0]  # the oldest id survives; the others become aliases
         outcome.touched_goldens.add(golden_id)
         for alias in goldens[1:]:
-            _alias(conn, alias, golden_id, now)
+            fold_golden(conn, alias, golden_id, now)
             outcome.goldens_merged += 1
         for r in records:
             if r not in member_of:
-                new_members.append(_membership(r, golden_id, "auto", now))
+                new_members.append((r, golden_id, "auto", None, stamp))
             elif member_of[r] != golden_id:
                 moved.append({"b_record": r, "golden_id": golden_id, "decided_at": now})
     if fresh:
+        # New golden records in batch order, whichever way they were found (stable ids).
+        order = {rid: i for i, rid in enumerate(batch)}
+        fresh.sort(key=lambda records: min(order[r] for r in records))
+        policy = survivorship_for(conn)
         ids = allocate_ids(conn, golden_record, len(fresh))
-        rows: list[dict[str, Any]] = []
+        rows: list[tuple[int, str, str, int, Any, Any]] = []
+        joint: dict[int, tuple[dict[str, Any], dict[str, int]]] = {}  # several members
         for golden_id, records in zip(ids, fresh, strict=True):
-            fields, lineage = survive(
-                [Member(r, batch[r].updated_at, batch[r].data) for r in records]
-            )
-            rows.append(
-                {
-                    "id": golden_id,
-                    "fields": fields,
-                    "lineage": lineage,
-                    "version": 1,
-                    "created_at": now,
-                    "updated_at": now,
-                }
-            )
-        bulk_insert(conn, golden_record, rows)
+            alone = batch[records[0]].solo if len(records) == 1 else None
+            if alone is not None:
+                fields_text = alone[0]
+                lineage_text = json_text(dict.fromkeys(alone[1], records[0]))
+            else:
+                fields, lineage = survive(
+                    [
+                        Member(r, batch[r].updated_at, batch[r].data, batch[r].source)
+                        for r in records
+                    ],
+                    policy,
+                )
+                if len(records) > 1:
+                    joint[golden_id] = (fields, lineage)
+                fields_text, lineage_text = json_text(fields), json_text(lineage)
+            rows.append((golden_id, fields_text, lineage_text, 1, stamp, stamp))
+        insert_rows(conn, golden_record, _GOLDEN_COLUMNS, rows)
         outcome.goldens_created += len(ids)
-        if len(ids) < sum(len(r) for r in fresh):  # a new golden record of several tools
+        if joint:  # new golden records of several records: tools may need telling
             writeback.golden_changed(
                 conn,
-                {r["id"]: r["fields"] for r in rows},
-                {r["id"]: r["lineage"] for r in rows},
+                {gid: fields for gid, (fields, _) in joint.items()},
+                {gid: lineage for gid, (_, lineage) in joint.items()},
                 now,
             )
         for records, golden_id in zip(fresh, ids, strict=True):
             method = "new" if len(records) == 1 else "auto"
-            new_members.extend(_membership(r, golden_id, method, now) for r in records)
-    if new_members:
-        bulk_insert(conn, membership, new_members)
+            new_members.extend((r, golden_id, method, None, stamp) for r in records)
+    insert_rows(conn, membership, _MEMBERSHIP_COLUMNS, new_members)
     if moved:
         conn.execute(
             membership.update().where(membership.c.record_id == bindparam("b_record")), moved
@@ -418,18 +621,46 @@ def match_and_merge(
     return outcome
 
 
-def _membership(record_id: int, golden_id: int, method: str, now: datetime) -> dict[str, Any]:
-    return {
-        "record_id": record_id,
-        "golden_id": golden_id,
-        "method": method,
-        "probability": None,
-        "decided_at": now,
-    }
+# The columns `match_and_merge` inserts new rows with (`insert_rows`).
+_GOLDEN_COLUMNS = ("id", "fields", "lineage", "version", "created_at", "updated_at")
+_MEMBERSHIP_COLUMNS = ("record_id", "golden_id", "method", "probability", "decided_at")
+# What the exact matcher decides for two records that share a key.
+_SHARES_A_KEY = Decision("merge", 1.0, {})
 
 
-def _alias(conn: Connection, alias: int, survivor: int, now: datetime) -> None:
-    """Fold golden record `alias` into `survivor`; its id keeps resolving to the survivor."""
+def _score_pairs(
+    compare: _Comparer,
+    matcher: FellegiSunterMatcher,
+    pairs: list[tuple[int, int]],
+    contacts: dict[int, Contact],
+) -> dict[tuple[int, int], Decision]:
+    """The page's candidate pairs scored at once (`FellegiSunterMatcher.probabilities`, the
+    batch clusterer's vectorised path: the same probabilities as `compare_prepared`, many
+    times cheaper). Only pairs that go to review get `compare`'s explanation; the others'
+    decisions carry none (the chain guard works one out if it needs it)."""
+    ids = sorted({rid for pair in pairs for rid in pair})
+    index = {rid: i for i, rid in enumerate(ids)}
+    cols = Columns.of([compare.prepared(rid, contacts[rid]) for rid in ids])
+    # Term frequencies: the values pairs agree on are mostly the page's own, prefetched; the
+    # others (a candidate's nickname or swapped name) are counted as the matcher asks for them
+    # (`dedupe.comparators.TfCounts`), each by one `matcher.frequencies.count` query.
+    ia = np.array([index[a] for a, _ in pairs], dtype=np.int64)
+    ib = np.array([index[b] for _, b in pairs], dtype=np.int64)
+    out: dict[tuple[int, int], Decision] = {}
+    for (a, b), p in zip(pairs, matcher.probabilities(cols, ia, ib).tolist(), strict=True):
+        action = matcher.action(p)
+        out[(a, b)] = (
+            compare(a, contacts[a], b, contacts[b])
+            if action == "review"
+            else Decision(action, p, {})
+        )
+    return out
+
+
+def fold_golden(conn: Connection, alias: int, survivor: int, now: datetime) -> None:
+    """Fold golden record `alias` into `survivor`: its members move, its id (and ids merged
+    into it earlier) keep resolving to the survivor, and its stewards' field choices move along
+    where the survivor has none for the field."""
     conn.execute(
         membership.update()
         .where(membership.c.golden_id == alias)
@@ -445,12 +676,25 @@ def _alias(conn: Connection, alias: int, survivor: int, now: datetime) -> None:
         .where(golden_record.c.merged_into == alias)
         .values(merged_into=survivor)
     )
+    taken = select(field_choice.c.field).where(field_choice.c.golden_id == survivor)
+    conn.execute(
+        field_choice.update()
+        .where(field_choice.c.golden_id == alias, field_choice.c.field.not_in(taken))
+        .values(golden_id=survivor)
+    )
 
 
 def _settle_reviews(
     conn: Connection, record_ids: set[int], goldens: set[int], now: datetime
 ) -> None:
     """Open review items whose two records now share a golden record need no steward."""
+    if (
+        conn.execute(
+            select(review_item.c.id).where(review_item.c.status == "open").limit(1)
+        ).first()
+        is None
+    ):
+        return  # nothing open: skip the membership lookups
     goldens = set(goldens)
     for part in chunks(sorted(record_ids)):
         goldens.update(
@@ -458,24 +702,28 @@ def _settle_reviews(
                 select(membership.c.golden_id).where(one_of(conn, membership.c.record_id, part))
             ).scalars()
         )
-    a_member = membership.alias("a_member")
-    b_member = membership.alias("b_member")
-    settled: list[int] = []
-    for part in chunks(sorted(goldens)):
-        settled += (
-            conn.execute(
-                select(review_item.c.id)
-                .join(a_member, a_member.c.record_id == review_item.c.record_a)
-                .join(b_member, b_member.c.record_id == review_item.c.record_b)
-                .where(
-                    review_item.c.status == "open",
-                    a_member.c.golden_id == b_member.c.golden_id,
-                    one_of(conn, a_member.c.golden_id, part),
-                )
-            )
-            .scalars()
-            .all()
+    # Both records of a settled item are members of one of `goldens`, so its record_a is one
+    # of their members: found through the (record_a, record_b) index, instead of walking the
+    # whole open queue (tens of thousands of items in a big store) for every page.
+    member_of = dict(
+        _in_chunks(
+            conn,
+            select(membership.c.record_id, membership.c.golden_id),
+            membership.c.golden_id,
+            goldens,
         )
+    )
+    items = _in_chunks(
+        conn,
+        select(
+            review_item.c.id, review_item.c.record_a, review_item.c.record_b, review_item.c.status
+        ),
+        review_item.c.record_a,
+        member_of,
+    )
+    settled = [
+        int(i) for i, a, b, status in items if status == "open" and member_of.get(b) == member_of[a]
+    ]
     for part in chunks(settled):
         conn.execute(
             review_item.update()
@@ -527,17 +775,19 @@ def recompute_goldens(conn: Connection, golden_ids: set[int], now: datetime | No
             source_record.c.id,
             source_record.c.source_updated_at,
             source_record.c.data,
+            source_record.c.source,
         )
         .join(source_record, source_record.c.id == membership.c.record_id)
         .where(source_record.c.deleted == 0)
     )
-    for golden_id, rid, updated_at, data in _in_chunks(
+    for golden_id, rid, updated_at, data, source in _in_chunks(
         conn, query, membership.c.golden_id, golden_ids
     ):
-        members[golden_id].append(Member(rid, updated_at, data))
+        members[golden_id].append(Member(rid, updated_at, data, source))
+    policy = survivorship_for(conn)
     rows: list[dict[str, Any]] = []
     for golden_id in golden_ids:
-        fields, lineage = survive(members[golden_id]) if members[golden_id] else ({}, {})
+        fields, lineage = survive(members[golden_id], policy) if members[golden_id] else ({}, {})
         rows.append({"b_id": golden_id, "fields": fields, "lineage": lineage, "updated_at": now})
     conn.execute(
         golden_record.update()

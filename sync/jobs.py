@@ -22,6 +22,7 @@ import asyncio
 import logging
 import random
 import time
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -34,6 +35,7 @@ from sqlalchemy.exc import DBAPIError
 
 from crmhub.errors import ConfigError, CrmHubError, RateLimitedError, TransientError
 from crmhub.settings import Settings
+from sync.intake_jobs import DRAIN_CRON_SECONDS, JOB_DRAIN_INBOX, drain_inbox
 from sync.locks import Lease, LeaseLost, lease_key
 from sync.metrics import queue_name, record_run
 from sync.outbox import relay
@@ -47,6 +49,7 @@ __all__ = [
     "enqueue_due_syncs",
     "enqueue_sync",
     "job_id",
+    "queue_configured",
     "redis_settings",
     "retry_delay",
     "sync_connector",
@@ -64,6 +67,12 @@ _CONTINUABLE = ("queued", "retrying")
 
 def job_id(settings: Settings, name: str) -> str:
     return f"{settings.queue.namespace}sync:{name}"
+
+
+def queue_configured(settings: Settings) -> bool:
+    """Whether `[queue] redis_url` is set (in the file or CRMHUB_QUEUE__REDIS_URL): then
+    workers may be running, and in-process syncs take the connector's lease too."""
+    return "redis_url" in settings.queue.model_fields_set
 
 
 def redis_settings(settings: Settings, retries: int = 10) -> RedisSettings:
@@ -168,6 +177,21 @@ async def sync_connector(
     ctx: dict[str, Any], name: str, full: bool = False, run_id: int | None = None
 ) -> dict[str, Any]:
     """One connector run under its lease. Arguments are ids only: never tokens or PII."""
+    # Connectors with a job in this process: the reconciler never frees those (a job that
+    # lost its lease may still be finishing its last page).
+    running: Counter[str] = ctx.setdefault("running", Counter())
+    running[name] += 1
+    try:
+        return await _sync_connector(ctx, name, full, run_id)
+    finally:
+        running[name] -= 1
+        if running[name] <= 0:
+            del running[name]
+
+
+async def _sync_connector(
+    ctx: dict[str, Any], name: str, full: bool, run_id: int | None
+) -> dict[str, Any]:
     settings: Settings = ctx["settings"]
     db: Engine = ctx["db"]
     job_try: int = ctx.get("job_try", 1)
@@ -261,14 +285,49 @@ async def relay_outbox(ctx: dict[str, Any]) -> dict[str, Any]:
     return report.as_dict()
 
 
+# -- learning from steward labels (sync/model_params.py) ------------------------------------
+JOB_TRAIN = "train_matcher"
+
+
+async def train_matcher(ctx: dict[str, Any]) -> dict[str, Any]:
+    """Cron tick (every minute): retrain the matcher from steward labels when
+    `[matching] train_schedule` fires; a no-op when unset or nothing changed."""
+    from sync.model_params import scheduled_training
+
+    score = ctx.get("score")
+    at = datetime.fromtimestamp(score / 1000, UTC) if score else datetime.now(UTC)
+    return await asyncio.to_thread(
+        scheduled_training, ctx["settings"], ctx["db"], at + timedelta(seconds=1)
+    )
+
+
 def worker_settings(settings: Settings) -> dict[str, Any]:
     """Keyword arguments for `arq.worker.Worker`, from the `[queue]` table."""
     q = settings.queue
     return {
-        "functions": [_sync_function(settings)],
+        "functions": [_sync_function(settings), _drain_function()],
+        # arq names a unique cron job's id `NAME:TIMESTAMP`, the same in every queue: without
+        # the namespace, one installation's tick would swallow another's on a shared Redis.
         "cron_jobs": [
-            cron(enqueue_due_syncs, name=JOB_ENQUEUE_DUE, second=0, microsecond=0, unique=True),
-            cron(relay_outbox, name=JOB_RELAY, second=30, microsecond=0, unique=True),
+            cron(
+                enqueue_due_syncs,
+                name=q.namespace + JOB_ENQUEUE_DUE,
+                second=0,
+                microsecond=0,
+                unique=True,
+            ),
+            cron(relay_outbox, name=q.namespace + JOB_RELAY, second=30, microsecond=0, unique=True),
+            cron(
+                train_matcher, name=q.namespace + JOB_TRAIN, second=45, microsecond=0, unique=True
+            ),
+            # Deliveries of `process = "worker"` webforms a kick missed (sync/intake_jobs.py).
+            cron(
+                drain_inbox,
+                name=q.namespace + JOB_DRAIN_INBOX + "_tick",
+                second=set(DRAIN_CRON_SECONDS),
+                microsecond=0,
+                unique=True,
+            ),
         ],
         "queue_name": queue_name(settings),
         "redis_settings": redis_settings(settings),
@@ -286,6 +345,12 @@ def _sync_function(settings: Settings) -> Any:
     from arq.worker import func
 
     return func(sync_connector, name=JOB_SYNC, timeout=settings.queue.job_timeout)
+
+
+def _drain_function() -> Any:
+    from arq.worker import func
+
+    return func(drain_inbox, name=JOB_DRAIN_INBOX)
 
 
 def in_progress_key(settings: Settings, name: str) -> str:

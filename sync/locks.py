@@ -6,13 +6,17 @@ key expires on its own and another worker can take the connector over. Renewal a
 compare the token first (Lua, atomic), so a worker never extends or deletes a lease it lost.
 
 A holder that cannot renew in time (Redis unreachable, process paused past the TTL) cancels its
-own run: the committed pages stand and the next holder resumes from the cursor.
+own run: the committed pages stand and the next holder resumes from the cursor. The page it was
+writing may still commit after the next holder started: `fence` makes page transactions of one
+connector wait for each other in the store, so that late page is applied whole and the next
+holder's copy of it finds its records staged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import socket
@@ -22,8 +26,11 @@ from collections.abc import AsyncIterator
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+from sqlalchemy import Connection, text
 
-__all__ = ["Lease", "LeaseLost", "lease_key"]
+from crmhub.errors import CrmHubError
+
+__all__ = ["ConnectorLocked", "Lease", "LeaseLost", "connector_lease", "fence", "lease_key"]
 
 log = logging.getLogger("crmhub.locks")
 
@@ -43,6 +50,19 @@ return 0
 
 def lease_key(namespace: str, connector: str) -> str:
     return f"{namespace}crmhub:lease:{connector}"
+
+
+def fence(conn: Connection, connector: str) -> None:
+    """Wait for any other open page transaction of `connector`; held until this one ends.
+
+    PostgreSQL only (a transaction-level advisory lock); SQLite's `BEGIN IMMEDIATE` already
+    lets one writer in at a time. Call first in the page's transaction, before staging reads.
+    """
+    if conn.dialect.name != "postgresql":
+        return
+    digest = hashlib.blake2b(f"crmhub:sync:{connector}".encode(), digest_size=8).digest()
+    key = int.from_bytes(digest, "big", signed=True)
+    conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
 
 
 class LeaseLost(Exception):
@@ -84,19 +104,32 @@ class Lease:
 
         async def keep_renewing() -> None:
             nonlocal lost
-            valid_until = time.monotonic() + self.ttl_ms / 1000
+            ttl, every = self.ttl_ms / 1000, self.ttl_ms / 3000
+            renewed_at = time.monotonic()
             while True:
-                await asyncio.sleep(self.ttl_ms / 3000)
+                await asyncio.sleep(every)
+                sent = time.monotonic()  # a renewal keeps the key until sent + ttl at least
                 try:
                     if not await self.renew():
                         lost = True
                 except (RedisError, OSError) as exc:
                     log.warning("lease renewal failed", extra={"key": self.key, "error": str(exc)})
-                    lost = time.monotonic() >= valid_until
+                    lost = time.monotonic() >= renewed_at + ttl
                 else:
-                    valid_until = time.monotonic() + self.ttl_ms / 1000
+                    gap = sent - renewed_at
+                    if gap > 2 * every:
+                        # The event loop was starved (heavy pages on a busy machine) and came
+                        # close to losing the lease: the fix is a longer lease.
+                        log.warning(
+                            "lease renewed late", extra={"key": self.key, "gap": round(gap, 2)}
+                        )
+                    renewed_at = sent
                 if lost:
-                    log.error("lease lost; stopping the run", extra={"key": self.key})
+                    log.error(
+                        "lease lost; stopping the run (raise [queue] lease_seconds if this "
+                        "worker was busy, not dead)",
+                        extra={"key": self.key},
+                    )
                     body.cancel()
                     return
 
@@ -114,3 +147,30 @@ class Lease:
             if not lost:
                 with contextlib.suppress(RedisError, OSError):
                     await self.release()
+
+
+class ConnectorLocked(CrmHubError):
+    """Another process (a `crmhub worker`) holds the connector's lease: nothing was done."""
+
+
+@contextlib.asynccontextmanager
+async def connector_lease(
+    redis: Redis, namespace: str, connector: str, ttl: float
+) -> AsyncIterator[None]:
+    """Hold `connector`'s lease around an in-process run (`crmhub sync NAME`), as a job does.
+
+    Raises `ConnectorLocked` at once if someone holds it, `LeaseLost` if it is lost mid-run.
+    """
+    lease = Lease(redis, lease_key(namespace, connector), ttl)
+    if not await lease.acquire():
+        holder = await lease.holder()
+        raise ConnectorLocked(
+            f"{connector}: a worker is syncing it right now (lock held by {holder}); nothing "
+            f"was done. Let that run finish (`crmhub runs --connector {connector}`; a dead "
+            "worker's lock expires after [queue] lease_seconds), or queue one after it with "
+            f"`crmhub sync {connector} --enqueue`.",
+            connector=connector,
+            holder=holder,
+        )
+    async with lease.held():
+        yield

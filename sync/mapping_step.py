@@ -8,34 +8,84 @@ function is the same either way; small pages (webhooks, demos) never pay for the
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import multiprocessing
 import os
-from concurrent.futures import Executor, ProcessPoolExecutor
+import signal
+import sys
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from crmhub.mapping import Mapping, content_hash, load_mapping, record_data
+import orjson
+
+from crmhub.mapping import Mapping, content_hash, json_text, load_mapping, record_data
 from crmhub.records import Activity, Contact, RawRecord
+from dedupe import ExactMatcher
+from dedupe.survivorship import solo
+from sync.collector import tune_for_bulk
 
 __all__ = ["MappedRecord", "PageMapper", "Rejected", "map_records"]
 
-# Below this many records a page is mapped in-process: the round trip costs more than it saves.
-POOL_THRESHOLD = 256
+# Below this many records a page is mapped in-process: the round trip (about 1 us a record
+# each way) costs more than it saves. Vendor APIs page by 100, so they use the helper.
+POOL_THRESHOLD = 64
 
 
 @dataclass(slots=True)
 class MappedRecord:
+    """A mapped record. Mapped for the writer (`map_records(..., for_writer=True)`), what the
+    store keeps travels as JSON text (`json_text`), so the writer neither decodes nor encodes
+    it, and only that text crosses from the mapping process; `data` decodes on demand."""
+
     index: int  # position in the page, for the payload
     kind: str
     external_id: str
     origin: str
     content_hash: str
-    data: dict[str, Any]
     updated_at: datetime | None
     issues: list[tuple[str, str]] = field(default_factory=list)
+    # For the writer, which has no core to spare: the mapped Contact / Activity and the raw
+    # payload as JSON text, the exact matcher's keys (when that is the matcher), and a
+    # contact's golden record were it alone: its fields as JSON text and its lineage keys
+    # (`dedupe.survivorship.solo`).
+    data_json: str | None = None
+    payload_json: str | None = None
+    keys: list[tuple[str, str]] | None = None
+    solo: tuple[str, list[str]] | None = None
+    _data: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def data(self) -> dict[str, Any]:
+        """The mapped record as `record_data` gives it."""
+        if self._data is None:
+            self._data = orjson.loads(self.data_json or "{}")
+        return self._data
+
+    def __reduce__(self) -> tuple[type[MappedRecord], tuple[Any, ...]]:
+        # Constructor arguments pickle about three times faster than a slots dataclass's
+        # default state (pages come back from the mapping process). The decoded data stays
+        # behind when its text is there.
+        return (
+            MappedRecord,
+            (
+                self.index,
+                self.kind,
+                self.external_id,
+                self.origin,
+                self.content_hash,
+                self.updated_at,
+                self.issues,
+                self.data_json,
+                self.payload_json,
+                self.keys,
+                self.solo,
+                self._data if self.data_json is None else None,
+            ),
+        )
 
 
 @dataclass(slots=True)
@@ -44,13 +94,26 @@ class Rejected:
     origin: str
     reason: str
 
+    def __reduce__(self) -> tuple[type[Rejected], tuple[Any, ...]]:
+        return (Rejected, (self.index, self.origin, self.reason))
+
+
+_EXACT = ExactMatcher()
+
 
 @lru_cache(maxsize=32)
 def _mapping(path: str, mtime_ns: int) -> Mapping:
     return load_mapping(Path(path))
 
 
-def _map_one(mapping: Mapping, raw: RawRecord, index: int, region: str) -> MappedRecord | Rejected:
+def _map_one(
+    mapping: Mapping,
+    raw: RawRecord,
+    index: int,
+    region: str,
+    for_writer: bool,
+    exact_keys: bool,
+) -> MappedRecord | Rejected:
     origin = raw.origin or raw.external_id
     try:
         result = (
@@ -72,54 +135,105 @@ def _map_one(mapping: Mapping, raw: RawRecord, index: int, region: str) -> Mappe
     updated = result.updated_at or raw.updated_at
     if updated is None:
         updated = model.occurred_at if isinstance(model, Activity) else model.source_updated_at
-    return MappedRecord(
+    data = record_data(model)
+    mapped = MappedRecord(
         index,
         raw.kind,
         external_id,
         origin,
         digest,
-        record_data(model),
         updated,
         [(i.field, i.reason) for i in result.issues],
+        _data=data,
     )
+    if for_writer:
+        mapped.data_json = json_text(data)
+        mapped.payload_json = json_text(raw.payload)
+        if isinstance(model, Contact):
+            fields, lineage = solo(data, updated)
+            mapped.solo = (json_text(fields), lineage)
+            if exact_keys:
+                mapped.keys = [(k.kind, k.value) for k in _EXACT.keys(model)]
+    return mapped
 
 
 def map_records(
-    mapping_path: str, mtime_ns: int, region: str, records: list[RawRecord]
+    mapping_path: str,
+    mtime_ns: int,
+    region: str,
+    records: list[RawRecord],
+    for_writer: bool = False,
+    exact_keys: bool = False,
 ) -> list[MappedRecord | Rejected]:
-    """Map every non-deletion record of a page; never raises for a bad record."""
+    """Map every non-deletion record of a page; never raises for a bad record.
+
+    `for_writer`: also fill in what the pipeline's writer takes (`MappedRecord`'s JSON texts
+    and `solo`); `exact_keys`: and each contact's exact-matcher keys."""
     mapping = _mapping(mapping_path, mtime_ns)
     return [
-        _map_one(mapping, raw, index, region)
+        _map_one(mapping, raw, index, region, for_writer, exact_keys)
         for index, raw in enumerate(records)
         if raw.kind != "deletion"
     ]
 
 
+def _helper_started(parent: int) -> None:
+    """In the mapping helper: end with the process that started it (a SIGKILLed sync or
+    worker would otherwise leave it waiting forever), and collect garbage for bulk work."""
+    if sys.platform == "linux":
+        # PR_SET_PDEATHSIG: SIGTERM when the parent's thread that spawned us ends.
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+    if os.getppid() != parent:  # it ended before the request was in place
+        os._exit(1)
+    tune_for_bulk()
+
+
 class PageMapper:
     """Maps pages, on a helper process when a page is big and there is a core to spare."""
 
-    def __init__(self, region: str) -> None:
+    def __init__(self, region: str, exact_keys: bool = False) -> None:
         self.region = region
+        self.exact_keys = exact_keys
         self._pool: Executor | None = None
+        self._ready: Future[bool] | None = None
         self._use_pool = (os.cpu_count() or 1) > 1
 
-    async def map(
-        self, mapping: Mapping, records: list[RawRecord]
-    ) -> list[MappedRecord | Rejected]:
-        path = str(mapping.path)
-        mtime = mapping.path.stat().st_mtime_ns if mapping.path.exists() else 0
-        if not self._use_pool or len(records) < POOL_THRESHOLD:
-            return map_records(path, mtime, self.region, records)
+    def _start(self) -> None:
+        """Start the helper process; it imports (a second or more) while pages are mapped
+        here, so the first big page is not held up by it."""
         if self._pool is None:
             # spawn: a forked copy of a process with threads and open connections is unsafe.
-            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            self._pool = ProcessPoolExecutor(
+                1,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_helper_started,
+                initargs=(os.getpid(),),
+            )
+            self._ready = self._pool.submit(_ready)
+
+    async def map(
+        self, mapping: Mapping, records: list[RawRecord], *, inline: bool = False
+    ) -> list[MappedRecord | Rejected]:
+        """Map `records`; on the helper process for big pages unless `inline`. Until the
+        helper has started, pages are mapped here (this process has little else to do yet)."""
+        path = str(mapping.path)
+        mtime = mapping.path.stat().st_mtime_ns if mapping.path.exists() else 0
+        if inline or not self._use_pool or len(records) < POOL_THRESHOLD:
+            return map_records(path, mtime, self.region, records, True, self.exact_keys)
+        self._start()
+        if self._ready is not None and not self._ready.done():
+            return map_records(path, mtime, self.region, records, True, self.exact_keys)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            self._pool, map_records, path, mtime, self.region, records
+            self._pool, map_records, path, mtime, self.region, records, True, self.exact_keys
         )
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+            self._ready = None
+
+
+def _ready() -> bool:
+    return True

@@ -13,6 +13,7 @@ from sqlalchemy import Engine
 __all__ = ["current_revision", "head_revision", "is_up_to_date", "upgrade"]
 
 _MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+_MIGRATE_LOCK = 0x63726D6D6967  # pg_advisory_xact_lock key ("crmmig")
 
 
 def _config() -> Config:
@@ -22,9 +23,17 @@ def _config() -> Config:
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Bring the schema to `revision` (default: the newest)."""
+    """Bring the schema to `revision` (default: the newest).
+
+    One migrator at a time: a worker and a CLI opening a fresh store together must not both
+    create the schema (the loser failed on an existing table). SQLite: the write transaction
+    (BEGIN IMMEDIATE) waits for the other; PostgreSQL: an advisory lock. The waiter then finds
+    the schema current and does nothing.
+    """
     config = _config()
-    with engine.begin() as conn:
+    with engine.connect().execution_options(write=True) as conn, conn.begin():
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATE_LOCK})")
         config.attributes["connection"] = conn
         command.upgrade(config, revision)
 

@@ -1,21 +1,25 @@
-"""Data quality per source: duplicate rate, field completeness, dead letters.
+"""Data quality per source: duplicate rate, field completeness, dead letters, and
+blank-overwrite incidents (a re-sent record without a value it had before; sync/blanks.py).
 
-So stewards fix the source rather than the symptoms: a source with many duplicates or empty
-fields shows up here before it fills the review queue.
+So stewards fix the source rather than the symptoms: a source with many duplicates, empty
+fields or values it keeps blanking shows up here before it fills the review queue.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, case, func, select
 
-from sync.store import dead_letter, membership, source_record
+from sync.blanks import is_empty
+from sync.store import blank_overwrite, dead_letter, golden_record, membership, source_record
 
-__all__ = ["QUALITY_FIELDS", "source_quality"]
+__all__ = ["BLANKS_WINDOW", "QUALITY_FIELDS", "blank_incidents", "blank_summary", "source_quality"]
 
 QUALITY_FIELDS = ("first_name", "last_name", "emails", "phones", "company", "job_title", "city")
+BLANKS_WINDOW = timedelta(days=30)
 
 
 def source_quality(conn: Connection) -> list[dict[str, Any]]:
@@ -48,8 +52,9 @@ def source_quality(conn: Connection) -> list[dict[str, Any]]:
             )
         )
     }
+    blanks = blank_summary(conn)
     out = []
-    for source in sorted(set(records) | {s for s, _ in letters}):
+    for source in sorted(set(records) | {s for s, _ in letters} | set(blanks)):
         total = records.get(source, 0)
         out.append(
             {
@@ -62,6 +67,79 @@ def source_quality(conn: Connection) -> list[dict[str, Any]]:
                 },
                 "dead_letters": letters.get((source, "record"), 0),
                 "field_issues": letters.get((source, "field"), 0),
+                "blank_overwrites": blanks.get(source, _no_blanks()),
             }
         )
     return out
+
+
+def _no_blanks() -> dict[str, Any]:
+    return {"total": 0, "last_30_days": 0, "fields": []}
+
+
+def blank_summary(conn: Connection, now: datetime | None = None) -> dict[str, dict[str, Any]]:
+    """Per source: blank-overwrite incidents in total and in the last 30 days, and per field
+    (most affected first)."""
+    since = (now or datetime.now(UTC)) - BLANKS_WINDOW
+    recent = func.sum(case((blank_overwrite.c.detected_at >= since, 1), else_=0))
+    out: dict[str, dict[str, Any]] = defaultdict(_no_blanks)
+    rows = conn.execute(
+        select(blank_overwrite.c.source, blank_overwrite.c.field, func.count(), recent)
+        .group_by(blank_overwrite.c.source, blank_overwrite.c.field)
+        .order_by(blank_overwrite.c.source, func.count().desc(), blank_overwrite.c.field)
+    )
+    for source, field, total, last in rows:
+        summary = out[str(source)]
+        summary["total"] += int(total)
+        summary["last_30_days"] += int(last or 0)
+        summary["fields"].append(
+            {"field": str(field), "total": int(total), "last_30_days": int(last or 0)}
+        )
+    return dict(out)
+
+
+def blank_incidents(
+    conn: Connection, source: str | None = None, *, limit: int = 50, offset: int = 0
+) -> tuple[list[dict[str, Any]], int]:
+    """Blank-overwrite incidents (of one source, or all), newest first, and how many.
+
+    Each names the field, the record (and its golden record) and whether the golden record
+    still has a value for the field now, from another member (survivorship kept one)."""
+    where = [blank_overwrite.c.source == source] if source else []
+    total = int(
+        conn.execute(select(func.count()).select_from(blank_overwrite).where(*where)).scalar_one()
+    )
+    rows = conn.execute(
+        select(
+            blank_overwrite.c.id,
+            blank_overwrite.c.source,
+            blank_overwrite.c.field,
+            blank_overwrite.c.external_id,
+            blank_overwrite.c.record_id,
+            blank_overwrite.c.run_id,
+            blank_overwrite.c.detected_at,
+            membership.c.golden_id,
+            golden_record.c.fields,
+        )
+        .outerjoin(membership, membership.c.record_id == blank_overwrite.c.record_id)
+        .outerjoin(golden_record, golden_record.c.id == membership.c.golden_id)
+        .where(*where)
+        .order_by(blank_overwrite.c.detected_at.desc(), blank_overwrite.c.id.desc())
+        .limit(limit)
+        .offset(offset)
+    )
+    items = [
+        {
+            "id": r.id,
+            "source": r.source,
+            "field": r.field,
+            "external_id": r.external_id,
+            "record_id": r.record_id,
+            "golden_id": r.golden_id,
+            "golden_has_value": r.fields is not None and not is_empty(r.fields.get(r.field)),
+            "run_id": r.run_id,
+            "detected_at": r.detected_at.isoformat(),
+        }
+        for r in rows
+    ]
+    return items, total

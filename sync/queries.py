@@ -21,6 +21,7 @@ from sync.store import (
 )
 
 __all__ = [
+    "consent_summary",
     "dead_letters",
     "find_contact_record",
     "golden_detail",
@@ -138,12 +139,15 @@ def search_golden(conn: Connection, text: str, *, limit: int = 50) -> list[dict[
                 .where(or_(*conditions))
             ).scalars()
         )
-    pattern = f"%{needle}%"
+    # LIKE's own wildcards in the text match themselves ("100%" is not "100 and anything").
+    literal = needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    pattern = f"%{literal}%"
     for column in ("full_name", "company"):
+        value = func.lower(golden_record.c.fields[column].as_string())
         ids.update(
             conn.execute(
                 select(golden_record.c.id)
-                .where(_live, func.lower(golden_record.c.fields[column].as_string()).like(pattern))
+                .where(_live, value.like(pattern, escape="\\"))
                 .limit(limit)
             ).scalars()
         )
@@ -231,6 +235,7 @@ def golden_detail(conn: Connection, golden_id: int) -> dict[str, Any] | None:
         "version": golden.version,
         "fields": golden.fields,
         "lineage": lineage,
+        "consent": consent_summary(golden.fields or {}, lineage),
         "members": [
             {
                 "record_id": m.id,
@@ -252,6 +257,19 @@ def golden_detail(conn: Connection, golden_id: int) -> dict[str, Any] | None:
             }
             for t in _one_per_message(timeline)
         ],
+    }
+
+
+def consent_summary(fields: dict[str, Any], lineage: dict[str, Any]) -> dict[str, Any]:
+    """The golden record's email-marketing consent: status, when it was set and the source
+    record that decided it (see docs/matching.md#consent)."""
+    origin = lineage.get("consent", {})
+    return {
+        "status": fields.get("consent") or "unknown",
+        "at": fields.get("consent_at"),
+        "source": origin.get("source"),
+        "external_id": origin.get("external_id"),
+        "record_id": origin.get("record_id"),
     }
 
 
@@ -283,7 +301,11 @@ def iter_xref(conn: Connection) -> Iterator[tuple[str, str, int]]:
     rows = conn.execute(
         select(source_record.c.source, source_record.c.external_id, membership.c.golden_id)
         .join(membership, membership.c.record_id == source_record.c.id)
-        .where(source_record.c.kind == "contact", source_record.c.deleted == 0)
+        .where(
+            source_record.c.kind == "contact",
+            # live records, and aliases (merged away at the source: the survivor's golden id)
+            or_(source_record.c.deleted == 0, source_record.c.alias_of.is_not(None)),
+        )
         .order_by(source_record.c.source, source_record.c.external_id)
         .execution_options(yield_per=5000)
     )

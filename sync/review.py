@@ -14,7 +14,7 @@ import hashlib
 import logging
 import random
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, Engine, and_, func, or_, select
@@ -22,7 +22,9 @@ from sqlalchemy.sql import Select
 
 from crmhub.errors import DedupeError, StaleDecisionError
 from crmhub.records import SCALAR_CONTACT_FIELDS
+from sync.constraints import snapshot, stale_reasons
 from sync.golden import recompute_goldens
+from sync.history import goldens_touched, link_goldens
 from sync.queries import resolve_golden_id
 from sync.store import (
     allocate_ids,
@@ -40,7 +42,10 @@ __all__ = [
     "BUCKETS",
     "CHOOSABLE_FIELDS",
     "COUNT_CAP",
+    "MAX_AGE_DAYS",
+    "SORTS",
     "AlreadyDecidedError",
+    "ConflictError",
     "NotFoundError",
     "ReviewError",
     "StaleDecisionError",
@@ -62,6 +67,14 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 COUNT_CAP = 10_000  # filtered totals above this read "more than 10,000"
+MAX_AGE_DAYS = 36_500
+# Queue orders. Ids are allocated in queueing order, so they sort by age on the primary key.
+SORTS: dict[str, tuple[Any, ...]] = {
+    "best": (review_item.c.probability.desc(), review_item.c.id),
+    "borderline": (review_item.c.probability, review_item.c.id),
+    "oldest": (review_item.c.id,),
+    "newest": (review_item.c.id.desc(),),
+}
 # "merged": settled without a decision of its own, because its records came to share a
 # golden record (another approval, or the pipeline, which marks them the same way).
 STATUSES = ("open", "approved", "rejected", "skipped", "merged")
@@ -103,6 +116,12 @@ class AlreadyDecidedError(ReviewError):
     """Someone decided this review item already (two stewards on one pair)."""
 
 
+class ConflictError(ReviewError):
+    """The action does not fit the current state (nothing to undo, the last member, a choice
+    naming a record outside the pair, a record deleted since): a well-formed request that the
+    API answers with 409, not 422."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading the queue
 
@@ -126,6 +145,8 @@ def _queue_query(
     min_score: float | None,
     max_score: float | None,
     source: str | None,
+    queued_before: datetime | None,
+    queued_after: datetime | None,
     joined: bool = True,
 ) -> Select[Any]:
     a, b = _A, _B
@@ -142,6 +163,10 @@ def _queue_query(
         query = query.where(review_item.c.probability <= max_score)
     if source:
         query = query.where(or_(a.c.source == source, b.c.source == source))
+    if queued_before is not None:
+        query = query.where(review_item.c.created_at <= queued_before)
+    if queued_after is not None:
+        query = query.where(review_item.c.created_at >= queued_after)
     return query
 
 
@@ -152,12 +177,23 @@ def list_reviews(
     min_score: float | None = None,
     max_score: float | None = None,
     source: str | None = None,
+    min_age_days: float | None = None,
+    max_age_days: float | None = None,
+    sort: str = "best",
     limit: int = 50,
     offset: int = 0,
 ) -> tuple[list[dict[str, Any]], int]:
-    """One page of the queue, best (most probable) first, and the total for the filters."""
+    """One page of the queue and the total for the filters. `sort`: best (most probable)
+    first, borderline (least probable) first, oldest or newest first. `min_age_days` /
+    `max_age_days`: only pairs queued at least / at most that many days ago."""
     if status not in (*STATUSES, "all"):
         raise ReviewError(f"unknown status {status!r}: use one of {', '.join(STATUSES)} or all")
+    if sort not in SORTS:
+        raise ReviewError(f"unknown sort {sort!r}: use one of {', '.join(SORTS)}")
+    for days in (min_age_days, max_age_days):
+        if days is not None and not 0 <= days <= MAX_AGE_DAYS:
+            raise ReviewError(f"an age of {days} days is out of range (0 to {MAX_AGE_DAYS})")
+    now = datetime.now(UTC)
 
     def query_of(columns: list[Any], joined: bool = True) -> Select[Any]:
         return _queue_query(
@@ -166,11 +202,13 @@ def list_reviews(
             min_score=min_score,
             max_score=max_score,
             source=source,
+            queued_before=None if min_age_days is None else now - timedelta(days=min_age_days),
+            queued_after=None if max_age_days is None else now - timedelta(days=max_age_days),
             joined=joined,
         )
 
-    if source:
-        # A source filter cannot use the queue index: count at most COUNT_CAP + 1 rows.
+    if source or min_age_days is not None or max_age_days is not None:
+        # These filters cannot use the queue index: count at most COUNT_CAP + 1 rows.
         capped = query_of([review_item.c.id], joined=False).limit(COUNT_CAP + 1).subquery()
         total = int(conn.execute(select(func.count()).select_from(capped)).scalar_one())
     else:
@@ -189,7 +227,7 @@ def list_reviews(
         b.c.source.label("b_source"),
         b.c.data.label("b_data"),
     ]
-    order = (review_item.c.probability.desc(), review_item.c.id)
+    order = SORTS[sort]
     # Page the ids on the queue index first, then join the records of those rows only:
     # a deep OFFSET would otherwise join every skipped row (seen: 1 s at 100k on SQLite).
     page = (
@@ -206,7 +244,8 @@ def list_reviews(
         query = query.where(review_item.c.id.in_(page))
     else:
         query = query.limit(max(1, min(limit, 500))).offset(max(0, offset))
-    rows = conn.execute(query)
+    rows = conn.execute(query).all()
+    stale = stale_reasons(conn, [(r.a_id, r.b_id) for r in rows])
     items = [
         {
             "id": r.id,
@@ -216,10 +255,24 @@ def list_reviews(
             "decided_by": r.decided_by,
             "a": {"record_id": r.a_id, "source": r.a_source, **_person(r.a_data)},
             "b": {"record_id": r.b_id, "source": r.b_source, **_person(r.b_data)},
+            "recheck": _recheck(stale.get((r.a_id, r.b_id))),
         }
         for r in rows
     ]
     return items, total
+
+
+def _recheck(row: Any) -> dict[str, Any] | None:
+    """Why a decided pair is back in the queue (its evidence changed since), or None."""
+    if row is None:
+        return None
+    return {
+        "reason": row.stale_reason,
+        "decision": row.kind,
+        "decided_by": row.created_by,
+        "decided_at": row.created_at.isoformat(),
+        "stale_since": row.stale_at.isoformat(),
+    }
 
 
 def review_counts(conn: Connection) -> dict[str, int]:
@@ -310,6 +363,11 @@ def show_review(conn: Connection, review_id: int) -> dict[str, Any]:
         "same_golden": goldens.get(item.record_a) == goldens.get(item.record_b),
         "fields": fields,
         "explanation": explanation,
+        "recheck": _recheck(
+            stale_reasons(conn, [(item.record_a, item.record_b)]).get(
+                (item.record_a, item.record_b)
+            )
+        ),
         "seen": _fingerprint(
             item.status,
             records[item.record_a].content_hash,
@@ -333,15 +391,23 @@ def _norm(value: Any) -> Any:
 
 
 def _audit(
-    conn: Connection, actor: str, action: str, details: dict[str, Any], now: datetime
+    conn: Connection,
+    actor: str,
+    action: str,
+    details: dict[str, Any],
+    now: datetime,
+    goldens: Iterable[int] = (),
 ) -> int:
-    return int(
+    """One audit entry, indexed under the golden records it touched (their history)."""
+    audit_id = int(
         conn.execute(
             audit_log.insert()
             .values(at=now, actor=actor, action=action, details=details)
             .returning(audit_log.c.id)
         ).scalar_one()
     )
+    link_goldens(conn, audit_id, [*goldens, *goldens_touched(action, details)])
+    return audit_id
 
 
 def _lock_open_item(conn: Connection, review_id: int, seen: str | None) -> Any:
@@ -403,9 +469,15 @@ def _set_constraint(
         )
     )
     if kind is not None:
+        # The evidence this decision rests on: a later material change re-queues the pair.
         conn.execute(
             merge_constraint.insert().values(
-                record_a=a, record_b=b, kind=kind, created_by=actor, created_at=now
+                record_a=a,
+                record_b=b,
+                kind=kind,
+                created_by=actor,
+                created_at=now,
+                evidence=snapshot(conn, (a, b)),
             )
         )
 
@@ -510,7 +582,7 @@ def approve(
         a, b = int(item.record_a), int(item.record_b)
         goldens = _golden_of(conn, [a, b])
         if a not in goldens or b not in goldens:
-            raise ReviewError(f"review item {review_id}: a record of the pair was deleted")
+            raise ConflictError(f"review item {review_id}: a record of the pair was deleted")
         ga, gb = goldens[a], goldens[b]
         for name, rid in choices.items():
             if name not in CHOOSABLE_FIELDS:
@@ -519,7 +591,7 @@ def approve(
                     field=name,
                 )
             if rid not in (a, b):
-                raise ReviewError(
+                raise ConflictError(
                     f"field {name!r}: record {rid} is not one of the pair ({a}, {b})", field=name
                 )
         survivor, alias = min(ga, gb), max(ga, gb)
@@ -533,6 +605,7 @@ def approve(
             "alias_members": _members(conn, alias) if alias != survivor else [],
             "methods": _methods(conn, [a, b]),
             "constraint_before": _constraint(conn, a, b),
+            "recheck": bool(stale_reasons(conn, [(a, b)])),
         }
         if alias != survivor:
             conn.execute(
@@ -573,16 +646,16 @@ def approve(
         _decide(conn, [review_id], "approved", actor, now)
         # Other open pairs now inside one golden record need no decision any more.
         members = _members(conn, survivor)
-        resolved = [
-            int(i)
-            for i in conn.execute(
-                select(review_item.c.id).where(
-                    review_item.c.status.in_(["open", "skipped"]),
-                    review_item.c.record_a.in_(members),
-                    review_item.c.record_b.in_(members),
-                )
-            ).scalars()
-        ]
+        inside = conn.execute(
+            select(review_item.c.id, review_item.c.record_a, review_item.c.record_b).where(
+                review_item.c.status.in_(["open", "skipped"]),
+                review_item.c.record_a.in_(members),
+                review_item.c.record_b.in_(members),
+            )
+        ).all()
+        # A pair re-queued because its evidence changed waits for its own decision.
+        stale = stale_reasons(conn, [(r.record_a, r.record_b) for r in inside])
+        resolved = [int(r.id) for r in inside if (r.record_a, r.record_b) not in stale]
         _decide(conn, resolved, "merged", actor, now)
         details["resolved"] = resolved
         _recompute(conn, {survivor}, now)
@@ -591,6 +664,8 @@ def approve(
     return {
         "review_id": review_id,
         "status": "approved",
+        "record_a": a,
+        "record_b": b,
         "golden_id": survivor,
         "merged": alias if alias != survivor else None,
         "resolved": resolved,
@@ -604,12 +679,22 @@ def reject(db: Engine, review_id: int, actor: str, *, seen: str | None = None) -
     with write_transaction(db) as conn:
         item = _lock_open_item(conn, review_id, seen)
         a, b = int(item.record_a), int(item.record_b)
+        goldens = _golden_of(conn, [a, b])
+        if a in goldens and goldens.get(a) == goldens.get(b):
+            # Typically a confirmed merge re-queued for a re-check: a constraint alone would
+            # leave them merged. Splitting one off is the explicit way apart.
+            raise ConflictError(
+                f"review item {review_id}: records {a} and {b} are both in golden record "
+                f"{goldens[a]}; split one off (unmerge) to keep them apart",
+                review_id=review_id,
+            )
         details = {
             "review_id": review_id,
             "record_a": a,
             "record_b": b,
             "previous_status": item.status,
             "constraint_before": _constraint(conn, a, b),
+            "recheck": bool(stale_reasons(conn, [(a, b)])),
         }
         _set_constraint(conn, a, b, "do_not_merge", actor, now)
         _decide(conn, [review_id], "rejected", actor, now)
@@ -650,7 +735,7 @@ def unmerge(db: Engine, record_id: int, actor: str) -> dict[str, Any]:
             )
         others = [r for r in _members(conn, golden_id) if r != record_id]
         if not others:
-            raise ReviewError(
+            raise ConflictError(
                 f"record {record_id} is the only member of golden record {golden_id}: "
                 "nothing to split off",
                 record_id=record_id,
@@ -818,7 +903,7 @@ def undo_last(db: Engine, actor: str) -> dict[str, Any]:
         undone = {int(r.details.get("undid", 0)) for r in rows if r.action == "undo"}
         target = next((r for r in rows if r.action != "undo" and r.id not in undone), None)
         if target is None:
-            raise ReviewError(f"nothing to undo for {actor}")
+            raise ConflictError(f"nothing to undo for {actor}")
         details = dict(target.details)
         if target.action == "review.approve":
             _undo_approve(conn, details, actor, now)
@@ -831,7 +916,12 @@ def undo_last(db: Engine, actor: str) -> dict[str, Any]:
         else:
             _undo_unmerge(conn, details, actor, now)
         audit_id = _audit(
-            conn, actor, "undo", {"undid": int(target.id), "action": target.action}, now
+            conn,
+            actor,
+            "undo",
+            {"undid": int(target.id), "action": target.action},
+            now,
+            goldens_touched(target.action, details),
         )
     log.info("%s undid audit entry %s (%s)", actor, target.id, target.action)
     return {"undid": int(target.id), "action": target.action, "audit_id": audit_id}

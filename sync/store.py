@@ -7,7 +7,9 @@ needs them (sync/staging.py, sync/queries.py); this module only knows tables and
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import sqlite3
+import time
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,18 +34,19 @@ from sqlalchemy import (
     UniqueConstraint,
     any_,
     bindparam,
-    cast,
     create_engine,
     event,
     func,
     literal_column,
     select,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, array
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.sql import Select
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.types import TypeDecorator
+
+from crmhub.mapping import json_text
 
 __all__ = [
     "UTCDateTime",
@@ -52,20 +55,28 @@ __all__ = [
     "allocate_ids",
     "api_token",
     "app_user",
+    "audit_golden",
     "audit_log",
+    "bind_values",
+    "blank_overwrite",
     "bulk_insert",
     "connector_state",
     "dead_letter",
     "field_choice",
     "golden_record",
     "inbox",
+    "insert_rows",
+    "json_text",
+    "login_failure",
     "make_engine",
     "match_key",
     "membership",
     "merge_constraint",
     "metadata",
+    "model_params",
     "one_of",
     "outbox",
+    "pending_match",
     "review_item",
     "source_record",
     "store_secret",
@@ -135,7 +146,17 @@ source_record = Table(
     Column("source_updated_at", UTCDateTime()),
     Column("staged_at", UTCDateTime(), nullable=False),
     Column("deleted", Integer, nullable=False, default=0),
+    # A contact the source merged into another (migration 0010_source_alias): the survivor's
+    # external id; the record is also flagged deleted (sync/aliases.py).
+    Column("alias_of", String(500), nullable=True),
     UniqueConstraint("source", "kind", "external_id", name="uq_source_record_identity"),
+)
+Index(
+    "ix_source_record_alias_of",
+    source_record.c.source,
+    source_record.c.alias_of,
+    sqlite_where=source_record.c.alias_of.is_not(None),
+    postgresql_where=source_record.c.alias_of.is_not(None),
 )
 
 match_key = Table(
@@ -145,6 +166,8 @@ match_key = Table(
     Column("key_kind", String(20), primary_key=True),
     Column("key_value", String(300), primary_key=True),
     Index("ix_match_key_lookup", "key_kind", "key_value"),
+    # SQLite: the primary key is the table (two b-trees per key row instead of three).
+    sqlite_with_rowid=False,
 )
 
 golden_record = Table(
@@ -200,8 +223,9 @@ review_item = Table(
     Column("created_at", UTCDateTime(), nullable=False),
     UniqueConstraint("record_a", "record_b", name="uq_review_pair"),
 )
-# The steward queue: open items, best first (migration 0002_steward).
+# The steward queue: open items, best first (migration 0002_steward); by age (0009).
 Index("ix_review_item_queue", review_item.c.status, review_item.c.probability)
+Index("ix_review_item_age", review_item.c.status, review_item.c.created_at)
 
 merge_constraint = Table(
     "merge_constraint",
@@ -211,6 +235,15 @@ merge_constraint = Table(
     Column("kind", String(20), nullable=False),  # do_not_merge | must_merge
     Column("created_by", String(200)),
     Column("created_at", UTCDateTime(), nullable=False),
+    # What the decision rested on (sync/constraints.py, migration 0005_constraint_evidence):
+    # each record's normalised identity then; NULL for decisions older than the migration.
+    Column("evidence", JSON, nullable=True),
+    # Set when that evidence changed materially since: the steward's reason to look again,
+    # and a key of the change it was re-queued for (so one change re-queues once).
+    Column("stale_reason", Text, nullable=True),
+    Column("stale_key", String(64), nullable=True),
+    Column("stale_at", UTCDateTime(), nullable=True, index=True),
+    Index("ix_merge_constraint_record_b", "record_b"),
 )
 
 audit_log = Table(
@@ -221,6 +254,15 @@ audit_log = Table(
     Column("actor", String(200), nullable=False),
     Column("action", String(50), nullable=False),
     Column("details", JSON, nullable=False),
+)
+
+# Which golden records each steward action touched (sync/history.py, migration
+# 0008_audit_golden): a golden record's history without reading the whole audit log.
+audit_golden = Table(
+    "audit_golden",
+    metadata,
+    Column("golden_id", _ID, primary_key=True),
+    Column("audit_id", _ID, ForeignKey("audit_log.id", ondelete="CASCADE"), primary_key=True),
 )
 
 dead_letter = Table(
@@ -317,6 +359,27 @@ store_secret = Table(
     Column("created_at", UTCDateTime(), nullable=False),
 )
 
+# Sign-in throttling (sync/users.py, migration 0007_login_failure): failed sign-ins, shared by
+# every web process. A SHA-256 of the throttled key (user name, client address) only.
+login_failure = Table(
+    "login_failure",
+    metadata,
+    Column("id", _ID, primary_key=True, autoincrement=True),
+    Column("key_hash", String(64), nullable=False),
+    Column("at", UTCDateTime(), nullable=False, index=True),
+    Index("ix_login_failure_key", "key_hash", "at"),
+)
+
+
+# First loads clustered in one batch (sync/first_load.py, migration 0011_pending_match):
+# sources whose staged contacts wait for that batch.
+pending_match = Table(
+    "pending_match",
+    metadata,
+    Column("source", String(200), primary_key=True),
+    Column("since", UTCDateTime(), nullable=False),
+)
+
 
 # Write-back (sync/outbox.py): pushes to connected tools, committed with the change that
 # needs them, delivered at least once by the relay.
@@ -353,14 +416,84 @@ writeback_ledger = Table(
 )
 
 
+# Matcher parameters trained from steward labels (sync/model_params.py, migration
+# 0003_model_params). The newest row not retired, of the running comparisons' version, is used.
+model_params = Table(
+    "model_params",
+    metadata,
+    Column("id", _ID, primary_key=True, autoincrement=True),
+    Column("version", String(100), nullable=False),
+    Column("base_version", String(50), nullable=False),  # dedupe.scoring.MODEL_VERSION then
+    Column("params", Text, nullable=False),  # Params.to_json()
+    Column("labels_match", Integer, nullable=False),
+    Column("labels_non_match", Integer, nullable=False),
+    Column("label_fingerprint", String(64), nullable=False),
+    Column("created_by", String(200), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("retired_at", UTCDateTime()),
+    UniqueConstraint("version", name="uq_model_params_version"),
+)
+
+
+# Data quality (sync/blanks.py, migration 0004_blank_overwrite): a re-staged contact lost a
+# field's value. Ids and the field name only, never the value (the record holds the rest).
+blank_overwrite = Table(
+    "blank_overwrite",
+    metadata,
+    Column("id", _ID, primary_key=True, autoincrement=True),
+    Column("source", String(200), nullable=False),
+    Column(
+        "record_id",
+        _ID,
+        ForeignKey("source_record.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    Column("external_id", String(500), nullable=False),
+    Column("field", String(100), nullable=False),
+    Column("run_id", _ID, ForeignKey("sync_run.id"), nullable=True),
+    Column("detected_at", UTCDateTime(), nullable=False),
+    Index("ix_blank_overwrite_source", "source", "detected_at"),
+)
+
+
+_SQLITE_BUSY_MS = 30000
+
+
+def _use_wal(cursor: Any) -> None:
+    """Switch the file to WAL (persistent, so usually already done).
+
+    The switch needs an exclusive lock and SQLite may answer "database is locked" at once
+    instead of waiting on busy_timeout, so processes opening a fresh store together retry.
+    """
+    deadline = time.monotonic() + _SQLITE_BUSY_MS / 1000
+    while True:
+        try:
+            if cursor.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+                return
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # Autocommit at the driver: SQLAlchemy's "begin" event below issues BEGIN itself.
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_MS}")
+    _use_wal(cursor)
     cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA foreign_keys=ON")
+    # 64 MiB of page cache (default 2 MiB): bulk loads update several indexes per row, and
+    # with the small default cache most of those updates re-read pages from the OS.
+    cursor.execute("PRAGMA cache_size=-65536")
+    # Checkpoint the WAL into the database every ~40 MB instead of every 4 MB: a bulk load
+    # otherwise copies each page back several times; the file is trimmed to 64 MB afterwards.
+    cursor.execute("PRAGMA wal_autocheckpoint=10000")
+    cursor.execute("PRAGMA journal_size_limit=67108864")
     cursor.close()
 
 
@@ -380,19 +513,15 @@ def make_engine(url: str, base_dir: Path | None = None) -> Engine:
             resolved = (base_dir or Path.cwd()) / database
             resolved.parent.mkdir(parents=True, exist_ok=True)
             parsed = parsed.set(database=str(resolved))
-        engine = create_engine(parsed, json_serializer=_json_dumps, json_deserializer=orjson.loads)
+        engine = create_engine(parsed, json_serializer=json_text, json_deserializer=orjson.loads)
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
     if parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")
     return create_engine(
-        parsed, pool_pre_ping=True, json_serializer=_json_dumps, json_deserializer=orjson.loads
+        parsed, pool_pre_ping=True, json_serializer=json_text, json_deserializer=orjson.loads
     )
-
-
-def _json_dumps(value: Any) -> str:
-    return orjson.dumps(value, default=str).decode()
 
 
 def one_of(conn: Connection, column: Any, values: Sequence[Any]) -> ColumnElement[bool]:
@@ -403,37 +532,90 @@ def one_of(conn: Connection, column: Any, values: Sequence[Any]) -> ColumnElemen
     statement costs more than running it).
     """
     if conn.dialect.name == "postgresql":
-        return column == any_(cast(array(list(values)), ARRAY(column.type)))  # type: ignore[no-any-return]
+        array_of = bindparam(None, list(values), type_=ARRAY(column.type))
+        return column == any_(array_of)  # type: ignore[no-any-return]
     listed: Select[tuple[Any]] = select(literal_column("value")).select_from(
         func.json_each(bindparam(None, orjson.dumps(list(values)).decode(), String()))
     )
     return column.in_(listed)  # type: ignore[no-any-return]
 
 
-def bulk_insert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
+def bulk_insert(
+    conn: Connection, table: Table, rows: list[dict[str, Any]], encoded: Collection[str] = ()
+) -> None:
     """INSERT many rows through the driver's executemany, skipping per-row statement
     compilation (the bulk of the cost of a Core executemany). Values still go through each
-    column type's bind processor, so JSON and UTC datetimes are stored exactly as Core would.
+    column type's bind processor, so JSON and UTC datetimes are stored exactly as Core would,
+    except the JSON columns named in `encoded`, whose values are already `json_text`.
     All rows must have the keys of the first row.
     """
     if not rows:
         return
     columns = list(rows[0])
     dialect = conn.dialect
-    processors = [table.c[name].type.bind_processor(dialect) for name in columns]
-    marker = "?" if dialect.paramstyle == "qmark" else "%s"
+    # Column by column: one converter per column instead of a generator per row.
+    values = [
+        [row[name] for row in rows]
+        if name in encoded
+        else _bound([row[name] for row in rows], table.c[name].type, dialect)
+        for name in columns
+    ]
+    insert_rows(conn, table, columns, list(zip(*values, strict=True)))
+
+
+def insert_rows(
+    conn: Connection, table: Table, columns: Sequence[str], rows: list[tuple[Any, ...]]
+) -> None:
+    """`bulk_insert` for the hot path: tuples in `columns` order whose values are already as
+    the driver takes them (`bind_values`, `json_text`), so nothing is converted or copied.
+    On PostgreSQL the rows stream through COPY, several times cheaper than an executemany
+    on both sides of the connection."""
+    if not rows:
+        return
+    if conn.dialect.name == "postgresql":
+        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        with cursor, cursor.copy(f"COPY {table.name} ({', '.join(columns)}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+        return
+    marker = "?" if conn.dialect.paramstyle == "qmark" else "%s"
     sql = (
         f"INSERT INTO {table.name} ({', '.join(columns)}) "
         f"VALUES ({', '.join([marker] * len(columns))})"
     )
-    params = [
-        tuple(
-            value if process is None or value is None else process(value)
-            for value, process in zip((row[name] for name in columns), processors, strict=True)
-        )
-        for row in rows
-    ]
-    conn.exec_driver_sql(sql, params)
+    conn.exec_driver_sql(sql, rows)
+
+
+def bind_values(conn: Connection, column: Any, values: list[Any]) -> list[Any]:
+    """`values` of `column` as the driver takes them (its type's bind processor), for
+    `insert_rows`."""
+    return _bound(values, column.type, conn.dialect)
+
+
+def _bound(values: list[Any], type_: Any, dialect: Dialect) -> list[Any]:
+    """`values` as the driver wants them: through the column type's bind processor."""
+    process = type_.bind_processor(dialect)
+    if process is None:
+        return values
+    if isinstance(type_, JSON):
+        return [None if v is None else json_text(v) for v in values]
+    if isinstance(type_, UTCDateTime):
+        # sqlite3 would turn each datetime into text row by row (its default adapter); pages
+        # stamp many rows with the same instant, so convert each distinct value once here.
+        as_text = dialect.name == "sqlite"
+        seen: dict[datetime, Any] = {}
+        out: list[Any] = []
+        for v in values:
+            if v is None:
+                out.append(None)
+                continue
+            found = seen.get(v)
+            if found is None:
+                found = process(v)
+                found = seen[v] = found.isoformat(" ") if as_text else found
+            out.append(found)
+        return out
+    return [None if v is None else process(v) for v in values]
 
 
 def allocate_ids(conn: Connection, table: Table, count: int) -> list[int]:

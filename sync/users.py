@@ -16,10 +16,17 @@ from typing import Any, Literal, cast
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import Connection, Engine, select
+from sqlalchemy import Connection, Engine, func, select
 
 from crmhub.errors import CrmHubError
-from sync.store import api_token, app_user, web_session, write_transaction
+from sync.store import (
+    api_token,
+    app_user,
+    audit_log,
+    login_failure,
+    web_session,
+    write_transaction,
+)
 
 __all__ = [
     "ROLES",
@@ -29,10 +36,13 @@ __all__ = [
     "add_user",
     "authenticate",
     "can",
+    "clear_failures",
     "create_session",
     "create_token",
     "end_session",
+    "failures_since",
     "list_users",
+    "record_failure",
     "session_user",
     "token_user",
 ]
@@ -74,8 +84,19 @@ def _user(row: Any) -> User:
     return User(int(row.id), str(row.name), cast(Role, row.role))
 
 
-def add_user(db: Engine, name: str, password: str, role: str) -> User:
-    """Create a local user; the password is stored as an argon2id hash."""
+def _audit(conn: Connection, actor: str | None, action: str, details: dict[str, Any]) -> None:
+    """An audit entry for a change made by someone (the API, the CLI); none for fixtures."""
+    if actor is not None:
+        conn.execute(
+            audit_log.insert().values(
+                at=datetime.now(UTC), actor=actor, action=action, details=details
+            )
+        )
+
+
+def add_user(db: Engine, name: str, password: str, role: str, *, actor: str | None = None) -> User:
+    """Create a local user; the password is stored as an argon2id hash. With `actor`, the
+    audit log records who added whom (`user.add`)."""
     if not _NAME.match(name):
         raise UserError(f"bad user name {name!r}: use 1-100 letters, digits or . _ @ -", user=name)
     if role not in ROLES:
@@ -97,6 +118,7 @@ def add_user(db: Engine, name: str, password: str, role: str) -> User:
             )
             .returning(app_user.c.id)
         ).scalar_one()
+        _audit(conn, actor, "user.add", {"user_id": int(new_id), "user": name, "role": role})
     return User(int(new_id), name, role)
 
 
@@ -130,8 +152,11 @@ def authenticate(conn: Connection, name: str, password: str) -> User | None:
     return _user(row)
 
 
-def create_token(db: Engine, user_name: str, label: str = "api") -> str:
-    """A new API token for `user_name`; shown once, stored only as a hash."""
+def create_token(
+    db: Engine, user_name: str, label: str = "api", *, actor: str | None = None
+) -> str:
+    """A new API token for `user_name`; shown once, stored only as a hash (and audited as
+    `user.token` when an `actor` is given)."""
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
     with write_transaction(db) as conn:
         user_id = conn.execute(
@@ -147,6 +172,7 @@ def create_token(db: Engine, user_name: str, label: str = "api") -> str:
                 created_at=datetime.now(UTC),
             )
         )
+        _audit(conn, actor, "user.token", {"user_id": int(user_id), "label": label[:100]})
     return token
 
 
@@ -195,3 +221,32 @@ def session_user(conn: Connection, session_id: str) -> tuple[User, str] | None:
 def end_session(db: Engine, session_id: str) -> None:
     with write_transaction(db) as conn:
         conn.execute(web_session.delete().where(web_session.c.id_hash == _digest(session_id)))
+
+
+# Failed sign-ins, for throttling (crmhub.web.steward.auth.LoginThrottle). In the store, not in
+# a process's memory, so every web process of a store counts the same failures. Keys (a user
+# name, a client address) are kept only as SHA-256.
+
+
+def failures_since(conn: Connection, key: str, since: datetime) -> int:
+    """How many sign-ins failed for `key` after `since`."""
+    return int(
+        conn.execute(
+            select(func.count())
+            .select_from(login_failure)
+            .where(login_failure.c.key_hash == _digest(key), login_failure.c.at > since)
+        ).scalar_one()
+    )
+
+
+def record_failure(db: Engine, keys: list[str], forget_before: datetime) -> None:
+    """One failed sign-in for each of `keys`; failures older than `forget_before` go."""
+    now = datetime.now(UTC)
+    with write_transaction(db) as conn:
+        conn.execute(login_failure.delete().where(login_failure.c.at < forget_before))
+        conn.execute(login_failure.insert(), [{"key_hash": _digest(k), "at": now} for k in keys])
+
+
+def clear_failures(db: Engine, key: str) -> None:
+    with write_transaction(db) as conn:
+        conn.execute(login_failure.delete().where(login_failure.c.key_hash == _digest(key)))

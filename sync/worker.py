@@ -19,6 +19,8 @@ import logging
 import os
 import socket
 import warnings
+from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -63,8 +65,13 @@ def open_db(settings: Settings) -> Engine:
     return db
 
 
-async def reconcile(settings: Settings, db: Engine, redis: ArqRedis) -> dict[str, list[str]]:
-    """One pass; returns the connectors whose job was freed or queued again."""
+async def reconcile(
+    settings: Settings, db: Engine, redis: ArqRedis, busy: Collection[str] = ()
+) -> dict[str, list[str]]:
+    """One pass; returns the connectors whose job was freed or queued again.
+
+    `busy`: connectors with a job running in this process, alive whatever their lease says.
+    """
     q = settings.queue
     in_progress_ms = (q.job_timeout + 10) * 1000  # what arq sets (max job timeout + 10 s)
     freed: list[str] = []
@@ -75,7 +82,7 @@ async def reconcile(settings: Settings, db: Engine, redis: ArqRedis) -> dict[str
         age_ms = in_progress_ms - ttl
         # The grace of one lease period covers the moment between arq marking a job in
         # progress and the job taking its lease.
-        stale = ttl > 0 and age_ms > q.lease_seconds * 1000
+        stale = ttl > 0 and age_ms > q.lease_seconds * 1000 and name not in busy
         if stale and not await redis.exists(lease_key(q.namespace, name)):
             await redis.delete(in_progress_key(settings, name))
             freed.append(name)
@@ -107,7 +114,7 @@ async def reconcile(settings: Settings, db: Engine, redis: ArqRedis) -> dict[str
     return {"freed": freed, "requeued": requeued}
 
 
-async def _reconcile_forever(settings: Settings, db: Engine) -> None:
+async def _reconcile_forever(settings: Settings, db: Engine, busy: Collection[str]) -> None:
     interval = max(0.5, settings.queue.lease_seconds / 2)
     redis: ArqRedis | None = None
     try:
@@ -115,7 +122,7 @@ async def _reconcile_forever(settings: Settings, db: Engine) -> None:
             try:
                 if redis is None:
                     redis = await create_pool(redis_settings(settings), retry=0)
-                await reconcile(settings, db, redis)
+                await reconcile(settings, db, redis, busy)
             except (RedisError, OSError) as exc:
                 log.warning("reconciler: Redis unavailable", extra={"error": type(exc).__name__})
             await asyncio.sleep(interval)
@@ -132,14 +139,15 @@ async def run_worker(
     db = open_db(settings)
     engine = SyncEngine(settings, db)
     stopping = asyncio.Event()
-    reconciler = asyncio.create_task(_reconcile_forever(settings, db))
+    running: Counter[str] = Counter()  # connector -> jobs of it running here (sync_connector)
+    reconciler = asyncio.create_task(_reconcile_forever(settings, db, running))
     me = f"{socket.gethostname()}:{os.getpid()}"
     delay = 1.0
     try:
         while not stopping.is_set():
             worker = Worker(
                 **worker_settings(settings),
-                ctx={"settings": settings, "db": db, "engine": engine},
+                ctx={"settings": settings, "db": db, "engine": engine, "running": running},
                 burst=burst,
                 handle_signals=handle_signals,
                 poll_delay=poll_delay,

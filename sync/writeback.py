@@ -7,8 +7,13 @@ rows commit together. Delivery is `sync.outbox.relay`.
 Echo suppression: `writeback_ledger` keeps, per (recipient, golden record, field), a hash
 of the value last delivered. A recipient is never told a value it was already told, and a
 golden value whose winning record comes from a tool that was told exactly that value is our
-own echo, not a new change: nothing is enqueued for it, so nothing loops. Consent only ever
-moves towards "unsubscribed" (least permissive wins), so it cannot loop either.
+own echo, not a new change: nothing is enqueued for it, so nothing loops.
+
+Consent: only opt-outs are pushed. A golden record lifted back to "subscribed" by an explicit
+later consent (dedupe.survivorship) pushes nothing: re-subscribing someone a tool has as
+unsubscribed is the tool's own (double opt-in) business. A tool once told "unsubscribed" is
+told again only if its own record shows an explicit re-subscription (subscribed, with a
+consent_at) after that push and the golden record has since gone back to "unsubscribed".
 """
 
 from __future__ import annotations
@@ -159,16 +164,35 @@ def enqueue(
     return True
 
 
-def _ledger(conn: Connection, golden_ids: list[int]) -> dict[tuple[str, int, str], str]:
+def _ledger(
+    conn: Connection, golden_ids: list[int]
+) -> tuple[dict[tuple[str, int, str], str], dict[tuple[str, int], datetime]]:
+    """What each recipient was told: value hashes, and when it was last told its consent."""
     rows = conn.execute(
         select(
             writeback_ledger.c.connector,
             writeback_ledger.c.golden_id,
             writeback_ledger.c.field,
             writeback_ledger.c.value_hash,
+            writeback_ledger.c.pushed_at,
         ).where(one_of(conn, writeback_ledger.c.golden_id, golden_ids))
     )
-    return {(c, g, f): h for c, g, f, h in rows}
+    told: dict[tuple[str, int, str], str] = {}
+    consent_at: dict[tuple[str, int], datetime] = {}
+    for c, g, f, h, at in rows:
+        told[(c, g, f)] = h
+        if f == "consent":
+            consent_at[(c, g)] = at
+    return told, consent_at
+
+
+def _resubscribed_since(data: dict[str, Any], pushed_at: datetime | None) -> bool:
+    """The tool's own record holds an explicit opt-in given after our last consent push."""
+    given = data.get("consent_at")
+    if pushed_at is None or data.get("consent") != "subscribed" or not given:
+        return False
+    at = datetime.fromisoformat(str(given))
+    return (at if at.tzinfo else at.replace(tzinfo=UTC)) > pushed_at
 
 
 def golden_changed(
@@ -202,7 +226,7 @@ def golden_changed(
         )
     ).all()
     source_of = {rid: source for _, rid, source, _, _ in members}
-    told = _ledger(conn, ids)
+    told, consent_pushed = _ledger(conn, ids)
     added = 0
     for golden_id, _rid, source, external_id, data in members:
         config = plan.targets.get(source)
@@ -216,7 +240,10 @@ def golden_changed(
             config.consent
             and fields.get("consent") == "unsubscribed"
             and data.get("consent") != "unsubscribed"
-            and told.get((source, golden_id, "consent")) != unsubscribed
+            and (
+                told.get((source, golden_id, "consent")) != unsubscribed
+                or _resubscribed_since(data, consent_pushed.get((source, golden_id)))
+            )
         ):
             added += enqueue(
                 conn,

@@ -10,6 +10,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -22,6 +23,7 @@ from sync.store import make_engine
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "samples"
 PG_ADMIN_URL = os.environ.get("CRMHUB_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("CRMHUB_TEST_REDIS", "redis://127.0.0.1:6379/0")
 
 
 def service_missing(what: str, why: object) -> None:
@@ -31,12 +33,51 @@ def service_missing(what: str, why: object) -> None:
     pytest.skip(message)
 
 
+@pytest.fixture
+def namespace() -> Iterator[str]:
+    """A key prefix of our own on the shared Redis (queues, leases, rate limits); every key
+    under it is removed after."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_timeout=3)
+    try:
+        client.ping()
+    except (redis.RedisError, OSError) as exc:
+        service_missing("Redis", exc)
+    ns = f"test-{uuid.uuid4().hex[:10]}:"
+    yield ns
+    for pattern in (f"{ns}*", f"arq:*{ns}*"):
+        for key in client.scan_iter(match=pattern):
+            client.delete(key)
+    client.close()
+
+
 @pytest.fixture(autouse=True)
 def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
     """No CRMHUB_* variable from the developer's shell leaks into a test."""
     for key in list(os.environ):
         if key.startswith("CRMHUB_") and key != "CRMHUB_TEST_PG":
             monkeypatch.delenv(key)
+
+
+@pytest.fixture(autouse=True)
+def dispose_engines(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every engine a test opens is disposed when the test ends: a pooled psycopg connection
+    left to the garbage collector warns (ResourceWarning) in whichever later test it dies in."""
+    import sync.store
+
+    made: list[Engine] = []
+    real = sync.store.create_engine
+
+    def tracking(*args: Any, **kwargs: Any) -> Engine:
+        engine = real(*args, **kwargs)
+        made.append(engine)
+        return engine
+
+    monkeypatch.setattr(sync.store, "create_engine", tracking)
+    yield
+    for engine in made:
+        engine.dispose()
 
 
 @pytest.fixture(scope="session")

@@ -153,3 +153,39 @@ def test_datetimes_are_utc_aware():
     assert parse_datetime("2026-03-01T10:00:00+02:00").hour == 8
     with pytest.raises(ValueError, match="does not match"):
         parse_datetime("yesterday")
+
+
+def test_when_maps_a_field_only_while_another_value_matches(tmp_path: Path):
+    path = tmp_path / "m.toml"
+    path.write_text(
+        '[contacts]\nexternal_id = "id"\n[contacts.fields]\nemail = "e"\nconsent = "s"\n'
+        'consent_at = { path = "t", when = { path = "s", in = ["subscribed", "yes"] } }\n'
+    )
+    mapping = load_mapping(path)
+    row = {"id": "1", "e": "a@example.com", "t": "2026-02-01T08:00:00+01:00"}
+    assert mapping.map_contact({**row, "s": "yes"}).record.consent_at == datetime(
+        2026, 2, 1, 7, tzinfo=UTC
+    )
+    assert mapping.map_contact({**row, "s": "no"}).record.consent_at is None
+    assert mapping.map_contact(row).record.consent_at is None  # no status at all
+
+
+def test_a_bad_when_is_reported_with_its_key(tmp_path: Path):
+    path = tmp_path / "m.toml"
+    path.write_text(
+        '[contacts]\nexternal_id = "id"\n[contacts.fields]\n'
+        'consent_at = { path = "t", when = { path = "s", equals = "x" } }\n'
+    )
+    with pytest.raises(MappingError) as err:
+        load_mapping(path)
+    assert "[contacts.fields].consent_at.when" in str(err.value.problems)
+
+
+def test_csv_consent_columns_map_by_name():
+    mapped = load_mapping(BUILTIN_MAPPINGS / "csv.toml").map_contact(
+        {"id": "1", "email": "a@example.com", "consent": "opted_out", "Consent At": "2026-03-02"}
+    )
+    assert (mapped.record.consent, mapped.record.consent_at) == (
+        "unsubscribed",
+        datetime(2026, 3, 2, tzinfo=UTC),
+    )

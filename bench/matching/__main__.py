@@ -1,5 +1,12 @@
 """Matching benchmark: `python -m bench.matching --records 100000 [--seed 1] [--no-splink]`.
 
+`--pipeline` adds `crmhub sync` of the same data as a plain CSV export into a SQLite store,
+timed from start to exit (bench/matching/run_pipeline.py); its clusters are scored alike.
+
+`--labels 100,500` adds one crmhub run per figure: a simulated steward labels that many pairs
+of the review queue from the ground truth, the parameters are trained on them as `crmhub
+dedupe train` does, and everything is clustered again (bench/matching/labels.py).
+
 Generates seeded synthetic contacts with ground truth, writes them as one CSV (raw columns
 plus the canonical forms both matchers get), then runs crmhub's batch matcher and Splink
 (DuckDB, in its own venv; see setup_splink.sh) each in its own process, and prints pairwise
@@ -71,6 +78,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--records", type=int, default=100_000)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--train", action="store_true", help="also run crmhub with EM training")
+    parser.add_argument(
+        "--labels",
+        default="",
+        help="comma-separated label counts: train on that many simulated steward decisions",
+    )
+    parser.add_argument(
+        "--labels-shift-sd",
+        type=float,
+        default=0.0,
+        help="with --labels: recalibrate the prior too ([matching] train_prior_shift_sd)",
+    )
+    parser.add_argument(
+        "--labels-strength",
+        type=float,
+        default=100.0,
+        help="with --labels: [matching] train_prior_strength",
+    )
+    parser.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="also run `crmhub sync` on the data as a CSV export into SQLite (timed whole)",
+    )
     parser.add_argument("--no-splink", action="store_true")
     parser.add_argument("--splink-python", default="/tmp/splink-venv/bin/python")
     parser.add_argument("--splink-threshold", type=float, default=0.9)
@@ -96,6 +125,21 @@ def main(argv: list[str] | None = None) -> None:
         runs.append(
             ("crmhub (EM-trained)", [sys.executable, "-m", "bench.matching.run_crmhub", "--train"])
         )
+    for count in [int(x) for x in args.labels.split(",") if x.strip()]:
+        runs.append(
+            (
+                f"crmhub ({count} labels)",
+                [
+                    *(sys.executable, "-m", "bench.matching.run_crmhub", "--labels", str(count)),
+                    *("--shift-sd", str(args.labels_shift_sd)),
+                    *("--strength", str(args.labels_strength)),
+                ],
+            )
+        )
+    if args.pipeline:
+        runs.append(
+            ("crmhub sync (pipeline)", [sys.executable, "-m", "bench.matching.run_pipeline"])
+        )
     if not args.no_splink:
         if not Path(args.splink_python).exists():
             print(f"Splink venv missing: run bench/matching/setup_splink.sh ({args.splink_python})")
@@ -118,8 +162,7 @@ def main(argv: list[str] | None = None) -> None:
         if base[0] == args.splink_python:
             cmd = [*base, str(data), str(out), str(args.splink_threshold)]
         else:
-            flags = [a for a in base[3:] if a.startswith("--")]
-            cmd = [*base[:3], str(data), str(out), *flags]
+            cmd = [*base[:3], str(data), str(out), *base[3:]]
         info, wall, peak = run_measured(cmd)
         predicted = read_clusters(out)
         s = scores(truth, predicted)
@@ -135,6 +178,15 @@ def main(argv: list[str] | None = None) -> None:
         )
     for name, _, info, _, _ in results:
         print(f"{name}: {json.dumps(info)}")
+    for name, _, info, _, _ in results:
+        learnt = info.get("labels")
+        if isinstance(learnt, dict):
+            print(f"\n{name}: {learnt['labels']} -> {learnt['version']}; biggest weight changes:")
+            for c in learnt["changes"]:
+                print(
+                    f"  {c['comparison']:10} {c['level']:12} {c['old_weight']:+7.2f} -> "
+                    f"{c['new_weight']:+7.2f} bits ({c['labels']} labelled matches)"
+                )
     # Where the errors are: true pairs missed and false pairs made, by the evidence a pair has.
     by_id = {r["unique_id"]: r for r in rows}
     print()

@@ -1,7 +1,9 @@
 """Run crmhub's batch matcher on a benchmark CSV: `python -m bench.matching.run_crmhub IN OUT`.
 
 Writes `unique_id,cluster_id` to OUT and one JSON line of timings and counts to stdout. Run as
-its own process by the harness, so its peak memory is measured alone.
+its own process by the harness, so its peak memory is measured alone. `--train`: EM on the
+data first. `--labels N`: a simulated steward labels N review pairs, the parameters are
+trained on them and OUT holds the clusters of the trained parameters (bench/matching/labels.py).
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ import json
 import sys
 import time
 
+from bench.matching.labels import label_review_pairs, retrain
 from crmhub.records import Contact
-from dedupe.cluster import cluster_prepared, frequency_table, train
+from dedupe.cluster import cluster_prepared, collection_paused, frequency_table, train
 from dedupe.matcher import FellegiSunterMatcher
 from dedupe.normalize import prepare
 
@@ -20,11 +23,15 @@ from dedupe.normalize import prepare
 def main(argv: list[str]) -> None:
     src, out = argv[0], argv[1]
     do_train = "--train" in argv
-    start = time.perf_counter()
+    n_labels = int(argv[argv.index("--labels") + 1]) if "--labels" in argv else 0
+    shift_sd = float(argv[argv.index("--shift-sd") + 1]) if "--shift-sd" in argv else 0.0
+    strength = float(argv[argv.index("--strength") + 1]) if "--strength" in argv else 100.0
+    truth: list[str] = []  # the ground truth: read only by the simulated steward
+    start, cpu_start = time.perf_counter(), time.process_time()
     ids: list[str] = []
     records = []
     contacts: list[Contact] = []  # kept only when training needs them
-    with open(src, newline="") as fh:
+    with open(src, newline="") as fh, collection_paused():
         # One row at a time to its prepared form: no table of dicts or Contacts stays alive.
         for r in csv.DictReader(fh):
             contact = Contact(
@@ -36,16 +43,26 @@ def main(argv: list[str]) -> None:
                 city=r["city"] or None,
             )
             ids.append(r["unique_id"])
+            truth.append(r["cluster"])
             records.append(prepare(contact))
             if do_train:
                 contacts.append(contact)
-    loaded = time.perf_counter()
+    loaded, cpu_loaded = time.perf_counter(), time.process_time()
     params = train(contacts) if do_train else None
     del contacts
-    trained = time.perf_counter()
+    trained, cpu_trained = time.perf_counter(), time.process_time()
     matcher = FellegiSunterMatcher(params, frequencies=frequency_table(records, blocking=False))
     result = cluster_prepared(records, matcher)
-    done = time.perf_counter()
+    done, cpu_done = time.perf_counter(), time.process_time()
+    learnt: dict[str, object] = {}
+    if n_labels:
+        ia, ib, labels = label_review_pairs(result, truth, n_labels, seed=n_labels)
+        trained_params = retrain(records, matcher, ia, ib, labels, strength, shift_sd)
+        learnt = trained_params.as_dict(top=8)
+        learnt["review_pairs_before"] = len(result.review)
+        matcher = FellegiSunterMatcher(trained_params.params, frequencies=matcher.frequencies)
+        result = cluster_prepared(records, matcher)
+        learnt["relearn_seconds"] = time.perf_counter() - done
     with open(out, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["unique_id", "cluster_id"])
@@ -58,9 +75,12 @@ def main(argv: list[str]) -> None:
                 "load_seconds": loaded - start,
                 "train_seconds": trained - loaded,
                 "match_seconds": done - trained,
+                "load_cpu_seconds": round(cpu_loaded - cpu_start, 2),
+                "match_cpu_seconds": round(cpu_done - cpu_trained, 2),
                 "candidate_pairs": len(result.pairs.ia),
                 "review_pairs": len(result.review),
                 "capped_keys": len(result.capped),
+                **({"labels": learnt} if learnt else {}),
             }
         )
     )

@@ -8,11 +8,13 @@ import typer
 
 from crmhub import __version__
 from crmhub.cli import (
+    dedupe_cmd,
     explain_cmd,
     forms_cmd,
     golden_cmd,
     ops_cmd,
     outbox_cmd,
+    rebuild_cmd,
     review_cmd,
     serve_cmd,
     sync_cmd,
@@ -70,6 +72,8 @@ forms_cmd.register(app)
 worker_cmd.register(app)
 review_cmd.register(app)
 outbox_cmd.register(app)
+dedupe_cmd.register(app)
+rebuild_cmd.register(app)
 
 
 def main() -> None:

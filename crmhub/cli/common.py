@@ -34,6 +34,10 @@ err_console = Console(stderr=True)
 
 EXIT_ERROR = 1
 EXIT_DEAD_LETTERS = 3
+EXIT_LOCKED = 4  # a worker was syncing the connector: nothing done for it, try again later
+# A change held until confirmed: a --full run's inferred deletions above max_delete_ratio,
+# a rebuild moving more than rebuild_max_moved_share. Nothing was written.
+EXIT_NEEDS_CONFIRMATION = 5
 
 
 @dataclass
@@ -63,6 +67,7 @@ def die(message: str, code: int = EXIT_ERROR) -> NoReturn:
 def open_store(settings: Settings, *, migrate: bool | None = None) -> Engine:
     """The store engine, schema at head. SQLite stores are created/upgraded on first use;
     PostgreSQL ones need `crmhub init` (an explicit step for a shared database)."""
+    from sync.configure import configure
     from sync.migrate import is_up_to_date, upgrade
     from sync.store import make_engine
 
@@ -84,6 +89,7 @@ def open_store(settings: Settings, *, migrate: bool | None = None) -> Engine:
             f"cannot open the store at {url}: {type(exc).__name__}: {exc}. "
             "Check [store] url in the config."
         )
+    configure(engine, settings)  # golden recomputes here survive and push as the sync does
     return engine
 
 

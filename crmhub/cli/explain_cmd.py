@@ -90,8 +90,10 @@ def register(app: typer.Typer) -> None:
         if not fields:
             console.print(f"shared identifiers: {decision.explanation}")
         same = left["golden_id"] == right["golden_id"]
+        model = decision.explanation.get("model", getattr(matcher, "version", ""))
         console.print(
-            f"decision: [bold]{decision.action}[/] (probability {decision.probability:.4f}); "
+            f"decision: [bold]{decision.action}[/] (probability {decision.probability:.4f}, "
+            f"model {model}); "
             f"today they are {'in the same' if same else 'in different'} golden records "
             f"({left['golden_id']}, {right['golden_id']})."
         )

@@ -78,7 +78,14 @@ def show(
     fields.add_column("from")
     lineage = detail["lineage"]
     for name, value in detail["fields"].items():
-        if isinstance(value, list):
+        if name == "consent_at":
+            continue  # shown with consent
+        if name == "consent":
+            consent = detail["consent"]
+            if consent["status"] != "unknown":
+                when = f" — {consent['at'][:16].replace('T', ' ')}" if consent["at"] else ""
+                fields.add_row(name, f"{consent['status']}{when}", _origin(lineage.get(name, {})))
+        elif isinstance(value, list):
             for item in value:
                 source = lineage.get(f"{name}.{item}", {})
                 fields.add_row(name, str(item), _origin(source))

@@ -1,4 +1,4 @@
-"""Operations: `connectors list|check`, `runs`, `errors`, `export golden|xref`."""
+"""Operations: `connectors list|check`, `runs`, `errors`, `quality`, `export golden|xref`."""
 
 from __future__ import annotations
 
@@ -195,6 +195,46 @@ def errors(
     console.print(table)
 
 
+def quality(
+    ctx: typer.Context,
+    as_json: bool = typer.Option(
+        False, "--json", help="Machine-readable, with completeness per field."
+    ),
+) -> None:
+    """Data quality per source: duplicates, dead letters, blanked values (a source re-sent a
+    record without a value it had before)."""
+    from sync.quality import source_quality
+
+    with open_store(state(ctx).settings).connect() as conn:
+        rows = source_quality(conn)
+    if as_json:
+        print_json(rows)
+        return
+    table = Table(title="Data quality", title_justify="left")
+    for column in (
+        "source",
+        "contacts",
+        "in a merged record",
+        "dead letters",
+        "blanked (30 days)",
+        "blanked (total)",
+        "most blanked fields",
+    ):
+        table.add_column(column)
+    for r in rows:
+        b = r["blank_overwrites"]
+        table.add_row(
+            r["source"],
+            str(r["contacts"]),
+            f"{r['duplicate_rate']:.0%}",
+            str(r["dead_letters"]),
+            str(b["last_30_days"]),
+            str(b["total"]),
+            ", ".join(f"{f['field']} ({f['total']})" for f in b["fields"][:3]),
+        )
+    console.print(table)
+
+
 def _output(out: Path | None) -> Any:
     return out.open("w", encoding="utf-8", newline="") if out else nullcontext(sys.stdout)
 
@@ -262,3 +302,4 @@ def register(app: typer.Typer) -> None:
     app.add_typer(export_app, name="export")
     app.command()(runs)
     app.command()(errors)
+    app.command()(quality)

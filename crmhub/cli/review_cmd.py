@@ -57,11 +57,18 @@ def list_(
     min_score: float | None = typer.Option(None, help="Only pairs at or above this probability."),
     max_score: float | None = typer.Option(None, help="Only pairs at or below this probability."),
     source: str | None = typer.Option(None, help="Only pairs with a record from this source."),
+    min_age_days: float | None = typer.Option(
+        None, help="Only pairs queued this many days ago or more."
+    ),
+    max_age_days: float | None = typer.Option(
+        None, help="Only pairs queued at most this many days ago."
+    ),
+    sort: str = typer.Option("best", help="best, borderline, oldest or newest first."),
     limit: int = typer.Option(50, help="How many rows."),
     offset: int = typer.Option(0, help="Skip this many rows."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
-    """List review items, most probable first."""
+    """List review items, most probable first (or as --sort says)."""
     from sync.review import ReviewError, list_reviews
 
     with open_store(state(ctx).settings).connect() as conn:
@@ -72,6 +79,9 @@ def list_(
                 min_score=min_score,
                 max_score=max_score,
                 source=source,
+                min_age_days=min_age_days,
+                max_age_days=max_age_days,
+                sort=sort,
                 limit=limit,
                 offset=offset,
             )
@@ -89,7 +99,7 @@ def list_(
             f"{i['probability']:.3f}",
             escape(f"{i['a']['name'] or ''} <{i['a']['email'] or ''}> [{i['a']['source']}]"),
             escape(f"{i['b']['name'] or ''} <{i['b']['email'] or ''}> [{i['b']['source']}]"),
-            i["status"],
+            i["status"] + (" (re-check)" if i.get("recheck") else ""),
         )
     console.print(table)
 
@@ -129,6 +139,10 @@ def show(
             else ""
         )
         table.add_row(f["field"], escape(_short(f["a"])), escape(_short(f["b"])), note, style=style)
+    if item["explanation"].get("model"):
+        table.caption = f"scored by model {item['explanation']['model']}"
+    if item.get("recheck"):
+        console.print(escape(f"Back for a re-check: {item['recheck']['reason']}"), style="yellow")
     console.print(table)
 
 
@@ -314,6 +328,7 @@ def users_add(
     password_stdin: bool = typer.Option(
         False, "--password-stdin", help="Read the password from standard input (scripts)."
     ),
+    actor: str | None = ACTOR,
 ) -> None:
     """Add a local user; the password is asked for (never passed as an argument)."""
     from sync.users import UserError, add_user
@@ -323,7 +338,9 @@ def users_add(
     else:
         password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
     try:
-        user = add_user(open_store(state(ctx).settings), name, password, role)
+        user = add_user(
+            open_store(state(ctx).settings), name, password, role, actor=actor or _default_actor()
+        )
     except UserError as exc:
         die(str(exc))
     console.print(f"user {escape(user.name)} added as {user.role}")
@@ -355,12 +372,15 @@ def users_token(
     ctx: typer.Context,
     name: str = typer.Argument(..., help="The user the token acts as."),
     label: str = typer.Option("api", help="What the token is for."),
+    actor: str | None = ACTOR,
 ) -> None:
     """Create an API token (printed once; only its hash is stored)."""
     from sync.users import UserError, create_token
 
     try:
-        token = create_token(open_store(state(ctx).settings), name, label)
+        token = create_token(
+            open_store(state(ctx).settings), name, label, actor=actor or _default_actor()
+        )
     except UserError as exc:
         die(str(exc))
     sys.stdout.write(token + "\n")

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.markup import escape
@@ -23,6 +24,8 @@ from rich.table import Table
 from crmhub.cli.common import (
     EXIT_DEAD_LETTERS,
     EXIT_ERROR,
+    EXIT_LOCKED,
+    EXIT_NEEDS_CONFIRMATION,
     console,
     die,
     err_console,
@@ -32,6 +35,9 @@ from crmhub.cli.common import (
 )
 from crmhub.errors import ConfigError, CrmHubError
 from crmhub.settings import DEFAULT_CONFIG, Settings, load_settings
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 __all__ = ["register"]
 
@@ -46,10 +52,58 @@ def _bundled(name: str) -> Path:
     raise FileNotFoundError(name)
 
 
+async def _queue_redis(settings: Settings) -> Redis | None:
+    """A connection for the connectors' leases when workers may be running ([queue] redis_url
+    is set), else None. Unreachable: stop before anything runs, and say what to do."""
+    from sync.jobs import queue_configured, redis_settings
+
+    if not queue_configured(settings):
+        return None
+    from arq.connections import create_pool
+    from redis.exceptions import RedisError
+
+    try:
+        return await create_pool(redis_settings(settings, retries=0))
+    except (RedisError, OSError) as exc:
+        die(
+            "cannot reach the queue's Redis ([queue] redis_url) to take the connector locks "
+            f"that workers share ({type(exc).__name__}: {exc}). Start Redis, or remove "
+            "redis_url from [queue] if no `crmhub worker` uses this store."
+        )
+
+
+def _lease(
+    settings: Settings, redis: Redis | None, name: str
+) -> contextlib.AbstractAsyncContextManager[None]:
+    """The connector's lease, taken as a worker's job takes it; nothing without a queue."""
+    from sync.locks import connector_lease
+
+    if redis is None:
+        return contextlib.nullcontext()
+    return connector_lease(redis, settings.queue.namespace, name, settings.queue.lease_seconds)
+
+
 async def _run_all(
-    settings: Settings, names: list[str], full: bool, quiet: bool
+    settings: Settings, names: list[str], full: bool, quiet: bool, allow_deletes: bool = False
+) -> list[dict[str, Any]]:
+    redis = await _queue_redis(settings)
+    try:
+        return await _run_each(settings, names, full, quiet, redis, allow_deletes)
+    finally:
+        if redis is not None:
+            await redis.aclose()
+
+
+async def _run_each(
+    settings: Settings,
+    names: list[str],
+    full: bool,
+    quiet: bool,
+    redis: Redis | None,
+    allow_deletes: bool = False,
 ) -> list[dict[str, Any]]:
     from sync.engine import PageReport, SyncEngine
+    from sync.locks import ConnectorLocked, LeaseLost
 
     engine = SyncEngine(settings, open_store(settings))
     results: list[dict[str, Any]] = []
@@ -73,13 +127,28 @@ async def _run_all(
                 total = page.total_hint if page.total_hint else None
                 progress.update(
                     task,
+                    description=f"{page.connector}: {page.note}" if page.note else page.connector,
                     completed=page.counts.pulled,
                     total=total,
                     rate=page.counts.pulled / elapsed,
                 )
 
             try:
-                result = await engine.run(name, full=full, progress=report)
+                async with _lease(settings, redis, name):
+                    result = await engine.run(
+                        name, full=full, progress=report, allow_deletes=allow_deletes
+                    )
+            except ConnectorLocked as exc:
+                results.append(
+                    {"connector": name, "state": "locked", "error": str(exc), "counts": {}}
+                )
+            except LeaseLost:
+                error = (
+                    f"{name}: lost the connector's lock mid-run (Redis unreachable for "
+                    "[queue] lease_seconds, or this process stalled that long); the committed "
+                    "pages stand: run it again to resume."
+                )
+                results.append({"connector": name, "state": "failed", "error": error, "counts": {}})
             except ConfigError as exc:
                 results.append(
                     {"connector": name, "state": "failed", "error": str(exc), "counts": {}}
@@ -106,6 +175,9 @@ _ROWS = (
     ("pairs queued for review", "reviews_queued"),
     ("activities", "activities"),
     ("  linked to a contact", "activities_linked"),
+    ("deleted at the source", "deleted"),
+    ("merged at the source (aliases)", "aliased"),
+    ("deletions held for confirmation", "deletions_held"),
     ("dead letters (rejected records)", "dead_letters"),
     ("dropped values (bad email, phone...)", "field_issues"),
 )
@@ -123,7 +195,7 @@ def _summary_table(results: list[dict[str, Any]], totals: dict[str, int]) -> Tab
             value = (r.get("counts") or {}).get(key)
             if value is None:
                 cells.append("")
-            elif key == "dead_letters" and value:
+            elif key in ("dead_letters", "deletions_held") and value:
                 cells.append(f"[yellow]{value:,}[/]")
             else:
                 cells.append(f"{value:,}")
@@ -141,7 +213,14 @@ def _summary_table(results: list[dict[str, Any]], totals: dict[str, int]) -> Tab
     return table
 
 
-def _sync(settings: Settings, names: list[str], full: bool, quiet: bool, as_json: bool) -> int:
+def _sync(
+    settings: Settings,
+    names: list[str],
+    full: bool,
+    quiet: bool,
+    as_json: bool,
+    allow_deletes: bool = False,
+) -> int:
     from sync.queries import store_totals
     from sync.sources import configured_sources
 
@@ -157,7 +236,7 @@ def _sync(settings: Settings, names: list[str], full: bool, quiet: bool, as_json
             f"unknown connector(s): {', '.join(unknown)}; configured: "
             f"{', '.join(settings.connectors) or 'none'}"
         )
-    results = asyncio.run(_run_all(settings, names, full, quiet or as_json))
+    results = asyncio.run(_run_all(settings, names, full, quiet or as_json, allow_deletes))
     from crmhub.cli.outbox_cmd import relay_if_configured
 
     pushed = relay_if_configured(settings)  # write-back, when any connector has it on
@@ -173,12 +252,23 @@ def _sync(settings: Settings, names: list[str], full: bool, quiet: bool, as_json
                 f"{pushed['failed']} failed (see `crmhub outbox`)"
             )
     for r in results:
-        if r["state"] != "succeeded":
+        if r.get("held_deletions"):
+            err_console.print(
+                f"[yellow]deletions held:[/] {escape(r['held_deletions']['message'])}",
+                highlight=False,
+            )
+        if r["state"] == "locked":
+            err_console.print(f"[yellow]skipped:[/] {escape(r['error'])}", highlight=False)
+        elif r["state"] != "succeeded":
             err_console.print(
                 f"[red]{escape(r['connector'])} failed:[/] {escape(r['error'])}", highlight=False
             )
-    if any(r["state"] != "succeeded" for r in results):
+    if any(r["state"] not in ("succeeded", "locked") for r in results):
         return EXIT_ERROR
+    if any(r.get("held_deletions") for r in results):
+        return EXIT_NEEDS_CONFIRMATION
+    if any(r["state"] == "locked" for r in results):
+        return EXIT_LOCKED
     if any((r.get("counts") or {}).get("dead_letters") for r in results):
         if not (quiet or as_json):
             err_console.print("Some records were dead-lettered: see `crmhub errors`.")
@@ -191,9 +281,11 @@ def _enqueue(settings: Settings, names: list[str], full: bool, as_json: bool) ->
     from arq.connections import create_pool
     from redis.exceptions import RedisError
 
+    from crmhub.cli.worker_cmd import require_queue
     from sync.jobs import enqueue_sync, redis_settings
     from sync.sources import configured_sources, load_source
 
+    require_queue(settings, "crmhub sync --enqueue")
     names = names or configured_sources(settings)
     for name in names:
         load_source(settings, name)  # config errors now, not in a worker later
@@ -238,15 +330,30 @@ def register(app: typer.Typer) -> None:
         enqueue: bool = typer.Option(
             False, "--enqueue", help="Queue the runs for `crmhub worker` instead of running here."
         ),
+        allow_deletes: bool = typer.Option(
+            False,
+            "--allow-deletes",
+            help="With --full: apply the deletions the scan infers even above max_delete_ratio.",
+        ),
     ) -> None:
         """Pull, map, stage, match and merge: bring the store up to date.
 
         Exit codes: 0 all good, 1 a connector failed, 3 some records were dead-lettered
-        (see `crmhub errors`).
+        (see `crmhub errors`), 4 a worker was syncing a connector, so it was skipped (only
+        with [queue] redis_url set: then this takes the same per-connector lock as workers),
+        5 a --full run found more contacts gone than max_delete_ratio allows and deleted
+        none (confirm with --full --allow-deletes).
         """
+        if allow_deletes and (enqueue or not full):
+            die(
+                "--allow-deletes confirms the deletions of a --full run here: add --full "
+                "(and run it without --enqueue)"
+            )
         if enqueue:
             raise typer.Exit(_enqueue(state(ctx).settings, sources or [], full, as_json))
-        raise typer.Exit(_sync(state(ctx).settings, sources or [], full, quiet, as_json))
+        raise typer.Exit(
+            _sync(state(ctx).settings, sources or [], full, quiet, as_json, allow_deletes)
+        )
 
     @app.command()
     def init(

@@ -7,10 +7,22 @@ import asyncio
 import typer
 from rich.table import Table
 
-from crmhub.cli.common import console, open_store, print_json, state
+from crmhub.cli.common import console, die, open_store, print_json, state
 from crmhub.settings import Settings
 
-__all__ = ["register"]
+__all__ = ["register", "require_queue"]
+
+
+def require_queue(settings: Settings, command: str) -> None:
+    """Workers exist only with `[queue] redis_url` set: then every `crmhub sync` that shares
+    the config also takes the connectors' locks, and never overlaps a worker's run."""
+    from sync.jobs import queue_configured
+
+    if not queue_configured(settings):
+        die(
+            f"`{command}` needs [queue] redis_url in the config (or CRMHUB_QUEUE__REDIS_URL): "
+            "the Redis shared by every worker and by every host that runs `crmhub sync`."
+        )
 
 
 def register(app: typer.Typer) -> None:
@@ -33,6 +45,7 @@ def register(app: typer.Typer) -> None:
         current page commit and leaves the run to resume.
         """
         settings = state(ctx).settings
+        require_queue(settings, "crmhub worker --check" if check else "crmhub worker")
         if check:
             _check(settings, as_json)
             return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Literal
 
 from fastapi import FastAPI, Request
 from sqlalchemy import Engine
@@ -13,21 +14,35 @@ from crmhub.settings import Settings
 from crmhub.web import api as steward_api
 from crmhub.web import hooks, metrics
 from crmhub.web import steward as steward_ui
+from sync.configure import configure
 
 __all__ = ["create_app", "get_db", "get_settings"]
 
 
-def create_app(settings: Settings, db: Engine) -> FastAPI:
-    """The whole web app for one store. `db` is an engine at the current schema."""
+Processing = Literal["thread", "process"]
+
+
+def create_app(settings: Settings, db: Engine, processing: Processing = "thread") -> FastAPI:
+    """The whole web app for one store. `db` is an engine at the current schema.
+
+    `processing`: where accepted form deliveries are mapped and matched. "thread": in this
+    process, after each response (the ingest on a worker thread). "process": in a processor
+    process the app starts and stops with its lifespan (sync/intake_process.py), so that CPU
+    work does not hold this process's GIL while the event loop answers (`crmhub serve`).
+    """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         db.dispose()
 
+    # Steward actions recompute golden records here: same survivorship and write-back as the
+    # sync (installed before any request, not when the first webhook builds a SyncEngine).
+    configure(db, settings)
     app = FastAPI(title="crmhub", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     app.state.db = db
+    app.state.processing = processing
 
     @app.get("/healthz", tags=["ops"])
     def healthz() -> dict[str, str]:

@@ -8,9 +8,7 @@ inbox as signed webhooks, then the browser is redirected to the thank-you page.
 from __future__ import annotations
 
 import logging
-import time
 import uuid
-from collections import OrderedDict, deque
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -25,10 +23,23 @@ from starlette.types import Message
 
 from connectors.webform import WebformConfig
 from crmhub.errors import CrmHubError
-from sync.intake import Intake
+from crmhub.web.rate_limit import LocalRateLimiter, RateLimiter, RedisRateLimiter
+from sync.intake import Intake, inline_connectors
+from sync.intake_jobs import DrainQueue
+from sync.jobs import queue_configured
 from sync.sources import load_source
 
-__all__ = ["BodyTooLarge", "RateLimiter", "intake_of", "problem", "read_body", "router", "webform"]
+__all__ = [
+    "BodyTooLarge",
+    "after_accept",
+    "drain_queue_of",
+    "intake_of",
+    "limiter_of",
+    "problem",
+    "read_body",
+    "router",
+    "webform",
+]
 
 log = logging.getLogger("crmhub.web.forms")
 router = APIRouter(tags=["intake"])
@@ -42,41 +53,57 @@ class BodyTooLarge(Exception):
     """The body passed the connector's `max_body_bytes`."""
 
 
-class RateLimiter:
-    """Sliding one-minute window per client address, kept in memory (per process)."""
-
-    def __init__(self, max_clients: int = 10_000) -> None:
-        self._hits: OrderedDict[str, deque[float]] = OrderedDict()
-        self._max_clients = max_clients
-
-    def allow(self, key: str, per_minute: int, now: float | None = None) -> float | None:
-        """None when allowed; else seconds until the next post would be."""
-        now = time.monotonic() if now is None else now
-        hits = self._hits.pop(key, None) or deque()
-        while hits and hits[0] <= now - 60:
-            hits.popleft()
-        self._hits[key] = hits  # most recent last: the oldest clients are evicted first
-        if len(self._hits) > self._max_clients:
-            self._hits.popitem(last=False)
-        if len(hits) >= per_minute:
-            return max(1.0, 60 - (now - hits[0]))
-        hits.append(now)
-        return None
-
-
 def intake_of(app: FastAPI) -> Intake:
     """The app's intake, created on first use (tests may skip the lifespan)."""
     intake: Intake | None = getattr(app.state, "intake", None)
     if intake is None:
-        intake = Intake(app.state.settings, app.state.db)
+        settings = app.state.settings
+        intake = Intake(settings, app.state.db, only=inline_connectors(settings))
         app.state.intake = intake
     return intake
 
 
-def _limiter(app: FastAPI) -> RateLimiter:
+def after_accept(app: FastAPI, background: BackgroundTasks, config: WebformConfig) -> None:
+    """Start processing a delivery just accepted (it is in the inbox already).
+
+    inline: wake the processor process when `crmhub serve` runs one, else process in this
+    process after the response. worker: queue the worker's drain job after the response.
+    drain: nothing; `crmhub forms drain` processes.
+    """
+    if config.process == "inline":
+        processor = getattr(app.state, "processor", None)
+        if processor is not None:
+            processor.kick()
+        else:
+            background.add_task(intake_of(app).process_pending)
+    elif config.process == "worker":
+        background.add_task(drain_queue_of(app).kick)
+
+
+def drain_queue_of(app: FastAPI) -> DrainQueue:
+    queue: DrainQueue | None = getattr(app.state, "drain_queue", None)
+    if queue is None:
+        settings = app.state.settings
+        if not queue_configured(settings):
+            log.warning(
+                'process = "worker" needs [queue] redis_url; trying the default Redis, and '
+                "`crmhub forms drain` processes what no worker does"
+            )
+        queue = app.state.drain_queue = DrainQueue(settings)
+    return queue
+
+
+def limiter_of(app: FastAPI) -> RateLimiter:
+    """The app's hosted-form rate limiter: shared through Redis when `[queue] redis_url` is
+    set (every `crmhub serve` of the installation counts together), else this process's."""
     limiter: RateLimiter | None = getattr(app.state, "form_limiter", None)
     if limiter is None:
-        limiter = app.state.form_limiter = RateLimiter()
+        settings = app.state.settings
+        if queue_configured(settings):
+            limiter = RedisRateLimiter(settings.queue.redis_url, settings.queue.namespace)
+        else:
+            limiter = LocalRateLimiter()
+        app.state.form_limiter = limiter
     return limiter
 
 
@@ -89,12 +116,25 @@ def webform(request: Request, name: str) -> WebformConfig | None:
     table = request.app.state.settings.connectors.get(name)
     if not table or table.get("type") != "webform" or table.get("enabled") is False:
         return None
+    # Validated once per app, not per request (a tenth of the intake's CPU); a changed
+    # table is validated again.
+    cache: dict[str, tuple[dict[str, Any], WebformConfig]] | None = getattr(
+        request.app.state, "webforms", None
+    )
+    if cache is None:
+        cache = request.app.state.webforms = {}
+    cached = cache.get(name)
+    if cached is not None and cached[0] == table:
+        return cached[1]
     try:
         config = load_source(request.app.state.settings, name).config
     except CrmHubError:
         log.error("webform connector misconfigured", extra={"connector": name})
         return None
-    return config if isinstance(config, WebformConfig) else None
+    if not isinstance(config, WebformConfig):
+        return None
+    cache[name] = (dict(table), config)
+    return config
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -176,7 +216,7 @@ async def hosted_form(form: str, request: Request, background: BackgroundTasks) 
         log.warning("form post from a foreign origin", extra={"connector": form, "origin": origin})
         return problem(403, "origin not allowed for this form")
     client = request.client.host if request.client else "unknown"
-    wait = _limiter(request.app).allow(f"{form}|{client}", config.rate_limit)
+    wait = await limiter_of(request.app).allow(f"{form}|{client}", config.rate_limit)
     if wait is not None:
         return problem(
             429, "too many submissions; try again later", **{"Retry-After": f"{wait:.0f}"}
@@ -208,6 +248,5 @@ async def hosted_form(form: str, request: Request, background: BackgroundTasks) 
     }
     intake = intake_of(request.app)
     await intake.accept(form, f"hosted:{submission_id}", kind, orjson.dumps(payload).decode())
-    if config.process == "inline":
-        background.add_task(intake.process_pending)
+    after_accept(request.app, background, config)
     return _thanks(config)

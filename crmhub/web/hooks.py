@@ -24,6 +24,7 @@ from connectors.webform import delivery_id, verify
 from crmhub.errors import AuthError
 from crmhub.web.forms import (
     BodyTooLarge,
+    after_accept,
     intake_of,
     media_type,
     problem,
@@ -31,7 +32,8 @@ from crmhub.web.forms import (
     webform,
 )
 from crmhub.web.forms import router as forms_router
-from sync.intake import JSON_TYPE
+from sync.intake import JSON_TYPE, DrainReport
+from sync.intake_process import Processor
 
 __all__ = ["json_depth", "router"]
 
@@ -41,16 +43,30 @@ log = logging.getLogger("crmhub.web.hooks")
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     intake = intake_of(app)
-    # Deliveries acknowledged before a crash or restart are still pending: finish them.
-    drain = asyncio.create_task(intake.drain())
+    processor: Processor | None = None
+    drain: asyncio.Task[DrainReport] | None = None
+    if getattr(app.state, "processing", "thread") == "process":
+        # Its own process (sync/intake_process.py); it first drains what is pending.
+        processor = app.state.processor = await asyncio.to_thread(Processor, app.state.settings)
+    else:
+        # Deliveries acknowledged before a crash or restart are still pending: finish them.
+        drain = asyncio.create_task(intake.drain())
     try:
         yield
     finally:
-        if not drain.done():
+        if processor is not None:
+            app.state.processor = None
+            await asyncio.to_thread(processor.close)
+        if drain is not None and not drain.done():
             drain.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await drain
         intake.close()
+        for name in ("form_limiter", "drain_queue"):  # their Redis connections
+            held = getattr(app.state, name, None)
+            if held is not None:
+                setattr(app.state, name, None)
+                await held.close()
 
 
 router = APIRouter(tags=["intake"], lifespan=_lifespan)
@@ -124,6 +140,5 @@ async def form_hook(connector: str, request: Request, background: BackgroundTask
             "duplicate delivery", extra={"connector": connector, "inbox_id": accepted.inbox_id}
         )
         return JSONResponse({"status": "duplicate", "delivery": delivery})
-    if config.process == "inline":
-        background.add_task(intake.process_pending)
+    after_accept(request.app, background, config)
     return JSONResponse({"status": "accepted", "delivery": delivery})

@@ -4,13 +4,21 @@
 127.0.0.1 port (plain + implicit TLS with a self-signed cert) and waits for the greeting;
 `stop()` kills exactly that process and removes the dir. Messages are seeded over IMAP APPEND,
 as a mail client would. Nothing depends on the system's dovecot service.
+
+`OAuthProvider` is a tiny identity provider on loopback (real HTTP): a token endpoint that
+trades refresh tokens for access tokens, and an RFC 7662 introspection endpoint. A Dovecot
+started with its `introspection_url` also offers AUTHENTICATE XOAUTH2 and checks every token
+there (Dovecot's `oauth2` passdb), as a Google or Microsoft IMAP server checks theirs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pwd
+import re
+import secrets
 import shutil
 import socket
 import ssl
@@ -22,12 +30,30 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
 
 from imapclient import IMAPClient
 
 USER = "sales@crmhub.test"
 PASSWORD = "s3cret-pass"
+# Dovecot 2.3's post-login capabilities less CONDSTORE and QRESYNC.
+_NO_CONDSTORE = (
+    "IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE SORT SORT=DISPLAY THREAD=REFERENCES "
+    "MULTIAPPEND URL-PARTIAL CATENATE UNSELECT CHILDREN NAMESPACE UIDPLUS LIST-EXTENDED "
+    "I18NLEVEL=1 ESEARCH ESORT SEARCHRES WITHIN CONTEXT=SEARCH LIST-STATUS BINARY MOVE "
+    "SPECIAL-USE LITERAL+"
+)
+
+
+def _scratch_dir() -> Path:
+    """A fresh dir, in memory (/dev/shm) where there is one: seeding and removing 20,000
+    maildir files then never waits for a disk that PostgreSQL is busy flushing."""
+    shm = Path("/dev/shm")
+    base = str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+    return Path(tempfile.mkdtemp(prefix="crmhub-dovecot-", dir=base))
 
 
 def _free_port() -> int:
@@ -38,11 +64,15 @@ def _free_port() -> int:
 
 @dataclass
 class Dovecot:
-    root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="crmhub-dovecot-")))
+    root: Path = field(default_factory=_scratch_dir)
     port: int = 0
     tls_port: int = 0
     process: subprocess.Popen[bytes] | None = None
     users: list[str] = field(default_factory=list)
+    # With an introspection URL, AUTHENTICATE XOAUTH2 is offered too (see OAuthProvider).
+    oauth2_introspection_url: str | None = None
+    # False: a server without CONDSTORE/QRESYNC (Dovecot offers both by default).
+    condstore: bool = True
 
     @property
     def cert(self) -> Path:
@@ -71,6 +101,24 @@ class Dovecot:
         os.chown(home, mail_user.pw_uid, mail_user.pw_gid)
         self.users = [USER] + [f"rep{n}@crmhub.test" for n in range(1, 100)]
         (self.root / "passwd").write_text("".join(f"{u}:{{PLAIN}}{PASSWORD}\n" for u in self.users))
+        mechanisms = "plain login"
+        oauth2_passdb = ""
+        if self.oauth2_introspection_url:
+            mechanisms += " xoauth2"
+            (self.root / "oauth2.conf.ext").write_text(
+                "introspection_mode = post\n"
+                f"introspection_url = {self.oauth2_introspection_url}\n"
+                "force_introspection = yes\n"
+                "username_attribute = username\n"
+                "active_attribute = active\n"
+                "active_value = true\n"
+                "timeout_msecs = 5000\n"
+            )
+            oauth2_passdb = (
+                "passdb {\n  driver = oauth2\n  mechanisms = xoauth2\n"
+                f"  args = {self.root}/oauth2.conf.ext\n}}\n"
+            )
+        capabilities = "" if self.condstore else f"imap_capability = {_NO_CONDSTORE}"
         (self.root / "dovecot.conf").write_text(
             f"""
 base_dir = {self.root}/run
@@ -86,11 +134,16 @@ ssl = yes
 ssl_cert = <{self.cert}
 ssl_key = <{key}
 disable_plaintext_auth = no
-auth_mechanisms = plain login
+auth_mechanisms = {mechanisms}
 auth_failure_delay = 0
 mail_location = maildir:~/Maildir
-imap_capability = +CONDSTORE
-passdb {{
+# Throwaway mail: no fsync per APPENDed message (seeding 20,000 is disk-bound otherwise).
+mail_fsync = never
+{capabilities}
+# What each session fetched, so tests can prove a no-op run fetched nothing.
+imap_logout_format = in=%i out=%o fetch_hdr_count=%{{fetch_hdr_count}} \
+  fetch_body_count=%{{fetch_body_count}}
+{oauth2_passdb}passdb {{
   driver = passwd-file
   args = {self.root}/passwd
 }}
@@ -114,6 +167,13 @@ service imap-login {{
     address = 127.0.0.1
     port = {self.tls_port}
     ssl = yes
+  }}
+}}
+# No anti-brute-force delay (2-15 s per login after a failure from 127.0.0.1): the auth
+# tests fail logins on purpose and count the attempts in the log instead.
+service anvil {{
+  unix_listener anvil-auth-penalty {{
+    mode = 0
   }}
 }}
 service stats {{
@@ -161,6 +221,24 @@ service stats {{
             self.process.stderr.close()
         self.process = None
         shutil.rmtree(self.root, ignore_errors=True)
+
+    def fetch_counts(
+        self, user: str, *, since: int = 0, sessions: int = 1
+    ) -> list[tuple[int, int]]:
+        """(headers, bodies) fetched by each of `user`'s sessions logged out after `since`.
+
+        Waits up to 3 s for `sessions` of them: Dovecot's log process writes a moment later.
+        """
+        deadline = time.monotonic() + 3
+        pattern = (
+            rf"imap\({re.escape(user)}\).*Logged out in=\d+ out=\d+ "
+            r"fetch_hdr_count=(\d+)\s+fetch_body_count=(\d+)"
+        )
+        while True:
+            found = re.findall(pattern, self.log()[since:])
+            if len(found) >= sessions or time.monotonic() > deadline:
+                return [(int(h), int(b)) for h, b in found]
+            time.sleep(0.05)
 
     def add_user(self, user: str) -> str:
         """A fresh mailbox; the users were written at start (passwd-file caches by mtime)."""
@@ -287,4 +365,132 @@ class CuttingProxy:
     def close(self) -> None:
         self._stop.set()
         self._listener.close()
+        self._thread.join(timeout=2)
+
+
+@dataclass
+class _Grant:
+    user: str
+    lifetime: float
+    revoked: bool = False
+
+
+@dataclass
+class _Access:
+    user: str
+    expires: float
+    refresh_token: str
+
+
+class OAuthProvider:
+    """Loopback identity provider: `POST /token` (refresh_token grant) and `POST /introspect`.
+
+    `grant(user, lifetime=)` issues a refresh token whose access tokens live `lifetime` seconds
+    (their `expires_in`); `revoke(refresh_token)` makes the token endpoint answer
+    `invalid_grant` and ends its access tokens; `expire(user)` makes every access token issued
+    so far inactive at once (a server-side expiry the client cannot know about). Counts every
+    request it serves.
+    """
+
+    def __init__(self, *, client_id: str = "crmhub-test") -> None:
+        self.client_id = client_id
+        self.client_secret = "client-" + secrets.token_hex(8)
+        self.token_requests = 0
+        self.introspections = 0
+        self.issued: list[str] = []  # every access token handed out, for leak checks
+        self.introspection_down = False  # answer 503: the token check is unavailable
+        self._grants: dict[str, _Grant] = {}
+        self._access: dict[str, _Access] = {}
+        self._lock = threading.Lock()
+        provider = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("content-length") or 0)
+                form = {k: v[0] for k, v in parse_qs(self.rfile.read(length).decode()).items()}
+                status, body = provider._answer(self.path, form)
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass  # quiet: the tests read the counters
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_port}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def token_url(self) -> str:
+        return self.url + "/token"
+
+    @property
+    def introspection_url(self) -> str:
+        return self.url + "/introspect"
+
+    def grant(self, user: str, *, lifetime: float = 3600.0) -> str:
+        refresh = "rt-" + secrets.token_urlsafe(24)
+        with self._lock:
+            self._grants[refresh] = _Grant(user, lifetime)
+        return refresh
+
+    def issued_to(self) -> list[tuple[str, str]]:
+        """(user, access token) for every token handed out."""
+        with self._lock:
+            return [(a.user, token) for token, a in self._access.items()]
+
+    def revoke(self, refresh_token: str) -> None:
+        """Revoke the grant: refreshes fail, and its access tokens stop working (as Google's)."""
+        with self._lock:
+            self._grants[refresh_token].revoked = True
+            for access in self._access.values():
+                if access.refresh_token == refresh_token:
+                    access.expires = 0.0
+
+    def expire(self, user: str) -> None:
+        with self._lock:
+            for access in self._access.values():
+                if access.user == user:
+                    access.expires = 0.0
+
+    def _answer(self, path: str, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        with self._lock:
+            if path == "/token":
+                self.token_requests += 1
+                grant = self._grants.get(form.get("refresh_token", ""))
+                client_ok = (
+                    form.get("client_id") == self.client_id
+                    and form.get("client_secret") == self.client_secret
+                )
+                if form.get("grant_type") != "refresh_token" or not client_ok:
+                    return 401, {"error": "invalid_client"}
+                if grant is None or grant.revoked:
+                    return 400, {"error": "invalid_grant", "error_description": "Token revoked"}
+                access = "at-" + secrets.token_urlsafe(24)
+                self._access[access] = _Access(
+                    grant.user, time.time() + grant.lifetime, form["refresh_token"]
+                )
+                self.issued.append(access)
+                return 200, {
+                    "access_token": access,
+                    "token_type": "Bearer",
+                    "expires_in": int(grant.lifetime),
+                }
+            if path == "/introspect":
+                self.introspections += 1
+                if self.introspection_down:
+                    return 503, {"error": "temporarily_unavailable"}
+                known = self._access.get(form.get("token", ""))
+                if known is None or known.expires < time.time():
+                    return 200, {"active": False}
+                return 200, {"active": True, "username": known.user}
+            return 404, {"error": "not_found"}
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
         self._thread.join(timeout=2)

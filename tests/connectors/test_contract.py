@@ -90,12 +90,29 @@ async def test_ties_across_page_boundaries_are_not_lost(vendor: Running) -> None
     assert set(ids([first])) | set(ids(rest)) == vendor.want(range(1, 306))
 
 
+async def test_records_edited_while_paging_are_not_lost(vendor: Running) -> None:
+    """Records already read are edited mid-run (they move to the end of the order): no
+    unread record is shifted past the position the next page starts from."""
+    vendor.state.add_people(300)
+    got: list[str] = []
+    async for page in vendor.connector(page_size=50).pull("contacts", None):
+        got += [r.external_id for r in page.records if r.kind == "contact"]
+        if len(got) == 100:
+            vendor.state.touch([10, 20, 30])
+    assert set(got) == vendor.want(range(1, 301))
+
+
 async def test_dense_timestamps_many_per_second(vendor: Running) -> None:
-    """100 records per second: second-resolution sources see ties everywhere."""
+    """100 records per second: second-resolution sources see ties everywhere, and the next
+    incremental run still yields exactly the records changed (no re-reads of the overlap)."""
     vendor.state.add_people(1000, step_ms=10)
-    got = ids(await pull_all(vendor.connector(page_size=100)))
+    full = await pull_all(vendor.connector(page_size=100))
+    got = ids(full)
     assert set(got) == vendor.want(range(1, 1001))
     assert len(got) == 1000
+    vendor.state.touch([7, 500, 999])
+    again = ids(await pull_all(vendor.connector(page_size=100), cursor=full[-1].next_cursor))
+    assert sorted(again) == sorted(vendor.want([7, 500, 999]))
 
 
 async def test_incremental_run_fetches_only_changes(vendor: Running) -> None:
@@ -161,6 +178,16 @@ async def test_malformed_body_is_retried_then_a_clear_error(vendor: Running) -> 
         await pull_all(vendor.connector())
 
 
+async def test_dropped_connection_is_retried(vendor: Running) -> None:
+    """The server closes the connection halfway through a body: a transient error, retried."""
+    vendor.state.add_people(30)
+    await pull_all(vendor.connector())
+    clean = len(vendor.state.requests)
+    vendor.state.faults.append(Fault(dropped=True))
+    assert sorted(ids(await pull_all(vendor.connector()))) == sorted(vendor.want(range(1, 31)))
+    assert len(vendor.state.requests) == 2 * clean + 1  # the dropped one, sent again
+
+
 async def test_401_mid_run_stops_with_a_resumable_checkpoint(vendor: Running) -> None:
     vendor.state.add_people(200)
     committed: list[Page] = []
@@ -179,6 +206,38 @@ async def test_401_mid_run_stops_with_a_resumable_checkpoint(vendor: Running) ->
     assert len(committed) == 1
     rest = await pull_all(vendor.connector(page_size=50), cursor=committed[-1].next_cursor)
     assert set(ids(committed)) | set(ids(rest)) == vendor.want(range(1, 201))
+
+
+async def test_refused_position_resyncs_the_stream(
+    vendor: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A source that refuses the stored position (a 400 for the first request of an
+    incremental run: a `since` or a token it no longer takes) gets a scoped resync of the
+    stream, every record once; refused again on a fresh start, the run stops clearly."""
+    vendor.state.add_people(120)
+    full = await pull_all(vendor.connector(page_size=50))
+    vendor.state.touch([5, 60])
+    vendor.state.faults.append(Fault(400))
+    again = ids(await pull_all(vendor.connector(page_size=50), cursor=full[-1].next_cursor))
+    assert sorted(again) == sorted(vendor.want(range(1, 121)))
+    assert vendor.state.statuses.count(400) == 1
+    assert "resyncing the stream" in caplog.text
+    vendor.state.faults.extend([Fault(400), Fault(400)])
+    with pytest.raises(PermanentError, match="400"):
+        await pull_all(vendor.connector(page_size=50), cursor=full[-1].next_cursor)
+
+
+async def test_refused_mid_run_resumes_from_the_last_page(vendor: Running) -> None:
+    """A page token or offset refused mid-run (expired, past a cap): the pull resumes from the
+    last page's cursor, and no record is lost or repeated."""
+    vendor.state.add_people(230)
+    got: list[str] = []
+    async for page in vendor.connector(page_size=50).pull("contacts", None):
+        got += [r.external_id for r in page.records if r.kind == "contact"]
+        if len(got) == 50:
+            vendor.state.faults.append(Fault(400))
+    assert sorted(got) == sorted(vendor.want(range(1, 231)))
+    assert vendor.state.statuses.count(400) == 1
 
 
 async def test_slow_response_times_out_and_is_retried(vendor: Running) -> None:

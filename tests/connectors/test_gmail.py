@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
-from connectors import ConnectorContext, get_connector_class
-from crmhub.errors import AuthError
+from connectors.gmail import GmailConnector
+from crmhub.errors import AuthError, TransientError
 from sync.engine import SyncEngine
-from sync.queries import store_totals
-from sync.store import make_engine
-from tests.conftest import make_settings
+from tests.connectors.mail import close, engine_for, make_connector, totals
 from tests.fakes import gmail
 from tests.fakes.server import FakeServer, Fault
 
@@ -39,24 +41,14 @@ def table(url: str, **extra: Any) -> dict[str, Any]:
     }
 
 
-def engine_for(tmp_path: Path, url: str, **extra: Any) -> SyncEngine:
-    settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 's.db'}", {"g": table(url, **extra)})
-    from sync.migrate import upgrade
-
-    db = make_engine(settings.store.url)
-    upgrade(db)
-    return SyncEngine(settings, db)
+def gmail_engine(tmp_path: Path, sqlite_url: str, url: str, **extra: Any) -> SyncEngine:
+    return engine_for(tmp_path, sqlite_url, g=table(url, **extra))
 
 
-def activities(engine: SyncEngine) -> int:
-    with engine.db.connect() as conn:
-        return store_totals(conn)["activities"]
-
-
-async def test_list_first_then_history_only(fake: Any, tmp_path: Path) -> None:
+async def test_list_first_then_history_only(fake: Any, tmp_path: Path, sqlite_url: str) -> None:
     state, url = fake
     state.add_messages(23)
-    engine = engine_for(tmp_path, url, page_size=10)
+    engine = gmail_engine(tmp_path, sqlite_url, url, page_size=10)
     first = await engine.run("g")
     assert (first.counts.activities, first.counts.contacts) == (23, 23)
     assert state.requests.count("/gmail/v1/users/me/messages") == 3
@@ -67,33 +59,30 @@ async def test_list_first_then_history_only(fake: Any, tmp_path: Path) -> None:
     assert third.counts.activities == 4
     assert "/gmail/v1/users/me/messages" not in state.requests  # no listing: history only
     assert "/gmail/v1/users/me/history" in state.requests
-    assert activities(engine) == 27
-    engine.close()
-    engine.db.dispose()
+    assert totals(engine.db)["activities"] == 27
+    close(engine)
 
 
 async def test_expired_history_id_falls_back_to_full_sync_without_doubles(
-    fake: Any, tmp_path: Path
+    fake: Any, tmp_path: Path, sqlite_url: str
 ) -> None:
     state, url = fake
     state.add_messages(12)
-    engine = engine_for(tmp_path, url)
+    engine = gmail_engine(tmp_path, sqlite_url, url)
     await engine.run("g")
     state.add_messages(3)
     state.expire_history()
     result = await engine.run("g")
     assert result.counts.activities == 15  # everything listed again ...
     assert result.counts.new == 6  # ... only the 3 new messages and senders are new
-    assert activities(engine) == 15
-    engine.close()
-    engine.db.dispose()
+    assert totals(engine.db)["activities"] == 15
+    close(engine)
 
 
 async def test_token_expiring_mid_run_is_refreshed_once(fake: Any, tmp_path: Path) -> None:
     state, url = fake
     state.add_messages(30)
-    cls = get_connector_class("gmail")
-    connector = cls(cls.Config(**table(url, page_size=10)), ConnectorContext("g", tmp_path))
+    connector = make_connector(table(url, page_size=10), tmp_path)
     seen = 0
     async for page in connector.pull("activities", None):
         seen += sum(r.kind == "activity" for r in page.records)
@@ -103,7 +92,9 @@ async def test_token_expiring_mid_run_is_refreshed_once(fake: Any, tmp_path: Pat
     assert state.statuses.count(401) == 2
 
 
-async def test_429_and_403_rate_limits_are_retried(fake: Any, tmp_path: Path) -> None:
+async def test_429_and_403_rate_limits_are_retried(
+    fake: Any, tmp_path: Path, sqlite_url: str
+) -> None:
     state, url = fake
     state.add_messages(8)
     state.faults = [
@@ -111,22 +102,52 @@ async def test_429_and_403_rate_limits_are_retried(fake: Any, tmp_path: Path) ->
         Fault(403, path="/messages/"),
         Fault(429, retry_after="0", path="/messages"),
     ]
-    engine = engine_for(tmp_path, url)
+    engine = gmail_engine(tmp_path, sqlite_url, url)
     result = await engine.run("g")
     assert result.counts.activities == 8
     assert state.statuses.count(429) == 2
     assert state.statuses.count(403) == 1
-    engine.close()
-    engine.db.dispose()
+    close(engine)
+
+
+async def test_message_gets_run_concurrently_up_to_the_setting(fake: Any, tmp_path: Path) -> None:
+    state, url = fake
+    state.add_messages(24)
+    state.get_delay = 0.05
+    connector = make_connector(table(url, concurrency=4), tmp_path)
+    pages = [p async for p in connector.pull("activities", None)]
+    assert sum(r.kind == "activity" for p in pages for r in p.records) == 24
+    assert state.max_in_flight == 4
+
+
+async def test_concurrent_gets_stay_within_the_per_user_quota(fake: Any, tmp_path: Path) -> None:
+    # Gmail: 15,000 quota units per user per minute, a messages.get costs 5. The default
+    # budget of 40 requests/s spends at most 200 units/s on gets.
+    assert GmailConnector.default_rate * 5 <= 15_000 / 60
+    # Scaled down: a quota of 100 units/s (20 gets/s) ...
+    state, url = fake
+    state.add_messages(24)
+    state.unit_quota = 100
+    # ... that 10 unpaced gets at a time overrun (the fake's quota is real) ...
+    unpaced = make_connector(table(url, concurrency=10), tmp_path)
+    with contextlib.suppress(TransientError):
+        [p async for p in unpaced.pull("activities", None)]
+    assert 429 in state.statuses
+    await asyncio.sleep(1.0)  # the quota window empties
+    state.statuses.clear()
+    # ... and that the same 10-at-a-time gets under a 16 requests/s budget never do.
+    paced = make_connector(table(url, concurrency=10, rate_limit=16), tmp_path)
+    started = time.monotonic()
+    pages = [p async for p in paced.pull("activities", None)]
+    assert sum(r.kind == "activity" for p in pages for r in p.records) == 24
+    assert 429 not in state.statuses
+    assert time.monotonic() - started >= 24 / 16
 
 
 async def test_revoked_refresh_token_is_one_clear_auth_error(fake: Any, tmp_path: Path) -> None:
     state, url = fake
     state.add_messages(2)
-    cls = get_connector_class("gmail")
-    connector = cls(
-        cls.Config(**table(url, refresh_token="1//revoked-SECRET")), ConnectorContext("g", tmp_path)
-    )
+    connector = make_connector(table(url, refresh_token="1//revoked-SECRET"), tmp_path)
     with pytest.raises(AuthError, match=r"invalid_grant.*'refresh_token'") as caught:
         [p async for p in connector.pull("activities", None)]
     assert "SECRET" not in str(caught.value)
@@ -142,8 +163,7 @@ async def test_filters_and_bad_headers(fake: Any, tmp_path: Path) -> None:
     undated = state.add_message(sender="Uma <uma@crmhub.test>")
     undated.headers = [h for h in undated.headers if h[0] != "Date"]
     state.add_message(message_id=None, sender="=?utf-8?B?SsO8cmdlbg==?= <j@client.example>")
-    cls = get_connector_class("gmail")
-    connector = cls(cls.Config(**table(url)), ConnectorContext("g", tmp_path))
+    connector = make_connector(table(url), tmp_path)
     pages = [p async for p in connector.pull("activities", None)]
     acts = [r for p in pages for r in p.records if r.kind == "activity"]
     contacts = sorted(r.external_id for p in pages for r in p.records if r.kind == "contact")
@@ -160,10 +180,26 @@ async def test_filters_and_bad_headers(fake: Any, tmp_path: Path) -> None:
 async def test_expired_list_page_token_restarts_the_listing(fake: Any, tmp_path: Path) -> None:
     state, url = fake
     state.add_messages(7)
-    cls = get_connector_class("gmail")
-    connector = cls(cls.Config(**table(url)), ConnectorContext("g", tmp_path))
+    connector = make_connector(table(url), tmp_path)
     stale = {"history_id": "5", "page_token": "expired-token"}
     pages = [p async for p in connector.pull("activities", stale)]
     assert sum(r.kind == "activity" for p in pages for r in p.records) == 7
     assert pages[-1].next_cursor == {"history_id": str(state.history_id)}
     assert 400 in state.statuses
+
+
+@pytest.mark.parametrize(
+    ("reason", "throttled"),
+    [
+        ("rateLimitExceeded", True),
+        ("userRateLimitExceeded", True),
+        ("dailyLimitExceeded", True),
+        ("insufficientPermissions", False),
+        ("domainPolicy", False),
+    ],
+)
+def test_403_is_throttling_only_for_googles_rate_reasons(reason: str, throttled: bool) -> None:
+    from connectors.oauth import _rate_limited
+
+    body = gmail.gerror(403, "PERMISSION_DENIED", "refused", reason, "usageLimits")
+    assert _rate_limited(httpx.Response(403, json=body)) is throttled

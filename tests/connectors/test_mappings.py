@@ -70,3 +70,42 @@ def test_activities_map(kind: str, name: str, type_: str) -> None:
     assert mapped.record.type == type_
     assert "person1@example.com" in mapped.record.participants
     assert mapped.record.occurred_at.tzinfo is not None
+
+
+def test_consent_at_is_the_vendors_own_consent_time() -> None:
+    from datetime import UTC, datetime
+
+    opt_in = datetime(2026, 1, 1, tzinfo=UTC)
+    mailchimp = load_mapping(mapping_path_for("mailchimp"))
+    subscribed, unsubscribed, archived = (
+        mailchimp.map_contact(m).record
+        for m in fixture("mailchimp", "members_page.json")["members"]
+    )
+    assert subscribed.consent_at == opt_in  # timestamp_opt
+    # timestamp_opt is the old opt-in, not the opt-out: left out (survivorship uses last_changed)
+    assert unsubscribed.consent_at is None
+    assert archived.consent_at is None
+    klaviyo = load_mapping(mapping_path_for("klaviyo"))
+    profiles = [
+        klaviyo.map_contact(p).record for p in fixture("klaviyo", "profiles_page.json")["data"]
+    ]
+    assert [(p.consent, p.consent_at) for p in profiles[:2]] == [
+        ("subscribed", opt_in),
+        ("unsubscribed", opt_in),  # consent_timestamp: when the status was set
+    ]
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "webform_generic", "webform_tally"])
+def test_a_form_submission_dates_its_consent_only_when_it_has_one(kind: str) -> None:
+    from datetime import UTC, datetime
+
+    mapping = load_mapping(mapping_path_for(kind))
+    base = {"submission_id": "s1", "submitted_at": "2026-03-02T10:00:00Z", "form": "signup"}
+    with_box = mapping.map_contact({**base, "fields": {"email": "a@example.com", "consent": "yes"}})
+    assert (with_box.record.consent, with_box.record.consent_at) == (
+        "subscribed",
+        datetime(2026, 3, 2, 10, tzinfo=UTC),
+    )
+    without = mapping.map_contact({**base, "fields": {"email": "a@example.com"}})
+    assert (without.record.consent, without.record.consent_at) == ("unknown", None)
+    assert without.issues == []

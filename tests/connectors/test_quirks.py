@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,18 +31,6 @@ async def test_hubspot_never_pages_into_the_search_cap(monkeypatch: pytest.Monke
         vendor.state.add_people(700)
         got = ids(await pull_all(vendor.connector(page_size=100)))
         assert len(got) == 700
-
-
-async def test_hubspot_records_edited_while_paging_are_not_lost() -> None:
-    with running("hubspot") as vendor:
-        vendor.state.add_people(300)
-        connector = vendor.connector(page_size=50)
-        got: list[str] = []
-        async for page in connector.pull("contacts", None):
-            got += [r.external_id for r in page.records if r.kind == "contact"]
-            if len(got) == 100:
-                vendor.state.touch([10, 20, 30])  # already read: they move to the end
-        assert set(got) == {str(i) for i in range(1, 301)}
 
 
 async def test_klaviyo_expired_page_cursor_restarts_from_the_watermark() -> None:
@@ -138,3 +129,43 @@ async def test_redis_rate_budget_through_a_connector() -> None:
             async for key in client.scan_iter("crmhub:ratelimit:hubspot:127.0.0.1*"):
                 await client.delete(key)
             await client.aclose()
+
+
+def test_tokens_never_reach_cli_output(tmp_path: Path) -> None:
+    """`sync --json`, `connectors check`, `runs --json`, `errors --json` and `connectors list
+    --json` for all four, run as a user runs them (the token from the environment), with a
+    good token and a revoked one. About a second per command."""
+    from tests.test_cli import run
+
+    with contextlib.ExitStack() as stack:
+        config = ""
+        for kind in sorted(VENDORS):
+            vendor = stack.enter_context(running(kind))
+            vendor.state.add_people(30)
+            table = {**vendor.vendor.config(vendor.url, "${SRC_SECRET}"), "page_size": 10}
+            config += f"[connectors.{kind}]\n"
+            config += "".join(f"{k} = {json.dumps(v)}\n" for k, v in table.items())
+        (tmp_path / "crmhub.toml").write_text(config, encoding="utf-8")
+        good, revoked = {"SRC_SECRET": TOKEN}, {"SRC_SECRET": "revoked-" + TOKEN}
+        synced = run("sync", "--json", cwd=tmp_path, env=good)
+        assert synced.returncode == 0, synced.stderr
+        assert [r["counts"]["contacts"] for r in json.loads(synced.stdout)["runs"]] == [30] * 4
+        refused = run("sync", "--json", cwd=tmp_path, env=revoked)
+        assert refused.returncode == 1
+        checked = [run("connectors", "check", k, cwd=tmp_path, env=revoked) for k in VENDORS]
+        for kind, result in zip(VENDORS, checked, strict=True):
+            assert result.returncode == 1
+            # rich wraps long lines
+            assert f"setting of connector {kind!r}" in " ".join(result.stderr.split())
+        runs = run("runs", "--json", cwd=tmp_path, env=revoked)
+        failed = json.loads(runs.stdout)[:4]
+        assert {r["state"] for r in failed} == {"failed"}
+        assert all("setting of connector" in r["error"] for r in failed)
+        listed = [run(*args, cwd=tmp_path, env=good) for args in LISTINGS]
+        assert all(o.returncode == 0 for o in listed)
+        outputs = [synced, refused, *checked, runs, *listed]
+        text = "".join(o.stdout + o.stderr for o in outputs)
+        assert TOKEN not in text.replace("\n", "")  # nor split by a wrapped line
+
+
+LISTINGS = (("errors", "--json"), ("connectors", "list", "--json"))

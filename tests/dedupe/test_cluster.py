@@ -3,7 +3,8 @@ from __future__ import annotations
 import time
 
 from crmhub.records import Contact
-from dedupe.cluster import candidate_pairs, cluster, train
+from dedupe.cluster import candidate_pairs, cluster, cluster_prepared, link, train
+from dedupe.matcher import FellegiSunterMatcher
 from dedupe.normalize import prepare
 
 
@@ -22,9 +23,12 @@ def test_issue_example_folds_into_one_person() -> None:
         Contact(first_name="James", last_name="Smith", company="Initech", phones=["+15550100003"]),
     ]
     result = cluster(contacts)
-    # Bob = Robert on the email key; "R. Smith" at Acme is likely but not certain: review.
+    # Bob = Robert on the email key; "R. Smith" at Acme is likely but not certain: not merged.
     assert [0, 1] in result.clusters
-    assert [(i, j) for i, j, _ in result.review] == [(1, 2)]
+    assert [2] in result.clusters
+    pairs = list(zip(result.pairs.ia.tolist(), result.pairs.ib.tolist(), strict=True))
+    likely = dict(zip(pairs, result.probabilities.tolist(), strict=True))
+    assert 0.5 <= likely[(1, 2)] < 0.95
     assert [3] in result.clusters
     assert [4] in result.clusters
 
@@ -35,7 +39,7 @@ def test_empty_and_tiny_inputs() -> None:
     assert cluster([Contact(), Contact()]).clusters == [[0], [1]]
 
 
-def test_one_email_shared_by_50k_records_is_capped_not_quadratic() -> None:
+def test_one_email_shared_by_50k_records_is_capped_not_quadratic(caplog) -> None:
     shared = Contact(emails=["pat@bigco.com"])  # not a role address: only the cap catches it
     records = [prepare(shared)] * 50_000
     start = time.perf_counter()
@@ -43,6 +47,9 @@ def test_one_email_shared_by_50k_records_is_capped_not_quadratic() -> None:
     assert time.perf_counter() - start < 10
     assert len(pairs.ia) == 0
     assert any(key.value == "pat@bigco.com" and size == 50_000 for key, size in pairs.capped)
+    # The warning says which kind of key and how big, never the address itself (PII).
+    assert "email key held by 50000 records" in caplog.text
+    assert "pat@bigco.com" not in caplog.text
 
 
 def test_chain_guard_sends_weak_bridge_to_review() -> None:
@@ -69,3 +76,36 @@ def test_train_learns_parameters_without_labels() -> None:
     assert params.trained_on == len(contacts)
     assert params.weight("last_name", 2) > 0 > params.weight("last_name", 0)
     assert params.match_rate > 0
+
+
+def test_probe_flag_table_agrees_with_is_probe() -> None:
+    from dedupe.cluster import _PROBE_FLAGS
+    from dedupe.matcher import PROBE_KINDS, is_probe
+
+    for contact, row in (
+        (Contact(first_name="Ann"), 0),
+        (Contact(first_name="A."), 1),
+        (Contact(), 2),
+    ):
+        record = prepare(contact)
+        assert _PROBE_FLAGS[row] == {k: 1 if is_probe(record, k) else 2 for k in PROBE_KINDS}
+
+
+def test_steward_constraints_bind_the_batch_clusterer() -> None:
+    same = [
+        Contact(first_name="Bob", last_name="Smith", emails=["bob.smith@gmail.com"]),
+        Contact(first_name="Robert", last_name="Smith", emails=["bobsmith@gmail.com"]),
+        Contact(first_name="Bob", last_name="Smith", emails=["bob.smith@gmail.com"]),
+        Contact(first_name="Ann", last_name="Ortiz", phones=["+15550100009"]),
+    ]
+    records = [prepare(c) for c in same]
+    matcher = FellegiSunterMatcher()
+    assert cluster_prepared(records, matcher).clusters == [[0, 1, 2], [3]]
+    # do-not-merge 0/1: 2 joins one of them, never both; confirmed merge 0/3 holds.
+    held = cluster_prepared(records, matcher, must_link=[(0, 3)], cannot_link=[(0, 1)])
+    assert [0, 3] in [sorted(set(c) & {0, 3}) for c in held.clusters]
+    assert not any({0, 1} <= set(c) for c in held.clusters)
+    # The exact path: transitive links, the same constraints.
+    assert link(4, [(0, 1), (1, 2)]) == [[0, 1, 2], [3]]
+    assert link(4, [(0, 1), (1, 2)], cannot_link=[(0, 2)]) == [[0, 1], [2], [3]]
+    assert link(4, [], must_link=[(2, 3)]) == [[0], [1], [2, 3]]

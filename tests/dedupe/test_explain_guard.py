@@ -16,11 +16,15 @@ ROBERT = Contact(
 
 def test_should_join_accepts_agreeing_clusters_and_refuses_a_lone_bridge() -> None:
     assert should_join([], 0.8)
-    assert should_join([0.99, 0.6, 0.55], 0.8)  # nobody leans to "different"
-    assert should_join([0.99, 0.99, 0.45], 0.8)  # one doubter, but the mean agrees
-    assert not should_join([0.99, 0.97, 0.4], 0.8)  # mean 0.787: a doubter and no majority
+    assert should_join([0.99, 0.6, 0.55], 0.8)  # nobody contradicts the link
+    assert should_join([0.99, 0.3, 0.06], 0.8)  # weak, but not sure to be different people
+    assert should_join([0.99] * 5 + [0.01], 0.8)  # one contradicts; the mean agrees
+    assert not should_join([0.99, 0.97, 0.04], 0.8)  # mean 0.667 and a contradiction
     assert not should_join([0.99, 0.01, 0.02], 0.8)  # one strong link, the rest disagree
-    assert not should_join([0.96, 0.3], 0.8)
+    assert not should_join([0.96, 0.03], 0.8)
+    # The contradiction bar follows the auto-merge threshold (1 - auto_merge).
+    assert should_join([0.96, 0.03], 0.8, auto_merge=0.99)
+    assert not should_join([0.96, 0.3], 0.8, auto_merge=0.5)
 
 
 def test_render_explains_each_field_in_words() -> None:

@@ -8,16 +8,16 @@ is 404 "No Result found for Subscriber with id N"."""
 
 from __future__ import annotations
 
+import bisect
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from tests.fakes.server import FakeState, Person, faulty
+from tests.fakes.server import FakeState, FastJSON, Person, changed_second, faulty, live_in_order
 
 ACCOUNT_TZ = timezone(timedelta(hours=-5))
 
@@ -35,7 +35,7 @@ def error_body(status: int, path: str) -> tuple[dict[str, Any], dict[str, str]]:
 
 
 def contact(p: Person) -> dict[str, Any]:
-    return {
+    out = {
         "id": str(p.id),
         "email": p.email,
         "phone": p.phone or "",
@@ -52,38 +52,41 @@ def contact(p: Person) -> dict[str, Any]:
         "bounced_soft": "0",
         "links": {"contactLists": f"/api/3/contacts/{p.id}/contactLists"},
     }
+    if p.broken:
+        del out["udate"]
+    return out
 
 
 def make_app(state: FakeState) -> ASGIApp:
-    def auth_error(request: Request) -> JSONResponse | None:
+    def auth_error(request: Request) -> FastJSON | None:
         if request.headers.get("api-token") != state.token:
-            return JSONResponse({"message": "Forbidden"}, 403)
+            return FastJSON({"message": "Forbidden"}, 403)
         return None
 
-    async def me(request: Request) -> JSONResponse:
-        return auth_error(request) or JSONResponse(
+    async def me(request: Request) -> FastJSON:
+        return auth_error(request) or FastJSON(
             {"user": {"id": "1", "username": "admin", "email": "admin@shop.example"}}
         )
 
-    async def contacts(request: Request) -> JSONResponse:
+    async def contacts(request: Request) -> FastJSON:
         if (err := auth_error(request)) is not None:
             return err
         q = request.query_params
         limit = min(int(q.get("limit", 20)), 100)
         offset = int(q.get("offset", 0))
-        rows = list(state.live())
+
+        by_udate = q.get("orders[udate]") in ("ASC", "DESC")
+        rows = state.view(("contacts", by_udate), lambda: live_in_order(state, by_udate))
         if "email" in q:
             rows = [p for p in rows if p.email.lower() == q["email"].lower()]
-        if "filters[updated_after]" in q:
+        if "filters[updated_after]" in q:  # strict, to the second
             low = datetime.fromisoformat(q["filters[updated_after]"])
-            rows = [p for p in rows if p.updated.replace(microsecond=0) > low]
-        if q.get("orders[udate]") in ("ASC", "DESC"):
-            rows.sort(
-                key=lambda p: (p.updated.replace(microsecond=0), p.id),
-                reverse=q["orders[udate]"] == "DESC",
-            )
-        else:
-            rows.sort(key=lambda p: p.id)
+            if by_udate:
+                rows = rows[bisect.bisect_right(rows, low, key=changed_second) :]
+            else:
+                rows = [p for p in rows if changed_second(p) > low]
+        if q.get("orders[udate]") == "DESC":
+            rows = rows[::-1]
         page = rows[offset : offset + limit]
         body: dict[str, Any] = {
             "contacts": [contact(p) for p in page],
@@ -99,18 +102,18 @@ def make_app(state: FakeState) -> ASGIApp:
                 }
                 for p in page
             ]
-        return JSONResponse(body)
+        return FastJSON(body)
 
     def find(ident: str) -> Person | None:
         person = state.people.get(int(ident)) if ident.isdigit() else None
         return person if person is not None and person.deleted_at is None else None
 
-    def gone(ident: str) -> JSONResponse:
-        return JSONResponse({"message": f"No Result found for Subscriber with id {ident}"}, 404)
+    def gone(ident: str) -> FastJSON:
+        return FastJSON({"message": f"No Result found for Subscriber with id {ident}"}, 404)
 
     names = {"firstName": "first", "lastName": "last", "phone": "phone"}
 
-    async def one_contact(request: Request) -> JSONResponse:
+    async def one_contact(request: Request) -> FastJSON:
         if (err := auth_error(request)) is not None:
             return err
         ident = request.path_params["ident"]
@@ -120,14 +123,14 @@ def make_app(state: FakeState) -> ASGIApp:
         if request.method == "DELETE":
             state.erase(person)
             state.writes.append(("erase", person.email))
-            return JSONResponse({})
+            return FastJSON({})
         if request.method == "PUT":
             attrs = (await request.json()).get("contact") or {}
             state.touch([person.id], **{names[k]: v for k, v in attrs.items() if k in names})
             state.writes.append(("update", person.email))
-        return JSONResponse({"contact": contact(person)})
+        return FastJSON({"contact": contact(person)})
 
-    async def contact_lists(request: Request) -> JSONResponse:
+    async def contact_lists(request: Request) -> FastJSON:
         if (err := auth_error(request)) is not None:
             return err
         ident = request.path_params["ident"]
@@ -135,11 +138,11 @@ def make_app(state: FakeState) -> ASGIApp:
         if person is None:
             return gone(ident)
         status = "2" if person.status == "unsubscribed" else "1"
-        return JSONResponse(
+        return FastJSON(
             {"contactLists": [{"contact": ident, "list": "1", "id": ident, "status": status}]}
         )
 
-    async def set_list_status(request: Request) -> JSONResponse:
+    async def set_list_status(request: Request) -> FastJSON:
         if (err := auth_error(request)) is not None:
             return err
         body = (await request.json()).get("contactList") or {}
@@ -153,7 +156,7 @@ def make_app(state: FakeState) -> ASGIApp:
         state.writes.append(
             ("unsubscribe" if status == "unsubscribed" else "subscribe", person.email)
         )
-        return JSONResponse({"contactList": {**body, "id": ident}}, 201)
+        return FastJSON({"contactList": {**body, "id": ident}}, 201)
 
     app = Starlette(
         routes=[

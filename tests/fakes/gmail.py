@@ -3,10 +3,16 @@ access tokens), `users/me/profile`, `messages.list` (ids only, newest first, `pa
 `maxResults` <= 500), `messages.get?format=metadata` (headers, snippet, internalDate,
 labelIds), `history.list` (`startHistoryId`, `messagesAdded`/`messagesDeleted`, 404 when the
 id is older than the retained history), 401 UNAUTHENTICATED on an expired token, and 429 /
-403 `rateLimitExceeded` in Google's error shape."""
+403 `rateLimitExceeded` in Google's error shape.
+
+`unit_quota` enforces the per-user limit in quota units per second (the docs: 15,000 units
+per user per minute, i.e. 250/s; getProfile 1, history.list 2, messages.list and
+messages.get 5 each); `get_delay` makes each get take that long, and `max_in_flight` records
+how many gets were served at once."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -50,6 +56,22 @@ class GmailState(FakeState):
     token_lifetime: float = 3600.0
     refreshes: int = 0
     gets: int = 0
+    get_delay: float = 0.0
+    in_flight: int = 0
+    max_in_flight: int = 0
+    unit_quota: float | None = None  # quota units per user per second; None: unlimited
+    _spent: list[tuple[float, int]] = field(default_factory=list)
+
+    def over_quota(self, units: int) -> bool:
+        """Charge `units` to the last second's budget; True (and no charge) when over it."""
+        if self.unit_quota is None:
+            return False
+        now = time.monotonic()
+        self._spent = [(t, u) for t, u in self._spent if now - t < 1.0]
+        if sum(u for _, u in self._spent) + units > self.unit_quota:
+            return True
+        self._spent.append((now, units))
+        return False
 
     def add_messages(self, n: int, **kw: Any) -> list[GMessage]:
         return [self.add_message(**kw) for _ in range(n)]
@@ -127,12 +149,15 @@ def error_body(status: int, path: str) -> tuple[dict[str, Any], dict[str, str]]:
 
 
 def make_app(state: GmailState) -> ASGIApp:
-    def authorized(request: Request) -> JSONResponse | None:
+    def authorized(request: Request, units: int) -> JSONResponse | None:
+        """401 for a bad token, 429 over the per-user quota (`units` is the call's cost)."""
         token = request.headers.get("authorization", "").removeprefix("Bearer ")
         expiry = state.access.get(token)
         if expiry is None or expiry < time.monotonic():
             body, _ = error_body(401, request.url.path)
             return JSONResponse(body, 401, headers={"WWW-Authenticate": 'Bearer realm="fake"'})
+        if state.over_quota(units):
+            return JSONResponse(error_body(429, request.url.path)[0], 429)
         return None
 
     async def token(request: Request) -> JSONResponse:
@@ -159,7 +184,7 @@ def make_app(state: GmailState) -> ASGIApp:
         )
 
     async def profile(request: Request) -> JSONResponse:
-        if (denied := authorized(request)) is not None:
+        if (denied := authorized(request, 1)) is not None:
             return denied
         return JSONResponse(
             {
@@ -174,7 +199,7 @@ def make_app(state: GmailState) -> ASGIApp:
         return spam_trash or not ({"SPAM", "TRASH"} & set(m.labels))
 
     async def list_messages(request: Request) -> JSONResponse:
-        if (denied := authorized(request)) is not None:
+        if (denied := authorized(request, 5)) is not None:
             return denied
         q = request.query_params
         size = min(int(q.get("maxResults", 100)), 500)
@@ -201,9 +226,15 @@ def make_app(state: GmailState) -> ASGIApp:
         return JSONResponse(body)
 
     async def get_message(request: Request) -> JSONResponse:
-        if (denied := authorized(request)) is not None:
+        if (denied := authorized(request, 5)) is not None:
             return denied
         state.gets += 1
+        state.in_flight += 1
+        state.max_in_flight = max(state.max_in_flight, state.in_flight)
+        try:
+            await asyncio.sleep(state.get_delay)
+        finally:
+            state.in_flight -= 1
         msg = state.messages.get(request.path_params["id"])
         if msg is None:
             return JSONResponse(
@@ -227,7 +258,7 @@ def make_app(state: GmailState) -> ASGIApp:
         )
 
     async def history(request: Request) -> JSONResponse:
-        if (denied := authorized(request)) is not None:
+        if (denied := authorized(request, 2)) is not None:
             return denied
         q = request.query_params
         start_id = int(q.get("startHistoryId") or 0)

@@ -2,8 +2,17 @@
 /common/oauth2/v2.0/token` (refresh_token grant), `GET /v1.0/me`, per-folder
 `/me/mailFolders/{inbox|sentitems}/messages/delta` rounds (`Prefer: odata.maxpagesize`,
 `@odata.nextLink` with `$skiptoken`, a final `@odata.deltaLink` with `$deltatoken`, `@removed`
-entries for deleted messages), 410 `SyncStateNotFound` for an expired delta token, 401
-`InvalidAuthenticationToken`, and 429 `ApplicationThrottled` with Retry-After."""
+entries for deleted messages), 401 `InvalidAuthenticationToken`, and 429
+`ApplicationThrottled` with Retry-After.
+
+As the docs say (concepts/delta-query-overview.md, delta-query-messages.md):
+- `$select` is given once, on the first request of a round; the tokens carry it on. Only the
+  selected properties come back (plus `id`), and `internetMessageHeaders` only when selected.
+- A message changed after it was delivered (read, flagged) comes back in the next round: with
+  its selected properties, or, as users report, with only `id`, `isRead` and `parentFolderId`
+  (`mark_read(partial=True)`).
+- An expired delta token answers 410 Gone with a Location header (the initial query), or a
+  40X with code `syncStateNotFound` (`expired_status`)."""
 
 from __future__ import annotations
 
@@ -35,7 +44,8 @@ class GraphState(FakeState):
     )
     log: list[tuple[int, str, str, str]] = field(default_factory=list)  # seq, folder, id, kind
     seq: int = 0
-    expired_before: int = 0  # delta tokens below this answer 410
+    expired_before: int = 0  # delta tokens below this are expired
+    expired_status: int = 410  # what an expired token answers: 410, or e.g. 400
     access: dict[str, float] = field(default_factory=dict)
     refreshes: int = 0
     n: int = 0
@@ -69,6 +79,9 @@ class GraphState(FakeState):
             "ccRecipients": [],
             "internetMessageId": f"<o{n}@customer.example>" if message_id == "" else message_id,
             "conversationId": f"conv{n}",
+            "isRead": False,
+            "isDraft": False,
+            "parentFolderId": f"folder-{folder}",
         }
         if headers is not None:
             msg["internetMessageHeaders"] = headers
@@ -76,6 +89,12 @@ class GraphState(FakeState):
         self.seq += 1
         self.log.append((self.seq, folder, msg["id"], "upsert"))
         return msg
+
+    def mark_read(self, folder: str, message_id: str, *, partial: bool = False) -> None:
+        """The user reads a delivered message: the next delta round reports the change."""
+        self.folders[folder][message_id]["isRead"] = True
+        self.seq += 1
+        self.log.append((self.seq, folder, message_id, "partial" if partial else "upsert"))
 
     def delete(self, folder: str, message_id: str) -> None:
         self.folders[folder].pop(message_id)
@@ -141,6 +160,13 @@ def make_app(state: GraphState) -> ASGIApp:
             return refused
         return JSONResponse({"id": "user-1", "mail": OWNER, "userPrincipalName": OWNER})
 
+    def project(msg: dict[str, Any], select: str) -> dict[str, Any]:
+        """The message as Graph returns it for this `$select` (all but headers without one)."""
+        wanted = {f for f in select.split(",") if f} or set(msg) - {"internetMessageHeaders"}
+        out = {"@odata.type": "#microsoft.graph.message", "id": msg["id"]}
+        out.update({k: v for k, v in msg.items() if k in wanted or k == "@odata.etag"})
+        return out
+
     async def delta(request: Request) -> JSONResponse:
         if (refused := denied(request)) is not None:
             return refused
@@ -153,36 +179,56 @@ def make_app(state: GraphState) -> ASGIApp:
         for part in prefer.split(","):
             if part.strip().startswith("odata.maxpagesize="):
                 size = min(int(part.split("=", 1)[1]), 1000)
+        # Tokens: "<since>.<upto>.<offset>.<select>" (opaque to the client, like Graph's).
         if "$skiptoken" in q:
-            since, upto, offset = (int(x) for x in q["$skiptoken"].split("-"))
-        else:
-            since = int(q.get("$deltatoken", 0))
-            if "$deltatoken" in q and since < state.expired_before:
-                return JSONResponse(
-                    gerror("SyncStateNotFound", "The sync state generation is not found."), 410
+            since_s, upto_s, offset_s, select = q["$skiptoken"].split(".", 3)
+            since, upto, offset = int(since_s), int(upto_s), int(offset_s)
+        elif "$deltatoken" in q:
+            since_s, select = q["$deltatoken"].split(".", 1)
+            since, upto, offset = int(since_s), state.seq, 0
+            if since < state.expired_before:
+                initial = str(request.url.replace(query=""))
+                if state.expired_status == 410:
+                    return JSONResponse(
+                        gerror("SyncStateNotFound", "The sync state generation is not found."),
+                        410,
+                        headers={"Location": initial},
+                    )
+                body = gerror(
+                    "syncStateNotFound",
+                    "The sync state generation is not found. The delta token is expired "
+                    "and data must be synchronized again.",
                 )
-            upto, offset = state.seq, 0
+                return JSONResponse(body, state.expired_status)
+        else:
+            since, upto, offset, select = 0, state.seq, 0, q.get("$select", "")
         if since == 0:  # initial round: the folder as it is
-            items: list[dict[str, Any]] = list(state.folders[folder].values())
+            items = [project(m, select) for m in state.folders[folder].values()]
         else:
             latest: dict[str, str] = {}
             for seq, f, mid, kind in state.log:
                 if f == folder and since < seq <= upto:
-                    latest[mid] = kind
-            items = [
-                state.folders[folder][mid]
-                if kind == "upsert" and mid in state.folders[folder]
-                else {"@odata.type": "#microsoft.graph.message", "id": mid,
-                      "@removed": {"reason": "deleted"}}
-                for mid, kind in latest.items()
-            ]  # fmt: skip
+                    # A partial change report never hides a full one in the same round.
+                    latest[mid] = "upsert" if latest.get(mid) == "upsert" else kind
+            items = []
+            for mid, kind in latest.items():
+                msg = state.folders[folder].get(mid)
+                if msg is None or kind == "removed":
+                    items.append({"@odata.type": "#microsoft.graph.message", "id": mid,
+                                  "@removed": {"reason": "deleted"}})  # fmt: skip
+                elif kind == "partial":
+                    items.append({"@odata.type": "#microsoft.graph.message", "id": mid,
+                                  "isRead": msg["isRead"],
+                                  "parentFolderId": msg["parentFolderId"]})  # fmt: skip
+                else:
+                    items.append(project(msg, select))
         chunk = items[offset : offset + size]
         base = str(request.url.replace(query=""))
         body: dict[str, Any] = {"@odata.context": f"{base}/$metadata", "value": chunk}
         if offset + size < len(items):
-            body["@odata.nextLink"] = f"{base}?$skiptoken={since}-{upto}-{offset + size}"
+            body["@odata.nextLink"] = f"{base}?$skiptoken={since}.{upto}.{offset + size}.{select}"
         else:
-            body["@odata.deltaLink"] = f"{base}?$deltatoken={upto}"
+            body["@odata.deltaLink"] = f"{base}?$deltatoken={upto}.{select}"
         return JSONResponse(body)
 
     app = Starlette(

@@ -2,24 +2,32 @@
 (`lastmodifieddate`/`hs_lastmodifieddate` GTE epoch ms, ascending, 10,000-result cap), bearer
 auth, `X-HubSpot-RateLimit-*` headers and the RATE_LIMIT error body.
 
+Merges (`merge_contacts`): the survivor lists the merged ids in `hs_merged_object_ids` and
+their addresses in `hs_additional_emails`, the merged ids are no longer listed and address the
+survivor; with `new_record=True` both contacts merge into a new id, as HubSpot does now
+(developer changelog, "Updated merge functionality for contacts and companies").
+
 Writes: `PATCH /crm/v3/objects/contacts/{id}` (`idProperty=email`), communication
 preferences v4 `unsubscribe-all`, and `POST /crm/v3/objects/contacts/gdpr-delete` (204; an
 unknown email is blocklisted)."""
 
 from __future__ import annotations
 
+import bisect
 import json
 import uuid
+from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from tests.fakes.server import Event, FakeState, Person, faulty
+from tests.fakes.server import Event, FakeState, FastJSON, Person, faulty
 
 SEARCH_CAP = 10_000
 
@@ -73,6 +81,13 @@ def contact(p: Person) -> dict[str, Any]:
         "lastmodifieddate": _iso(p.updated),
         "hs_object_id": str(p.id),
     }
+    if p.merged_ids:
+        props["hs_merged_object_ids"] = ";".join(str(i) for i in p.merged_ids)
+    extra = [e for e in p.extra_emails if e.lower() != p.email.lower()]
+    if extra:
+        props["hs_additional_emails"] = ";".join(extra)
+    if p.broken:
+        del props["lastmodifieddate"]
     out: dict[str, Any] = {
         "id": str(p.id),
         "properties": props,
@@ -110,11 +125,25 @@ def email(e: Event, p: Person) -> dict[str, Any]:
     }
 
 
+def merge_contacts(
+    state: FakeState, primary: int, secondary: int, *, new_record: bool = False
+) -> Person:
+    """Merge `secondary` into `primary` (the primary keeps its id), or both into a new record
+    that starts as a copy of the primary; returns the surviving person."""
+    if not new_record:
+        return state.merge(secondary, primary)
+    base = state.people[primary]
+    survivor = replace(base, id=max(state.people) + 1, merged_ids=[], extra_emails=[])
+    state.people[survivor.id] = survivor
+    state.merge(primary, survivor.id)
+    return state.merge(secondary, survivor.id)
+
+
 def make_app(state: FakeState) -> ASGIApp:
-    def auth_error(request: Request) -> JSONResponse | None:
+    def auth_error(request: Request) -> FastJSON | None:
         if request.headers.get("authorization") != f"Bearer {state.token}":
             body, _ = error_body(401, request.url.path)
-            return JSONResponse(body, 401)
+            return FastJSON(body, 401)
         return None
 
     def limits() -> dict[str, str]:
@@ -124,42 +153,53 @@ def make_app(state: FakeState) -> ASGIApp:
             "X-HubSpot-RateLimit-Interval-Milliseconds": "10000",
         }
 
-    async def list_contacts(request: Request) -> JSONResponse:
+    async def list_contacts(request: Request) -> FastJSON:
         if (err := auth_error(request)) is not None:
             return err
         q = request.query_params
         limit = min(int(q.get("limit", 10)), 100)
         archived = q.get("archived", "false") == "true"
-        rows = sorted(
-            (p for p in state.people.values() if (p.deleted_at is not None) == archived),
-            key=lambda p: p.id,
+        rows = state.view(
+            ("list", archived),
+            lambda: sorted(
+                (
+                    (p for p in state.people.values() if p.deleted_at and p.merged_into is None)
+                    if archived
+                    else state.live()
+                ),
+                key=lambda p: p.id,
+            ),
         )
         after = int(q.get("after", 0))
-        page = [p for p in rows if p.id > after][:limit]
+        start = bisect.bisect_right(rows, after, key=lambda p: p.id)
+        page = rows[start : start + limit]
         body: dict[str, Any] = {"results": [contact(p) for p in page]}
         if page and page[-1].id != rows[-1].id:
             body["paging"] = {"next": {"after": str(page[-1].id + 0), "link": "..."}}
-        return JSONResponse(body, headers=limits())
+        return FastJSON(body, headers=limits())
 
     async def search(
-        request: Request, rows: list[tuple[datetime, int, Any]], prop: str, render: Any
-    ) -> JSONResponse:
+        request: Request,
+        rows_of: Callable[[], list[tuple[datetime, int, Any]]],
+        prop: str,
+        render: Any,
+    ) -> FastJSON:
         if (err := auth_error(request)) is not None:
             return err
         try:
             spec = await request.json()
         except ValueError:
-            return JSONResponse({"status": "error", "message": "Invalid input JSON"}, 400)
+            return FastJSON({"status": "error", "message": "Invalid input JSON"}, 400)
         limit = min(int(spec.get("limit", 10)), 200)
         after = int(spec.get("after") or 0)
         low = None
         for group in spec.get("filterGroups", []):
             for f in group.get("filters", []):
                 if f.get("propertyName") != prop or f.get("operator") != "GTE":
-                    return JSONResponse({"status": "error", "message": "bad filter"}, 400)
+                    return FastJSON({"status": "error", "message": "bad filter"}, 400)
                 low = int(f["value"])
         if after + limit > SEARCH_CAP:
-            return JSONResponse(
+            return FastJSON(
                 {
                     "status": "error",
                     "message": "There was a problem with the request.",
@@ -167,28 +207,34 @@ def make_app(state: FakeState) -> ASGIApp:
                 },
                 400,
             )
-        matched = sorted(
-            (r for r in rows if low is None or _ms(r[0]) >= low), key=lambda r: (r[0], r[1])
-        )
+        everything = state.view(("search", prop), lambda: sorted(rows_of(), key=lambda r: r[:2]))
+        start = 0 if low is None else bisect.bisect_left(everything, low, key=lambda r: _ms(r[0]))
+        matched = everything[start:]
         page = matched[after : after + limit]
         body: dict[str, Any] = {"total": len(matched), "results": [render(r[2]) for r in page]}
         if after + limit < len(matched):
             body["paging"] = {"next": {"after": str(after + limit)}}
-        return JSONResponse(body)
+        return FastJSON(body)
 
-    async def search_contacts(request: Request) -> JSONResponse:
-        rows = [(p.updated, p.id, p) for p in state.live()]
-        return await search(request, rows, "lastmodifieddate", contact)
-
-    async def search_emails(request: Request) -> JSONResponse:
-        people = state.people
-        rows = [(e.at, e.id, e) for e in state.events]
+    async def search_contacts(request: Request) -> FastJSON:
         return await search(
-            request, rows, "hs_lastmodifieddate", lambda e: email(e, people[e.person_id])
+            request,
+            lambda: [(p.updated, p.id, p) for p in state.live()],
+            "lastmodifieddate",
+            contact,
         )
 
-    def not_found(what: str) -> JSONResponse:
-        return JSONResponse(
+    async def search_emails(request: Request) -> FastJSON:
+        people = state.people
+        return await search(
+            request,
+            lambda: [(e.at, e.id, e) for e in state.events],
+            "hs_lastmodifieddate",
+            lambda e: email(e, people[e.person_id]),
+        )
+
+    def not_found(what: str) -> FastJSON:
+        return FastJSON(
             {
                 "status": "error",
                 "message": f"resource not found: {what}",
@@ -200,7 +246,7 @@ def make_app(state: FakeState) -> ASGIApp:
     # Canonical Person attribute for each writable property.
     writable = {"firstname": "first", "lastname": "last", "phone": "phone", "company": "company"}
 
-    async def update_contact(request: Request) -> JSONResponse:
+    async def update_contact(request: Request) -> FastJSON:
         if (err := auth_error(request)) is not None:
             return err
         ident = request.path_params["ident"]
@@ -208,6 +254,8 @@ def make_app(state: FakeState) -> ASGIApp:
             person = state.by_email(ident)
         else:
             person = state.people.get(int(ident)) if ident.isdigit() else None
+            while person is not None and person.merged_into is not None:
+                person = state.people[person.merged_into]  # a merged id addresses the survivor
             person = person if person is not None and person.deleted_at is None else None
         if person is None:
             return not_found("contact")
@@ -215,9 +263,9 @@ def make_app(state: FakeState) -> ASGIApp:
         changes = {writable[k]: v for k, v in props.items() if k in writable}
         state.touch([person.id], **changes)
         state.writes.append(("update", person.email))
-        return JSONResponse(contact(person))
+        return FastJSON(contact(person))
 
-    async def unsubscribe_all(request: Request) -> JSONResponse:
+    async def unsubscribe_all(request: Request) -> FastJSON:
         if (err := auth_error(request)) is not None:
             return err
         person = state.by_email(request.path_params["subscriber"])
@@ -226,7 +274,7 @@ def make_app(state: FakeState) -> ASGIApp:
         if person.status == "subscribed":
             state.touch([person.id], status="unsubscribed")
         state.writes.append(("unsubscribe", person.email))
-        return JSONResponse(
+        return FastJSON(
             {"results": [{"subscriberIdString": person.email, "status": "NOT_SUBSCRIBED"}]}
         )
 

@@ -1,7 +1,12 @@
 """Fake Klaviyo JSON:API: profiles (`filter=greater-than(updated,...)`, `sort=updated`,
-`page[size]`, opaque `page[cursor]` in `links.next`, subscriptions), events
+`page[size]`, opaque keyset `page[cursor]` in `links.next`, subscriptions), events
 (`greater-than(datetime,...)`, `include=profile,metric`), `Klaviyo-API-Key` auth, required
 `revision` header, 429 with Retry-After and `RateLimit-*` headers, expiring page cursors.
+
+Merges (`merge_profiles`): the source profile disappears, its events move to the destination
+profile and a "Merged Profile" event is added to the destination (Klaviyo Help Center,
+identity resolution FAQ), naming the source in `source_profile_id` (an assumption: the
+public docs do not name that property).
 
 Writes: `POST /profile-subscription-bulk-delete-jobs` (unsubscribe, 202), `PATCH
 /profiles/{id}` (404 when deleted), `POST /profile-import` (upsert by email) and `POST
@@ -10,19 +15,21 @@ Writes: `POST /profile-subscription-bulk-delete-jobs` (unsubscribe, 202), `PATCH
 from __future__ import annotations
 
 import base64
+import bisect
 import json
 import re
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from tests.fakes.server import Event, FakeState, Person, faulty
+from tests.fakes.server import Event, FakeState, FastJSON, Person, faulty
 
 _FILTER = re.compile(r"^greater-than\((updated|datetime),([^)]+)\)$")
 METRICS = {
@@ -31,6 +38,7 @@ METRICS = {
     "click": "Clicked Email",
     "bounce": "Bounced Email",
     "unsubscribe": "Unsubscribed",
+    "merged_profile": "Merged Profile",
 }
 
 
@@ -72,6 +80,13 @@ def error_body(status: int, path: str) -> tuple[dict[str, Any], dict[str, str]]:
 
 
 def profile(p: Person) -> dict[str, Any]:
+    out = _profile(p)
+    if p.broken:
+        del out["attributes"]["updated"]
+    return out
+
+
+def _profile(p: Person) -> dict[str, Any]:
     consent = {"subscribed": "SUBSCRIBED", "unsubscribed": "UNSUBSCRIBED"}.get(
         p.status, "NEVER_SUBSCRIBED"
     )
@@ -105,7 +120,7 @@ def profile(p: Person) -> dict[str, Any]:
                     "marketing": {
                         "can_receive_email_marketing": consent == "SUBSCRIBED",
                         "consent": consent,
-                        "consent_timestamp": _ts(p.created),
+                        "consent_timestamp": _ts(p.status_at or p.created),
                         "suppression": [{"reason": "USER_SUPPRESSED", "timestamp": _ts(p.updated)}]
                         if consent == "UNSUBSCRIBED"
                         else [],
@@ -118,7 +133,25 @@ def profile(p: Person) -> dict[str, Any]:
     }
 
 
+def profile_id(person: int) -> str:
+    return f"01P{person:023d}"
+
+
+def merge_profiles(state: FakeState, source: int, destination: int) -> Person:
+    """Merge profile `source` into `destination`: events move, a Merged Profile event marks it."""
+    survivor = state.merge(source, destination)
+    for e in state.events:
+        if e.person_id == source:
+            e.person_id = destination
+    next_id = max((e.id for e in state.events), default=0) + 1
+    state.events.append(Event(next_id, destination, "merged_profile", state.clock, about=source))
+    return survivor
+
+
 def event(e: Event) -> dict[str, Any]:
+    props: dict[str, Any] = {"Subject": e.subject}
+    if e.about is not None:
+        props = {"source_profile_id": profile_id(e.about)}
     return {
         "type": "event",
         "id": f"E{e.id:010d}",
@@ -126,7 +159,7 @@ def event(e: Event) -> dict[str, Any]:
             "timestamp": int(e.at.timestamp()),
             "datetime": _ts(e.at),
             "uuid": str(uuid.UUID(int=e.id)),
-            "event_properties": {"Subject": e.subject},
+            "event_properties": props,
         },
         "relationships": {
             "profile": {"data": {"type": "profile", "id": f"01P{e.person_id:023d}"}},
@@ -146,52 +179,68 @@ def make_app(
     expired = expired_cursors if expired_cursors is not None else set()
     issued = issued_cursors if issued_cursors is not None else []
 
-    def check(request: Request) -> JSONResponse | None:
+    def check(request: Request) -> FastJSON | None:
         if request.headers.get("authorization") != f"Klaviyo-API-Key {state.token}":
-            return JSONResponse(error_body(401, "")[0], 401)
+            return FastJSON(error_body(401, "")[0], 401)
         if not request.headers.get("revision"):
-            return JSONResponse(
+            return FastJSON(
                 error(400, "invalid", "Invalid input.", "A revision header is required."), 400
             )
         return None
 
     def listing(
         request: Request,
-        rows: list[tuple[datetime, int, Any]],
+        rows_of: Callable[[], list[tuple[datetime, int, Any]]],
         field: str,
         max_size: int,
         render: Any,
         included: list[dict[str, Any]] | None = None,
-    ) -> JSONResponse:
+    ) -> FastJSON:
         q = request.query_params
         size = min(int(q.get("page[size]", 20)), max_size)
+        low: datetime | None = None
         if "filter" in q:
             m = _FILTER.match(q["filter"])
             if m is None or m.group(1) != field:
-                return JSONResponse(
+                return FastJSON(
                     error(400, "invalid", "Invalid input.", f"unsupported filter {q['filter']!r}"),
                     400,
                 )
             low = datetime.fromisoformat(m.group(2).replace("Z", "+00:00"))
-            rows = [r for r in rows if r[0] > low]
-        rows.sort(key=lambda r: (r[0], r[1]), reverse=q.get("sort") == f"-{field}")
-        offset = 0
+
+        def ordered() -> list[tuple[datetime, int, Any]]:
+            rows = rows_of()
+            if low is not None:
+                rows = [r for r in rows if r[0] > low]
+            rows.sort(key=lambda r: (r[0], r[1]), reverse=q.get("sort") == f"-{field}")
+            return rows
+
+        rows = state.view((field, q.get("filter"), q.get("sort")), ordered)
+        start = 0
         if "page[cursor]" in q:
             token = q["page[cursor]"]
             if token in expired:
-                return JSONResponse(
+                return FastJSON(
                     error(
                         400, "invalid", "Invalid input.", "The page cursor is invalid or expired."
                     ),
                     400,
                 )
-            offset = json.loads(base64.urlsafe_b64decode(token))["o"]
-        page = [(r[0], r[1], render(r[2])) for r in rows[offset : offset + size]]
+            # A keyset cursor: the page after the last record handed out (its sort key), so
+            # records edited meanwhile move to the end without shifting unread ones.
+            at, ident = json.loads(base64.urlsafe_b64decode(token))["after"]
+            after = (datetime.fromisoformat(at), ident)
+            if q.get("sort", "").startswith("-"):  # descending: the rows below the key
+                start = sum(1 for r in rows if (r[0], r[1]) >= after)
+            else:
+                start = bisect.bisect_right(rows, after, key=lambda r: (r[0], r[1]))
+        page = [(r[0], r[1], render(r[2])) for r in rows[start : start + size]]
         base = str(request.url.remove_query_params("page[cursor]"))
         nxt = None
-        if offset + size < len(rows):
-            raw = json.dumps({"o": offset + size, "f": q.get("filter", "")}).encode()
-            token = base64.urlsafe_b64encode(raw).decode()
+        if start + size < len(rows):
+            last = page[-1]
+            raw = json.dumps({"after": [last[0].isoformat(), last[1]], "f": q.get("filter", "")})
+            token = base64.urlsafe_b64encode(raw.encode()).decode()
             issued.append(token)
             sep = "&" if "?" in base else "?"
             nxt = f"{base}{sep}page[cursor]={token}"
@@ -205,31 +254,38 @@ def make_app(
             body["included"] = [profile(state.people[n]) for n in sorted(people)] + [
                 i for i in included if i["id"] in metrics
             ]
-        return JSONResponse(
+        return FastJSON(
             body,
             headers={"RateLimit-Limit": "75", "RateLimit-Remaining": "74", "RateLimit-Reset": "1"},
         )
 
-    async def accounts(request: Request) -> JSONResponse:
-        return check(request) or JSONResponse({"data": [{"type": "account", "id": "ABC123"}]})
+    async def accounts(request: Request) -> FastJSON:
+        return check(request) or FastJSON({"data": [{"type": "account", "id": "ABC123"}]})
 
-    async def profiles(request: Request) -> JSONResponse:
+    async def profiles(request: Request) -> FastJSON:
         if (err := check(request)) is not None:
             return err
-        rows = [(p.updated, p.id, p) for p in state.live()]
-        return listing(request, rows, "updated", 100, profile)
+        return listing(
+            request, lambda: [(p.updated, p.id, p) for p in state.live()], "updated", 100, profile
+        )
 
-    async def events(request: Request) -> JSONResponse:
+    async def events(request: Request) -> FastJSON:
         if (err := check(request)) is not None:
             return err
-        rows = [(e.at, e.id, e) for e in state.events]
         included: list[dict[str, Any]] | None = None
         if "include" in request.query_params:
             included = [
                 {"type": "metric", "id": f"M{k}", "attributes": {"name": v}}
                 for k, v in METRICS.items()
             ]
-        return listing(request, rows, "datetime", 200, event, included)
+        return listing(
+            request,
+            lambda: [(e.at, e.id, e) for e in state.events],
+            "datetime",
+            200,
+            event,
+            included,
+        )
 
     names = {
         "first_name": "first",
@@ -242,7 +298,9 @@ def make_app(
         if not ident.startswith("01P") or not ident[3:].isdigit():
             return None
         person = state.people.get(int(ident[3:]))
-        return person if person is not None and person.deleted_at is None else None
+        if person is None or person.deleted_at is not None or person.merged_into is not None:
+            return None  # deleted or merged away: 404
+        return person
 
     async def unsubscribe(request: Request) -> Response:
         if (err := check(request)) is not None:
@@ -256,18 +314,18 @@ def make_app(
             state.writes.append(("unsubscribe", item["attributes"]["email"]))
         return Response(status_code=202)
 
-    async def patch_profile(request: Request) -> JSONResponse:
+    async def patch_profile(request: Request) -> FastJSON:
         if (err := check(request)) is not None:
             return err
         person = by_id(request.path_params["ident"])
         if person is None:
-            return JSONResponse(error(404, "not_found", "Not found.", "Profile not found."), 404)
+            return FastJSON(error(404, "not_found", "Not found.", "Profile not found."), 404)
         attrs = (await request.json())["data"]["attributes"]
         state.touch([person.id], **{names[k]: v for k, v in attrs.items() if k in names})
         state.writes.append(("update", person.email))
-        return JSONResponse({"data": profile(person)})
+        return FastJSON({"data": profile(person)})
 
-    async def profile_import(request: Request) -> JSONResponse:
+    async def profile_import(request: Request) -> FastJSON:
         if (err := check(request)) is not None:
             return err
         attrs = (await request.json())["data"]["attributes"]
@@ -277,7 +335,7 @@ def make_app(
             person.email = attrs["email"]
         state.touch([person.id], **{names[k]: v for k, v in attrs.items() if k in names})
         state.writes.append(("update", person.email))
-        return JSONResponse({"data": profile(person)})
+        return FastJSON({"data": profile(person)})
 
     async def privacy_delete(request: Request) -> Response:
         if (err := check(request)) is not None:

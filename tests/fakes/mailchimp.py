@@ -8,17 +8,18 @@ cannot be re-imported)."""
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 from datetime import UTC, datetime
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from tests.fakes.server import FakeState, Person, faulty
+from tests.fakes.server import FakeState, FastJSON, Person, changed_second, faulty, live_in_order
 
 LIST_ID = "a1b2c3d4e5"
 CAMPAIGN_ID = "42694e9e57"
@@ -57,7 +58,7 @@ def error_body(status: int, path: str) -> tuple[dict[str, Any], dict[str, str]]:
 
 def member(p: Person) -> dict[str, Any]:
     email = p.email.lower()
-    return {
+    out = {
         "id": hashlib.md5(email.encode()).hexdigest(),
         "email_address": p.email,
         "unique_email_id": f"u{p.id:09d}",
@@ -75,7 +76,10 @@ def member(p: Person) -> dict[str, Any]:
         "ip_signup": "",
         "timestamp_signup": "",
         "ip_opt": "198.51.100.7",
-        "timestamp_opt": _ts(p.created),
+        # the (last) opt-in: a re-subscribe moves it, an unsubscribe leaves it
+        "timestamp_opt": _ts(
+            p.status_at if p.status == "subscribed" and p.status_at else p.created
+        ),
         "member_rating": 2,
         "last_changed": _ts(p.updated),
         "language": "en",
@@ -86,10 +90,13 @@ def member(p: Person) -> dict[str, Any]:
         "tags": [],
         "list_id": LIST_ID,
     }
+    if p.broken:
+        del out["last_changed"]
+    return out
 
 
 def make_app(state: FakeState, *, max_count: int = 1000) -> ASGIApp:
-    def auth_error(request: Request) -> JSONResponse | None:
+    def auth_error(request: Request) -> FastJSON | None:
         import base64
 
         header = request.headers.get("authorization", "")
@@ -99,34 +106,34 @@ def make_app(state: FakeState, *, max_count: int = 1000) -> ASGIApp:
             ok = password == state.token
         if not ok:
             body, headers = error_body(401, request.url.path)
-            return JSONResponse(body, 401, headers=headers)
+            return FastJSON(body, 401, headers=headers)
         return None
 
-    async def ping(request: Request) -> JSONResponse:
-        return auth_error(request) or JSONResponse({"health_status": "Everything's Chimpy!"})
+    async def ping(request: Request) -> FastJSON:
+        return auth_error(request) or FastJSON({"health_status": "Everything's Chimpy!"})
 
-    async def members(request: Request) -> JSONResponse:
+    async def members(request: Request) -> FastJSON:
         if (err := auth_error(request)) is not None:
             return err
         if request.path_params["list_id"] != LIST_ID:
             body, headers = error_body(404, request.url.path)
-            return JSONResponse(body, 404, headers=headers)
+            return FastJSON(body, 404, headers=headers)
         q = request.query_params
         count = min(int(q.get("count", 10)), max_count)
         offset = int(q.get("offset", 0))
-        rows = list(state.live())
-        if "since_last_changed" in q:  # "changed after": strict
+
+        by_change = q.get("sort_field") == "last_changed"
+        rows = state.view(("members", by_change), lambda: live_in_order(state, by_change))
+        if "since_last_changed" in q:  # "changed after": strict, to the second
             low = _parse(q["since_last_changed"])
-            rows = [p for p in rows if p.updated.replace(microsecond=0) > low]
-        if q.get("sort_field") == "last_changed":
-            rows.sort(
-                key=lambda p: (p.updated.replace(microsecond=0), p.id),
-                reverse=q.get("sort_dir") == "DESC",
-            )
-        else:
-            rows.sort(key=lambda p: p.id)
+            if by_change:
+                rows = rows[bisect.bisect_right(rows, low, key=changed_second) :]
+            else:
+                rows = [p for p in rows if changed_second(p) > low]
+        if q.get("sort_dir") == "DESC":
+            rows = rows[::-1]
         page = rows[offset : offset + count]
-        return JSONResponse(
+        return FastJSON(
             {
                 "members": [member(p) for p in page],
                 "list_id": LIST_ID,
@@ -135,7 +142,7 @@ def make_app(state: FakeState, *, max_count: int = 1000) -> ASGIApp:
             }
         )
 
-    async def campaigns(request: Request) -> JSONResponse:
+    async def campaigns(request: Request) -> FastJSON:
         if (err := auth_error(request)) is not None:
             return err
         sent = (
@@ -151,39 +158,45 @@ def make_app(state: FakeState, *, max_count: int = 1000) -> ASGIApp:
             if state.events
             else []
         )
-        return JSONResponse({"campaigns": sent, "total_items": len(sent), "_links": []})
+        return FastJSON({"campaigns": sent, "total_items": len(sent), "_links": []})
 
-    async def email_activity(request: Request) -> JSONResponse:
+    async def email_activity(request: Request) -> FastJSON:
         if (err := auth_error(request)) is not None:
             return err
         q = request.query_params
         count = min(int(q.get("count", 10)), max_count)
         offset = int(q.get("offset", 0))
-        events = state.events
-        if "since" in q:
-            low = _parse(q["since"])
-            events = [e for e in events if e.at.replace(microsecond=0) > low]
-        by_person: dict[int, list[dict[str, Any]]] = {}
-        for e in events:
-            if e.kind == "sent":
-                continue  # email-activity lists opens, clicks and bounces
-            by_person.setdefault(e.person_id, []).append(
-                {"action": e.kind, "timestamp": _ts(e.at), "ip": "198.51.100.7"}
-            )
-        rows = []
-        for pid in sorted(by_person):
-            p = state.people[pid]
-            rows.append(
-                {
-                    "campaign_id": request.path_params["campaign_id"],
-                    "list_id": LIST_ID,
-                    "list_is_active": True,
-                    "email_id": hashlib.md5(p.email.lower().encode()).hexdigest(),
-                    "email_address": p.email,
-                    "activity": by_person[pid],
-                }
-            )
-        return JSONResponse(
+        campaign = request.path_params["campaign_id"]
+
+        def recipients() -> list[dict[str, Any]]:
+            events = state.events
+            if "since" in q:
+                low = _parse(q["since"])
+                events = [e for e in events if e.at.replace(microsecond=0) > low]
+            by_person: dict[int, list[dict[str, Any]]] = {}
+            for e in events:
+                if e.kind == "sent":
+                    continue  # email-activity lists opens, clicks and bounces
+                by_person.setdefault(e.person_id, []).append(
+                    {"action": e.kind, "timestamp": _ts(e.at), "ip": "198.51.100.7"}
+                )
+            rows = []
+            for pid in sorted(by_person):
+                p = state.people[pid]
+                rows.append(
+                    {
+                        "campaign_id": campaign,
+                        "list_id": LIST_ID,
+                        "list_is_active": True,
+                        "email_id": hashlib.md5(p.email.lower().encode()).hexdigest(),
+                        "email_address": p.email,
+                        "activity": by_person[pid],
+                    }
+                )
+            return rows
+
+        rows = state.view(("activity", campaign, q.get("since")), recipients)
+        return FastJSON(
             {
                 "emails": rows[offset : offset + count],
                 "campaign_id": request.path_params["campaign_id"],
@@ -201,11 +214,11 @@ def make_app(state: FakeState, *, max_count: int = 1000) -> ASGIApp:
                 return p
         return None
 
-    def missing(request: Request) -> JSONResponse:
+    def missing(request: Request) -> FastJSON:
         body, headers = error_body(404, request.url.path)
-        return JSONResponse(body, 404, headers=headers)
+        return FastJSON(body, 404, headers=headers)
 
-    async def patch_member(request: Request) -> JSONResponse:
+    async def patch_member(request: Request) -> FastJSON:
         if (err := auth_error(request)) is not None:
             return err
         person = find(request)
@@ -221,7 +234,7 @@ def make_app(state: FakeState, *, max_count: int = 1000) -> ASGIApp:
                 changes[names[key]] = value
         state.touch([person.id], **changes)
         state.writes.append(("update", person.email))
-        return JSONResponse(member(person))
+        return FastJSON(member(person))
 
     async def delete_permanent(request: Request) -> Response:
         if (err := auth_error(request)) is not None:

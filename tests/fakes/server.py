@@ -2,8 +2,8 @@
 
 `FakeServer(app_factory(state))` starts uvicorn on an ephemeral port in a background thread;
 `state.faults` scripts what the next matching requests get (429 with Retry-After, 5xx,
-malformed JSON, slowness, 401) and `state.fault_rate` answers a random share of requests
-with 429 or 503, seeded so a failing run can be replayed.
+malformed JSON, a connection dropped mid-response, slowness, 401) and `state.fault_rate`
+answers a random share of requests with 429 or 503, seeded so a failing run can be replayed.
 """
 
 from __future__ import annotations
@@ -12,16 +12,25 @@ import asyncio
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
+import orjson
 import uvicorn
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 ErrorBody = Callable[[int, str], tuple[dict[str, Any], dict[str, str]]]
+
+
+class FastJSON(JSONResponse):
+    """A JSON response rendered by orjson: the fakes serve benchmarks at thousands of records
+    a second, and must not be what the benchmark measures."""
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_NON_STR_KEYS)
 
 
 @dataclass
@@ -31,6 +40,7 @@ class Fault:
     status: int = 0
     retry_after: str | None = None
     malformed: bool = False
+    dropped: bool = False  # headers and half a body, then the connection is closed
     delay: float = 0.0
     path: str = ""  # only requests whose path contains this
 
@@ -48,16 +58,24 @@ class Person:
     created: datetime
     updated: datetime
     status: str = "subscribed"  # subscribed | unsubscribed | cleaned | archived
+    status_at: datetime | None = None  # when `status` last changed (None: since `created`)
     deleted_at: datetime | None = None  # HubSpot archive / source-side deletion
+    broken: bool = False  # rendered without its change timestamp: a record with missing fields
+    # Source-side merges (`FakeState.merge`): who this person was merged into, who was merged
+    # into them, and the addresses they took over (HubSpot keeps them as additional emails).
+    merged_into: int | None = None
+    merged_ids: list[int] = field(default_factory=list)
+    extra_emails: list[str] = field(default_factory=list)
 
 
 @dataclass
 class Event:
     id: int
     person_id: int
-    kind: str  # sent | open | click | bounce | unsubscribe
+    kind: str  # sent | open | click | bounce | unsubscribe | merged_profile
     at: datetime
     subject: str = "Spring newsletter"
+    about: int | None = None  # merged_profile: the person merged away
 
 
 @dataclass
@@ -77,6 +95,23 @@ class FakeState:
     # Write-back: addresses erased or blocklisted by a privacy delete (never re-created).
     erased: set[str] = field(default_factory=set)
     writes: list[tuple[str, str]] = field(default_factory=list)  # (what, email)
+    # People the listings leave out while they still exist (a vendor-side glitch).
+    hidden: set[int] = field(default_factory=set)
+    # Benchmarks only: memoised listings (every person filtered and sorted), dropped on each
+    # change made through this class. Off (None) in tests, which also edit people directly.
+    views: dict[Hashable, Any] | None = None
+
+    def view(self, key: Hashable, build: Callable[[], Any]) -> Any:
+        """`build()`, memoised under `key` while nothing changes (when `views` is on)."""
+        if self.views is None:
+            return build()
+        if key not in self.views:
+            self.views[key] = build()
+        return self.views[key]
+
+    def _changed(self) -> None:
+        if self.views is not None:
+            self.views.clear()
 
     def by_email(self, email: str) -> Person | None:
         wanted = email.strip().lower()
@@ -87,8 +122,22 @@ class FakeState:
 
     def erase(self, person: Person) -> None:
         """A permanent (privacy) delete: the person is gone, with nothing left to read."""
+        self._changed()
         self.erased.add(person.email.lower())
         del self.people[person.id]
+
+    def merge(self, retired: int, survivor: int, *, at: datetime | None = None) -> Person:
+        """A source-side merge: `retired` stops being listed, `survivor` is edited now and
+        records the merged id (and those merged into it before) and takes its addresses."""
+        old, keep = self.people[retired], self.people[survivor]
+        old.merged_into = survivor
+        keep.merged_ids += [retired, *old.merged_ids]
+        keep.extra_emails += [old.email, *old.extra_emails]
+        for p in self.people.values():
+            if p.merged_into == retired:
+                p.merged_into = survivor
+        self.touch([survivor], at=at)
+        return keep
 
     def add_people(
         self,
@@ -99,6 +148,7 @@ class FakeState:
         same_time: bool = False,
         status_every: int = 0,
     ) -> list[Person]:
+        self._changed()
         start = start or self.clock
         first = max(self.people, default=0) + 1
         made = []
@@ -123,15 +173,19 @@ class FakeState:
 
     def touch(self, ids: list[int], *, at: datetime | None = None, **changes: Any) -> None:
         """Edit people now (or `at`): their updated time moves past every earlier one."""
+        self._changed()
         at = at or (self.clock + timedelta(seconds=1))
         self.clock = max(self.clock, at)
         for pid in ids:
             person = self.people[pid]
+            if "status" in changes and changes["status"] != person.status:
+                person.status_at = at
             for key, value in changes.items():
                 setattr(person, key, value)
             person.updated = at
 
     def add_events(self, per_person: int = 2, *, start: datetime | None = None) -> None:
+        self._changed()
         at = start or self.clock
         kinds = ["sent", "open", "click", "bounce"]
         next_id = len(self.events) + 1
@@ -143,7 +197,11 @@ class FakeState:
         self.clock = max(self.clock, at)
 
     def live(self) -> list[Person]:
-        return [p for p in self.people.values() if p.deleted_at is None]
+        return [
+            p
+            for p in self.people.values()
+            if p.deleted_at is None and p.merged_into is None and p.id not in self.hidden
+        ]
 
     def next_fault(self, path: str) -> Fault | None:
         for i, fault in enumerate(self.faults):
@@ -162,6 +220,18 @@ class FakeState:
             return True
         self._window.append(now)
         return False
+
+
+def changed_second(p: Person) -> datetime:
+    """When a person last changed, to the second (Mailchimp's and ActiveCampaign's filters)."""
+    return p.updated.replace(microsecond=0)
+
+
+def live_in_order(state: FakeState, by_change: bool) -> list[Person]:
+    """Live people by (last change to the second, id), or by id."""
+    if by_change:
+        return sorted(state.live(), key=lambda p: (changed_second(p), p.id))
+    return sorted(state.live(), key=lambda p: p.id)
 
 
 def faulty(app: ASGIApp, state: FakeState, error_body: ErrorBody) -> ASGIApp:
@@ -183,8 +253,14 @@ def faulty(app: ASGIApp, state: FakeState, error_body: ErrorBody) -> ASGIApp:
             if fault.retry_after is not None:
                 headers["Retry-After"] = fault.retry_after
             state.statuses.append(fault.status)
-            await JSONResponse(body, fault.status, headers=headers)(scope, receive, send)
+            await FastJSON(body, fault.status, headers=headers)(scope, receive, send)
             return
+        if fault is not None and fault.dropped:
+            state.statuses.append(200)
+            headers = [(b"content-type", b"application/json"), (b"content-length", b"4096")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": b'{"results": [', "more_body": True})
+            return  # the server gives up on the response: uvicorn closes the connection
         if fault is not None and fault.malformed:
             state.statuses.append(200)
             response = Response(
@@ -206,7 +282,8 @@ def faulty(app: ASGIApp, state: FakeState, error_body: ErrorBody) -> ASGIApp:
 class FakeServer:
     """A real HTTP server for `app` on 127.0.0.1:<ephemeral>; use as a context manager."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, *, http: Literal["h11", "httptools"] = "h11") -> None:
+        """`http="httptools"` (a C parser) for benchmarks; tests keep the pure-Python h11."""
         config = uvicorn.Config(
             app,
             host="127.0.0.1",
@@ -214,7 +291,7 @@ class FakeServer:
             log_level="error",
             lifespan="off",
             ws="none",
-            http="h11",
+            http=http,
             access_log=False,
         )
         self._server = uvicorn.Server(config)

@@ -40,6 +40,29 @@ def _sync(config: Path) -> subprocess.Popen[bytes]:
         )
 
 
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (the sync's mapping helper)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _gone(pids: list[int], within: float) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if not any(Path(f"/proc/{p}").exists() for p in pids):
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def _staged(db: Path) -> int:
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
@@ -94,9 +117,13 @@ def test_sigkill_mid_sync_then_rerun_equals_an_uninterrupted_run(tmp_path):
             assert time.monotonic() < deadline, "sync made no progress"
             time.sleep(0.05)
         if process.poll() is None:
+            helpers = _children(process.pid)
+            assert helpers, "a sync this size maps on a helper process"
             process.send_signal(signal.SIGKILL)
             process.wait()
             kills += 1
+            # The mapping helper ends with its sync instead of waiting forever.
+            assert _gone(helpers, within=10), "the mapping helper outlived its sync"
     assert kills == 2, "the sync finished before it could be killed: raise ROWS"
     assert _sync(crashed).wait(timeout=500) == 3
 

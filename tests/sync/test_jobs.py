@@ -7,9 +7,8 @@ import json
 import os
 import subprocess
 import sys
-import uuid
-from collections.abc import AsyncIterator, Iterator
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ import httpx
 import pytest
 from arq import Retry
 from arq.connections import ArqRedis, create_pool
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, func, select
 
 from bench.synthetic import write_leads_csv
 from crmhub.errors import ConfigError
@@ -31,36 +30,17 @@ from sync.jobs import (
     redis_settings,
     retry_delay,
     sync_connector,
+    worker_settings,
 )
 from sync.locks import Lease, LeaseLost, lease_key
 from sync.metrics import queue_name
 from sync.migrate import upgrade
 from sync.schedule import due_connectors, schedules
-from sync.store import make_engine, sync_run
+from sync.store import make_engine, source_record, sync_run
 from sync.worker import reconcile, run_worker
-from tests.conftest import service_missing
 from tests.connectors.vendors import TOKEN, running
 from tests.fakes.server import Fault
-
-REDIS_URL = os.environ.get("CRMHUB_TEST_REDIS", "redis://127.0.0.1:6379/0")
-
-
-@pytest.fixture
-def namespace() -> Iterator[str]:
-    """A key prefix of our own on the shared Redis; every key under it is removed after."""
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL, socket_timeout=3)
-    try:
-        client.ping()
-    except (redis.RedisError, OSError) as exc:
-        service_missing("Redis", exc)
-    ns = f"test-{uuid.uuid4().hex[:10]}:"
-    yield ns
-    for pattern in (f"{ns}*", f"arq:*{ns}*"):
-        for key in client.scan_iter(match=pattern):
-            client.delete(key)
-    client.close()
+from tests.sync.worker_kit import REDIS_URL, free_port
 
 
 def settings_for(
@@ -201,6 +181,33 @@ async def test_config_error_is_recorded_not_retried(
     assert "connectors.typo.page_sise" in row.error
 
 
+async def test_a_run_past_job_timeout_is_interrupted_and_resumed(
+    tmp_path: Path, namespace: str, redis: ArqRedis
+) -> None:
+    """arq cancels a job after `[queue] job_timeout`: the run is `interrupted`, a queued row
+    is left for it, and the reconciler queues it again; the next attempt finishes the work."""
+    with running("activecampaign") as vendor:
+        vendor.state.add_people(30)
+        # The first page comes at once, the second hangs well past the job's timeout.
+        vendor.state.faults += [Fault(path="contacts"), Fault(delay=20, path="contacts")]
+        table = {**vendor.vendor.config(vendor.url, TOKEN), "rate_limit": 10_000, "page_size": 10}
+        settings = settings_for(tmp_path, namespace, {"ac": table}, job_timeout=4, lease_seconds=1)
+        db = store(settings)
+        await enqueue_sync(redis, settings, db, "ac")
+        await run_worker(settings, burst=True, handle_signals=False, poll_delay=0.05)
+        first = runs(db)[0]
+        assert first.state == "interrupted"
+        assert (first.finished_at - first.started_at).total_seconds() < 15  # cut at 4 s
+        # The worker's reconciler may already have queued it again; if not, a pass does.
+        await asyncio.sleep(1.1)
+        await reconcile(settings, db, redis)
+        await run_worker(settings, burst=True, handle_signals=False, poll_delay=0.05)
+    rows = runs(db)
+    assert [r.state for r in rows] == ["interrupted", "succeeded"]
+    with db.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(source_record)).scalar_one() == 30
+
+
 def test_retry_delay_doubles_and_honours_retry_after(tmp_path: Path) -> None:
     from crmhub.errors import RateLimitedError, TransientError
 
@@ -306,6 +313,29 @@ async def test_cron_tick_queues_due_connectors_once(
     assert [(r.connector, r.state) for r in runs(db)] == [("hourly", "queued")]
 
 
+async def test_cron_ticks_of_two_installations_on_one_redis_do_not_collide(
+    tmp_path: Path, namespace: str, redis: ArqRedis
+) -> None:
+    """arq ids a unique cron job `NAME:TIMESTAMP` in every queue alike; two installations
+    (namespaces) on one Redis must each get their own tick, not one of them both."""
+    from arq.worker import Worker
+
+    tick = datetime(2031, 1, 1, 12, 0, tzinfo=UTC)  # in the future: the jobs wait, deferred
+    queued = []
+    for ns in (f"{namespace}a:", f"{namespace}b:"):
+        settings = settings_for(tmp_path, ns, {})
+        worker = Worker(**worker_settings(settings), redis_pool=redis, burst=True)
+        await worker.run_cron(tick - timedelta(seconds=5), delay=0.5)  # plans the next tick
+        await worker.run_cron(tick - timedelta(seconds=0.5), delay=0.5)  # queues it
+        jobs = await redis.zrange(queue_name(settings), 0, -1)
+        queued.append(sorted(j.decode() for j in jobs))
+    ms = int(tick.timestamp() * 1000)
+    assert queued == [
+        [f"{namespace}a:enqueue_due_syncs:{ms}"],
+        [f"{namespace}b:enqueue_due_syncs:{ms}"],
+    ]
+
+
 # -- reconciler ------------------------------------------------------------------------------
 async def test_reconciler_requeues_runs_that_redis_lost_and_frees_dead_workers_jobs(
     tmp_path: Path, namespace: str, redis: ArqRedis
@@ -324,8 +354,12 @@ async def test_reconciler_requeues_runs_that_redis_lost_and_frees_dead_workers_j
     await redis.psetex(in_progress_key(settings, "b"), in_progress_ms - 1000, b"1")
     await asyncio.sleep(1.1)  # older than one lease period
 
-    assert await reconcile(settings, db, redis) == {"freed": ["b"], "requeued": ["a"]}
+    # A job of "b" still running in this very process (say it lost its lease and is finishing
+    # its last page) is alive whatever Redis says: not freed.
+    assert await reconcile(settings, db, redis, busy={"b"}) == {"freed": [], "requeued": ["a"]}
     assert await redis.exists(job_key(settings, "a"))
+    assert await redis.exists(in_progress_key(settings, "b"))
+    assert await reconcile(settings, db, redis) == {"freed": ["b"], "requeued": []}
     assert not await redis.exists(in_progress_key(settings, "b"))
     # Idempotent: a second pass changes nothing.
     assert await reconcile(settings, db, redis) == {"freed": [], "requeued": []}
@@ -382,8 +416,10 @@ def test_cli_enqueue_runs_and_check(tmp_path: Path, namespace: str) -> None:
     assert report["queued"] == 1
     assert report["connectors"][0]["latest_state"] == "queued"
 
+    port = free_port()
+    command = [sys.executable, "-m", "crmhub", "--config", str(config), "worker"]
     worker = subprocess.Popen(
-        [sys.executable, "-m", "crmhub", "--config", str(config), "worker"],
+        [*command, "--metrics-port", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env={k: v for k, v in os.environ.items() if not k.startswith("CRMHUB_")},
@@ -397,6 +433,12 @@ def test_cli_enqueue_runs_and_check(tmp_path: Path, namespace: str) -> None:
         assert report["ok"]
         assert len(report["workers"]) == 1
         assert report["connectors"][0]["latest_state"] == "succeeded"
+        # The worker's own counters, on its metrics port.
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        assert 'crmhub_sync_runs_total{connector="leads",state="succeeded"} 1.0' in text
+        assert 'crmhub_sync_records_total{connector="leads",stage="pulled"} 20.0' in text
+        assert 'crmhub_sync_records_total{connector="leads",stage="staged"} 20.0' in text
+        assert 'crmhub_sync_run_seconds_count{connector="leads"} 1.0' in text
     finally:
         worker.terminate()
         assert worker.wait(timeout=30) == 0
@@ -458,4 +500,27 @@ def test_database_conflicts_and_dropped_connections_count_as_transient(pg_url: s
         with pytest.raises(DBAPIError) as caught:
             conn.execute(text("SELECT 1"))
     assert is_transient_db_error(caught.value)
+    db.dispose()
+
+
+@pytest.mark.postgres
+async def test_overlapping_runs_of_one_connector_wait_for_each_others_pages(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """A worker that lost its lease may still commit a page while the next holder writes the
+    same one: the page transactions of one connector take turns (`locks.fence`), the later
+    one finds the records staged, and neither run fails on a duplicate."""
+    settings = settings_for(tmp_path, "", {"leads": {**leads(tmp_path, 600), "page_size": 100}})
+    settings.store.url = pg_url
+    db = make_engine(pg_url)
+    first, second = SyncEngine(settings, db), SyncEngine(settings, db)
+    try:
+        results = await asyncio.gather(first.run("leads"), second.run("leads"))
+    finally:
+        first.close()
+        second.close()
+    assert [r.state for r in results] == ["succeeded", "succeeded"]
+    assert sum(r.counts.new for r in results) == 600  # each record staged by one run only
+    with db.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(source_record)).scalar_one() == 600
     db.dispose()

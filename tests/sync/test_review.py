@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import pytest
 from sqlalchemy import select
 
 from sync import review
 from sync.engine import SyncEngine
 from sync.queries import golden_detail, resolve_golden_id
-from sync.store import audit_log, merge_constraint, review_item
+from sync.store import audit_log, membership, merge_constraint, review_item
 from tests.steward_data import seed_reviews, write_families
 
 
@@ -33,7 +35,28 @@ async def test_queue_is_best_first_with_counts_filters_and_evidence(tmp_path, db
         assert review.review_counts(conn)["open"] == 3
         with pytest.raises(review.ReviewError, match="unknown status"):
             review.list_reviews(conn, status="bogus")
+        with pytest.raises(review.ReviewError, match="unknown sort"):
+            review.list_reviews(conn, sort="random")
+        with pytest.raises(review.ReviewError, match="out of range"):
+            review.list_reviews(conn, min_age_days=-1)
+        ids = sorted(i["id"] for i in items + page2)
+        assert [i["id"] for i in review.list_reviews(conn, sort="oldest")[0]] == ids
+        assert [i["id"] for i in review.list_reviews(conn, sort="newest")[0]] == ids[::-1]
+        low_first = [i["probability"] for i in review.list_reviews(conn, sort="borderline")[0]]
+        assert low_first == sorted(low_first)
         shown = review.show_review(conn, items[0]["id"])
+    # Age: one pair has waited ten days.
+    with db.begin() as conn:
+        conn.execute(
+            review_item.update()
+            .where(review_item.c.id == ids[0])
+            .values(created_at=datetime.now(UTC) - timedelta(days=10))
+        )
+    with db.connect() as conn:
+        waited, total = review.list_reviews(conn, min_age_days=5)
+        assert ([i["id"] for i in waited], total) == ([ids[0]], 1)
+        assert review.list_reviews(conn, max_age_days=5)[1] == 2
+        assert review.list_reviews(conn, min_age_days=5, max_age_days=20)[1] == 1
     by_field = {f["field"]: f for f in shown["fields"]}
     assert by_field["first_name"]["differs"] is True
     assert by_field["first_name"]["evidence"]["level"] == "nickname"
@@ -248,3 +271,117 @@ async def test_a_stewards_field_choice_survives_later_syncs(tmp_path, db, store_
     assert merged is not None
     assert merged["fields"]["city"] == "Hamburg"  # the new value arrived ...
     assert merged["fields"]["first_name"] == "Anna"  # ... and the steward's pick held
+
+
+async def test_a_pair_whose_records_changed_since_shown_is_not_decided(tmp_path, db, store_url):
+    """A steward looks at a pair; meanwhile a sync changes one record (a city: not enough to
+    re-queue it). Deciding on what was shown is refused; after a fresh look it goes through."""
+    settings = await seed_reviews(tmp_path, store_url, db, count=1)
+    [item] = _open(db)
+    with db.connect() as conn:
+        seen = review.show_review(conn, item["id"])["seen"]
+    csv_path = tmp_path / "crm.csv"
+    csv_path.write_text(
+        csv_path.read_text(encoding="utf-8").replace("Keller GmbH,\n", "Keller GmbH,Hamburg\n"),
+        encoding="utf-8",
+    )
+    engine = SyncEngine(settings, db)
+    try:
+        assert (await engine.run("crm")).counts.changed == 1
+    finally:
+        engine.close()
+    assert [i["id"] for i in _open(db)] == [item["id"]]  # still open, the same pair
+    for decide in (review.approve, review.reject):
+        with pytest.raises(review.StaleDecisionError, match="changed since it was shown"):
+            decide(db, item["id"], "sam", seen=seen)
+    with db.connect() as conn:
+        assert conn.execute(select(audit_log)).first() is None
+        fresh = review.show_review(conn, item["id"])
+    assert fresh["seen"] != seen
+    assert "Hamburg" in {fresh["a"]["data"].get("city"), fresh["b"]["data"].get("city")}
+    assert review.approve(db, item["id"], "sam", seen=fresh["seen"])["status"] == "approved"
+
+
+async def test_a_golden_records_history_lists_joins_and_steward_actions(tmp_path, db, store_url):
+    from sync.history import golden_history
+
+    await seed_reviews(tmp_path, store_url, db, count=3)
+    first, second, untouched = _open(db)
+    a, b = first["a"]["record_id"], first["b"]["record_id"]
+    merged = review.approve(db, first["id"], "sam", choices={"first_name": a})
+    survivor, alias = merged["golden_id"], merged["merged"]
+    review.approve(db, second["id"], "kim")  # another golden record: not in this history
+    split = review.unmerge(db, b, "sam")
+    review.undo_last(db, "sam")  # the split is undone: b is back
+
+    with db.connect() as conn:
+        history = golden_history(conn, survivor)
+        split_off = golden_history(conn, split["new_golden_id"])
+        fresh_id = conn.execute(
+            select(membership.c.golden_id).where(
+                membership.c.record_id == untouched["a"]["record_id"]
+            )
+        ).scalar_one()
+        fresh = golden_history(conn, fresh_id)
+    assert [h["action"] for h in history] == ["undo", "golden.unmerge", "review.approve", "created"]
+    undo, unmerge, approve, _created = history
+    assert undo["details"]["undid"] == unmerge["audit_id"]
+    assert (unmerge["details"]["record_id"], unmerge["details"]["golden_id"]) == (b, survivor)
+    assert (approve["actor"], approve["details"]["alias"]) == ("sam", alias)
+    assert approve["details"]["choices"] == {"first_name": a}
+    assert [h["action"] for h in split_off] == ["undo", "golden.unmerge", "created"]
+    # A record nobody decided on: created by the sync, its first record joined as new.
+    assert [h["action"] for h in fresh] == ["joined.new", "created"]
+    joined = fresh[0]
+    assert joined["actor"] == "sync"
+    assert joined["details"]["record_id"] == untouched["a"]["record_id"]
+    assert "keller" not in str(history).lower()  # ids and states, no personal data
+
+
+def test_migration_0008_indexes_existing_audit_entries_by_golden_record(tmp_path):
+    """Audit entries written before 0008 get their golden records too (undo: those of the
+    entry it undid), so older decisions appear in the history."""
+    from datetime import UTC, datetime
+
+    from sync.history import golden_history
+    from sync.migrate import upgrade
+    from sync.store import audit_golden, golden_record, make_engine
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    upgrade(engine, "0007_login_failure")
+    now = datetime(2026, 12, 1, tzinfo=UTC)
+    entries = [
+        ("review.approve", {"review_id": 1, "survivor": 10, "alias": 11}),
+        ("review.reject", {"review_id": 2, "record_a": 1, "record_b": 2}),
+        ("golden.unmerge", {"record_id": 3, "golden_id": 10, "new_golden_id": 12}),
+        ("undo", {"undid": 3, "action": "golden.unmerge"}),
+        ("review.approve", {"review_id": 4, "survivor": 13, "alias": None}),
+    ]
+    with engine.begin() as conn:
+        for action, details in entries:
+            conn.execute(
+                audit_log.insert().values(at=now, actor="sam", action=action, details=details)
+            )
+        conn.execute(
+            golden_record.insert(),
+            [
+                {
+                    "id": g,
+                    "fields": {},
+                    "lineage": {},
+                    "version": 1,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for g in (10, 11, 12, 13)
+            ],
+        )
+    upgrade(engine)
+    with engine.connect() as conn:
+        links = sorted(
+            conn.execute(select(audit_golden.c.golden_id, audit_golden.c.audit_id)).all()
+        )
+        history = golden_history(conn, 10)
+    engine.dispose()
+    assert links == [(10, 1), (10, 3), (10, 4), (11, 1), (12, 3), (12, 4), (13, 5)]
+    assert [h["action"] for h in history] == ["undo", "golden.unmerge", "review.approve", "created"]

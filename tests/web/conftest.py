@@ -24,6 +24,7 @@ from sqlalchemy import Engine, func, select
 from connectors.webform import sign_generic
 from crmhub.settings import Settings
 from crmhub.web import create_app
+from sync.inbox_store import InboxStore
 from sync.store import activity, dead_letter, golden_record, inbox, membership, source_record
 from sync.users import add_user, create_token
 from tests.conftest import make_settings
@@ -144,9 +145,23 @@ def activities(db: Engine, source: str) -> list[dict[str, Any]]:
         return [dict(r) for r in rows]
 
 
+@contextmanager
+def inbox_engine(db: Engine) -> Iterator[Engine]:
+    """The engine holding `inbox` for store `db` (on SQLite a file of its own)."""
+    store = InboxStore(db)
+    try:
+        yield store.engine
+    finally:
+        store.close()
+
+
 def inbox_rows(db: Engine) -> list[dict[str, Any]]:
-    with db.connect() as conn:
+    with inbox_engine(db) as engine, engine.connect() as conn:
         return [dict(r) for r in conn.execute(select(inbox).order_by(inbox.c.id)).mappings()]
+
+
+def inbox_count(db: Engine) -> int:
+    return len(inbox_rows(db))
 
 
 def dead_letters(db: Engine, source: str) -> list[dict[str, Any]]:

@@ -24,6 +24,7 @@ from tests.web.conftest import (
     activities,
     fixture,
     golden_of,
+    inbox_engine,
     inbox_rows,
     live,
     records,
@@ -74,7 +75,7 @@ def test_sigkill_after_the_2xx_then_drain_processes_the_delivery(tmp_path, store
     assert row["status"] == "pending"
     assert records(db, "typeform", "contact") == []
     # The claim of the dead process lapses; the drain picks the row up.
-    with write_transaction(db) as conn:
+    with inbox_engine(db) as engine, write_transaction(engine) as conn:
         conn.execute(inbox.update().values(claimed_at=datetime.now(UTC) - timedelta(minutes=5)))
     result = CliRunner().invoke(cli, ["--config", config, "forms", "drain", "--json"])
     assert result.exit_code == 0, result.output
@@ -102,11 +103,11 @@ async def test_drain_leaves_a_freshly_claimed_row_to_its_claimant(settings, db):
     intake = Intake(settings, db)
     try:
         intake.record("generic", "generic:gen-0001", "application/json", body)
-        with write_transaction(db) as conn:
+        with inbox_engine(db) as engine, write_transaction(engine) as conn:
             conn.execute(inbox.update().values(claimed_at=datetime.now(UTC)))
         first = await intake.drain()
         assert (first.processed, inbox_rows(db)[0]["status"]) == (0, "pending")
-        with write_transaction(db) as conn:
+        with inbox_engine(db) as engine, write_transaction(engine) as conn:
             conn.execute(inbox.update().values(claimed_at=datetime.now(UTC) - timedelta(hours=1)))
         second = await intake.drain()
         assert second.processed == 1

@@ -4,13 +4,19 @@ stored, nothing processed twice, nothing legitimate lost."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
+import re
+import resource
 import time
+from collections.abc import Iterator
 
+import httpx
 import pytest
 
-from sync.store import activity, inbox, source_record
+from connectors import webform
+from sync.store import activity, source_record
 from tests.web.conftest import (
     SECRET,
     activities,
@@ -18,9 +24,12 @@ from tests.web.conftest import (
     dead_letters,
     fixture,
     golden_of,
+    inbox_count,
     inbox_rows,
+    live,
     records,
     signed,
+    wait_until,
 )
 
 HOOK = "/hooks/forms/generic"
@@ -49,7 +58,7 @@ async def test_missing_and_bad_signatures_are_401_and_logged_without_the_body(cl
             headers=signed("generic", body),  # another scheme's header: theirs is missing
         )
         assert forged.status_code == 401, provider
-    assert count(db, inbox) == 0
+    assert inbox_count(db) == 0
     assert "secret.person" not in caplog.text
     assert SECRET not in caplog.text
     assert "webhook rejected" in caplog.text
@@ -67,7 +76,7 @@ async def test_stale_and_future_timestamps_are_refused(client, db):
     assert (
         await client.post("/hooks/forms/webflow", content=body, headers=stale_webflow)
     ).status_code == 401
-    assert count(db, inbox) == 0
+    assert inbox_count(db) == 0
 
 
 async def test_rotation_accepts_either_of_two_v1_signatures(client, db):
@@ -92,7 +101,7 @@ async def test_replayed_delivery_is_acknowledged_but_processed_once(client, db):
     statuses = sorted(r.json()["status"] for r in answers)
     assert statuses.count("accepted") == 1
     assert statuses.count("duplicate") == 19
-    assert count(db, inbox) == 1
+    assert inbox_count(db) == 1
     assert count(db, source_record, source_record.c.source == "typeform") == 2
     assert count(db, activity) == 1
     assert inbox_rows(db)[0]["attempts"] == 1
@@ -111,7 +120,7 @@ async def test_oversized_body_is_413_before_it_is_read(client, db):
         "/hooks/forms/small", content=chunked(), headers={"content-type": "application/json"}
     )
     assert response.status_code == 413
-    assert count(db, inbox) == 0
+    assert inbox_count(db) == 0
 
 
 async def test_wrong_content_type_invalid_json_and_deep_json_are_4xx(client, db):
@@ -136,7 +145,7 @@ async def test_wrong_content_type_invalid_json_and_deep_json_are_4xx(client, db)
     assert (
         await client.post(HOOK, content=array, headers=signed("generic", array))
     ).status_code == 400
-    assert count(db, inbox) == 0
+    assert inbox_count(db) == 0
 
 
 async def test_unknown_connector_is_404(client):
@@ -217,3 +226,90 @@ async def test_odd_shapes_inside_a_valid_payload_are_dead_lettered(client, db):
     (row,) = inbox_rows(db)
     assert row["status"] == "failed"
     assert len(dead_letters(db, "typeform")) == 1
+
+
+# -- over real HTTP, against a running server (RELIABILITY.md S9, S10) ----------------------
+
+
+async def test_a_delivery_replayed_100_times_concurrently_is_processed_once(app, db):
+    body = json.dumps(fixture("generic_submission.json")).encode()
+    headers = signed("generic", body)  # one signature, replayed within its tolerance
+    with live(app) as server:
+        limits = httpx.Limits(max_connections=100)
+        async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=30) as client:
+            answers = await asyncio.gather(
+                *[client.post(HOOK, content=body, headers=headers) for _ in range(100)]
+            )
+        assert {r.status_code for r in answers} == {200}
+        statuses = [r.json()["status"] for r in answers]
+        assert (statuses.count("accepted"), statuses.count("duplicate")) == (1, 99)
+        wait_until(lambda: [r["status"] for r in inbox_rows(db)] == ["done"])
+    assert inbox_rows(db)[0]["attempts"] == 1  # claimed and processed once
+    assert count(db, source_record, source_record.c.source == "generic") == 2
+    assert len(activities(db, "generic")) == 1
+
+
+def test_the_code_compares_signatures_in_constant_time():
+    source = inspect.getsource(webform)
+    assert source.count("hmac.compare_digest") >= 3
+    # No signature, digest or MAC is ever compared with == / != (timing leak).
+    assert not re.search(r"(given|candidate|expected|mac|signature)\w*\s*[!=]=", source)
+
+
+def _stream(total: int) -> Iterator[bytes]:
+    chunk = b"x" * 65536
+    for _ in range(total // len(chunk)):
+        yield chunk
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def test_huge_bodies_are_refused_before_they_are_buffered_and_the_server_stays_up(app, db):
+    ten_mb = 10 * 1024 * 1024
+    headers = {"content-type": "application/json"}
+    with live(app) as server:
+        url = f"{server.url}{HOOK}"
+        before = _peak_rss_mb()
+        started = time.monotonic()
+        # Declared: refused from Content-Length, before a byte of the body is read.
+        declared = httpx.post(
+            url, content=_stream(ten_mb), headers={**headers, "content-length": str(ten_mb)}
+        )
+        # Chunked, no Content-Length: refused once 256 KiB have arrived.
+        chunked = httpx.post(url, content=_stream(ten_mb), headers=headers)
+        elapsed = time.monotonic() - started
+        assert (declared.status_code, chunked.status_code) == (413, 413)
+        assert "larger than 262144 bytes" in chunked.json()["error"]
+        assert _peak_rss_mb() - before < 8, "the server buffered a body past its limit"
+        assert elapsed < 5
+        assert httpx.get(f"{server.url}/healthz").status_code == 200
+        body = json.dumps(fixture("generic_submission.json")).encode()
+        assert httpx.post(url, content=body, headers=signed("generic", body)).status_code == 200
+    assert len(inbox_rows(db)) == 1
+
+
+def test_json_nested_100k_deep_is_400_without_parsing(app, db):
+    deep = b'{"fields": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with live(app) as server:
+        response = httpx.post(
+            f"{server.url}{HOOK}", content=deep, headers=signed("generic", deep), timeout=10
+        )
+        assert response.status_code == 400
+        assert "nested 100001 deep" in response.json()["error"]
+        assert httpx.get(f"{server.url}/healthz").status_code == 200
+    assert inbox_count(db) == 0
+
+
+@pytest.mark.parametrize("provider", ["generic", "webflow", "hubspot"])
+async def test_timestamped_schemes_refuse_stale_deliveries(provider, client, db):
+    body = submission()
+    url = f"http://crmhub/hooks/forms/{provider}"
+    headers = signed(provider, body, url=url, when=time.time() - 301)
+    response = await client.post(url, content=body, headers=headers)
+    assert response.status_code == 401
+    assert "tolerance" in response.json()["error"]
+    fresh = signed(provider, body, url=url)
+    assert (await client.post(url, content=body, headers=fresh)).status_code == 200
+    assert inbox_count(db) == 1

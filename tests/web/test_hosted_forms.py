@@ -6,11 +6,14 @@ from __future__ import annotations
 import asyncio
 import re
 
+import pytest
 from typer.testing import CliRunner
 
 from crmhub.cli.app import app as cli
-from sync.store import inbox
-from tests.web.conftest import activities, count, golden_of, records
+from crmhub.errors import ConfigError
+from sync.sources import load_source
+from tests.conftest import make_settings
+from tests.web.conftest import activities, connectors, golden_of, inbox_count, records
 
 ORIGIN = {"origin": "https://www.example.com"}
 
@@ -44,7 +47,7 @@ async def test_multipart_post_is_accepted_but_files_are_refused(client, db):
         "/f/contact", files={"cv": ("cv.pdf", b"%PDF-1.4", "application/pdf")}, headers=ORIGIN
     )
     assert upload.status_code == 400
-    assert count(db, inbox) == 1
+    assert inbox_count(db) == 1
 
 
 async def test_honeypot_spam_gets_the_same_redirect_and_is_not_stored(client, db):
@@ -54,7 +57,7 @@ async def test_honeypot_spam_gets_the_same_redirect_and_is_not_stored(client, db
         headers=ORIGIN,
     )
     assert response.status_code == 303
-    assert count(db, inbox) == 0
+    assert inbox_count(db) == 0
     assert records(db, "contact", "contact") == []
 
 
@@ -71,7 +74,7 @@ async def test_foreign_or_missing_origin_is_403(client, db):
         headers={"referer": "https://www.example.com/contact?x=1"},
     )
     assert referer.status_code == 303
-    assert count(db, inbox) == 1
+    assert inbox_count(db) == 1
 
 
 async def test_burst_from_one_ip_is_429_and_what_was_accepted_is_kept(client, db):
@@ -98,7 +101,7 @@ async def test_wrong_content_type_oversized_and_unknown_form(client, db):
     assert unknown.status_code == 404
     not_hosted = await client.post("/f/generic", data={"email": "a@b.example"}, headers=ORIGIN)
     assert not_hosted.status_code == 404
-    assert count(db, inbox) == 0
+    assert inbox_count(db) == 0
 
 
 def _write_config(tmp_path, store_url: str) -> str:
@@ -133,3 +136,33 @@ async def test_snippet_posts_a_working_form(tmp_path, sqlite_url, app, client, d
     refused = CliRunner().invoke(cli, ["--config", config, "forms", "snippet", "signed"])
     assert refused.exit_code == 1
     assert "hosted = true" in refused.output
+
+
+async def test_fifty_thousand_fields_are_413_and_a_thousand_are_400(client, db):
+    many = "&".join(f"f{i}=1" for i in range(50_000))
+    form = {**ORIGIN, "content-type": "application/x-www-form-urlencoded"}
+    assert (await client.post("/f/contact", content=many, headers=form)).status_code == 413
+    fields = "&".join(f"f{i}=" for i in range(1_000))  # 7 KB: under the size limit
+    response = await client.post("/f/contact", content=fields, headers=form)
+    assert response.status_code == 400
+    assert "Too many fields" in response.json()["error"]
+    assert inbox_count(db) == 0
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("thank_you_url", "javascript:alert(1)"),
+        ("thank_you_url", "file:///etc/passwd"),
+        ("public_url", "/hooks/forms/contact"),
+        ("allowed_origins", ["https://www.example.com/contact"]),
+        ("allowed_origins", ["www.example.com"]),
+    ],
+)
+def test_urls_in_a_webform_config_are_checked_when_it_loads(tmp_path, sqlite_url, key, value):
+    tables = connectors()
+    tables["contact"][key] = value
+    settings = make_settings(tmp_path, sqlite_url, tables)
+    with pytest.raises(ConfigError) as raised:
+        load_source(settings, "contact")
+    assert f"connectors.contact.{key}" in str(raised.value)

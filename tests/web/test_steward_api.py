@@ -47,6 +47,10 @@ async def test_role_matrix(workspace):
         assert (await admin.post("/api/v1/users", json=new_user)).status_code == 201
         names = [u["name"] for u in (await admin.get("/api/v1/users")).json()]
         assert names == ["admin", "eve", "steward", "viewer"]
+        (added,) = (await viewer.get("/api/v1/audit")).json()  # a state change: audited
+        assert (added["actor"], added["action"]) == ("admin", "user.add")
+        assert added["details"]["role"] == "viewer"
+        assert "password" not in str(added["details"])
         assert (await steward.post(f"/api/v1/review/{first}/reject")).status_code == 200
 
 
@@ -55,6 +59,12 @@ async def test_review_flow_over_http(workspace, db):
         items = (await steward.get("/api/v1/review", params={"limit": 2})).json()["items"]
         assert len(items) == 2
         assert items[0]["probability"] >= items[1]["probability"]
+        oldest = (await steward.get("/api/v1/review", params={"sort": "oldest"})).json()
+        assert [i["id"] for i in oldest["items"]] == sorted(i["id"] for i in oldest["items"])
+        waited = await steward.get("/api/v1/review", params={"min_age_days": 1})
+        assert waited.json()["total"] == 0  # all queued just now
+        assert (await steward.get("/api/v1/review", params={"sort": "x"})).status_code == 422
+        assert (await steward.get("/api/v1/review", params={"max_age_days": -1})).status_code == 422
         shown = (await steward.get(f"/api/v1/review/{items[0]['id']}")).json()
         a, b = shown["a"]["record_id"], shown["b"]["record_id"]
         approved = await steward.post(
@@ -73,17 +83,24 @@ async def test_review_flow_over_http(workspace, db):
             f"/api/v1/review/{items[1]['id']}/reject", json={"seen": "stale"}
         )
         assert stale.status_code == 409
-        bad = await steward.post(
+        outside = await steward.post(
             f"/api/v1/review/{items[1]['id']}/approve", json={"choices": {"first_name": 1234567}}
         )
-        assert bad.status_code == 422
+        assert outside.status_code == 409  # well-formed, but not a record of this pair
+        assert "not one of the pair" in outside.json()["detail"]
+        unknown = await steward.post(
+            f"/api/v1/review/{items[1]['id']}/approve", json={"choices": {"password": a}}
+        )
+        assert unknown.status_code == 422  # the schema names the choosable fields
         assert (await steward.get("/api/v1/review/999999")).status_code == 404
         split = await steward.post(f"/api/v1/golden/{golden_id}/unmerge", json={"record_id": b})
         assert split.status_code == 200, split.text
+        history = (await steward.get(f"/api/v1/golden/{golden_id}")).json()["history"]
+        assert [h["action"] for h in history][:2] == ["golden.unmerge", "review.approve"]
         last = await steward.post(
             f"/api/v1/golden/{split.json()['new_golden_id']}/unmerge", json={"record_id": b}
         )
-        assert last.status_code == 422
+        assert last.status_code == 409
         assert "only member" in last.json()["detail"]
         found = (await steward.get("/api/v1/golden", params={"q": "GmbH"})).json()
         assert len(found) >= 3

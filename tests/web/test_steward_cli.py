@@ -12,7 +12,7 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 from crmhub.cli.app import app
-from sync.store import app_user, make_engine
+from sync.store import app_user, audit_log, make_engine
 from tests.steward_data import seed_reviews
 
 
@@ -56,6 +56,15 @@ async def test_review_and_users_commands(tmp_path, sqlite_url):
     report = json.loads(listing.stdout)
     assert report["total"] == 2
     first = report["items"][0]
+    newest = json.loads(crmhub(tmp_path, "review", "list", "--sort", "newest", "--json").stdout)
+    assert [i["id"] for i in newest["items"]] == sorted(
+        (i["id"] for i in report["items"]), reverse=True
+    )
+    waited = crmhub(tmp_path, "review", "list", "--min-age-days", "1", "--json")
+    assert json.loads(waited.stdout)["total"] == 0
+    bad_sort = crmhub(tmp_path, "review", "list", "--sort", "random")
+    assert bad_sort.returncode == 1
+    assert "unknown sort 'random'" in bad_sort.stderr
     shown = crmhub(tmp_path, "review", "show", str(first["id"]))
     assert "first_name" in shown.stdout
     assert "nickname" in shown.stdout
@@ -99,6 +108,13 @@ async def test_review_and_users_commands(tmp_path, sqlite_url):
     assert [(u["name"], u["role"]) for u in users] == [("sam", "steward")]
     with db.connect() as conn:
         stored = conn.execute(select(app_user.c.password_hash)).scalar_one()
+        audited = conn.execute(
+            select(audit_log.c.actor, audit_log.c.action)
+            .where(audit_log.c.action.like("user.%"))
+            .order_by(audit_log.c.id)
+        ).all()
     db.dispose()
+    assert [a for _, a in audited] == ["user.add", "user.token"]
+    assert all(actor.startswith("cli:") for actor, _ in audited)
     assert stored.startswith("$argon2id$")
     assert "a long password" not in stored

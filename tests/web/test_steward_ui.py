@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime, timedelta
 
+import httpx
 from sqlalchemy import select
 
 from sync.store import audit_log, review_item, web_session
-from tests.web.conftest import PASSWORD
+from tests.web.conftest import PASSWORD, Workspace
 
 CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
 
@@ -54,7 +56,10 @@ async def test_sign_in_sets_a_hardened_cookie_and_throttles_guessing(workspace, 
         assert "script-src 'self'" in page.headers["content-security-policy"]
         csrf = CSRF.search(page.text).group(1)
         assert (await client.post("/logout", data={"csrf_token": csrf})).status_code == 303
-        assert (await client.get("/queue")).status_code == 303  # the session is gone
+        assert (await client.get("/queue")).status_code == 303  # the cookie is gone
+    async with workspace.client() as replay:  # and the server forgot the session too
+        replay.cookies.set("crmhub_session", value)
+        assert (await replay.get("/queue")).status_code == 303
     async with workspace.client() as attacker:
         for _ in range(5):
             response = await attacker.post("/login", data={"name": "admin", "password": "guess"})
@@ -105,6 +110,13 @@ async def test_queue_compare_merge_and_golden_pages(workspace, db):
         )
         assert fragment.text.lstrip().startswith('<div id="queue">')
         assert "0 pairs" in fragment.text
+        newest = await client.get("/queue", params={"sort": "newest", "max_age_days": "1"})
+        shown = [int(i) for i in re.findall(r'href="/review/(\d+)"', newest.text)]
+        assert len(shown) == 3
+        assert shown == sorted(shown, reverse=True)
+        assert '<option value="newest" selected>' in newest.text
+        old = await client.get("/queue", params={"min_age_days": "1", "sort": "bogus"})
+        assert "0 pairs" in old.text  # nothing has waited a day; an unknown sort is ignored
         first = (await client.get("/queue/next")).headers["location"]
         compare = await client.get(first)
         assert compare.status_code == 200
@@ -113,6 +125,10 @@ async def test_queue_compare_merge_and_golden_pages(workspace, db):
         assert "nickname" in compare.text  # the matcher's evidence for the first name
         seen = re.search(r'name="seen" value="([^"]+)"', compare.text).group(1)
         choice = re.search(r'name="keep_first_name" value="(\d+)"> Anna<', compare.text)
+        stale = await client.post(f"{first}/approve", data={"csrf_token": csrf, "seen": "0" * 16})
+        assert stale.status_code == 409  # the page shows the pair afresh, with the reason
+        assert "changed since it was shown" in stale.text
+        assert f'name="seen" value="{seen}"' in stale.text
         merged = await client.post(
             f"{first}/approve",
             data={"csrf_token": csrf, "seen": seen, "keep_first_name": choice.group(1)},
@@ -125,7 +141,10 @@ async def test_queue_compare_merge_and_golden_pages(workspace, db):
         golden = await client.get(f"/golden/{golden_link}")
         assert golden.status_code == 200
         assert golden.text.count("Split off") == 2
-        assert "<td>Anna</td>" in golden.text  # the pick; B is newer
+        assert re.search(r"<td[^>]*>Anna</td>", golden.text)  # the pick; B is newer
+        history = golden.text[golden.text.index("<h2>History</h2>") :]
+        assert re.search(r"merged <a [^>]*>#\d+</a> into <a [^>]*>#\d+</a>", history)
+        assert "kept first_name" in history
         audit = await client.get("/audit")
         assert "review.approve" in audit.text
         assert "kept first_name" in audit.text
@@ -222,7 +241,7 @@ async def test_sources_page_shows_quality_runs_and_dead_letters(workspace, db):
         await sign_in(client, "viewer")
         page = await client.get("/sources")
         assert page.status_code == 200
-        row = re.search(r"<tr>\s*<td>crm</td>(.*?)</tr>", page.text, re.S).group(1)
+        row = re.search(r"<tr>\s*<td class=\"title\">crm</td>(.*?)</tr>", page.text, re.S).group(1)
         cells = re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)
         assert cells[0] == "6"  # contacts
         assert cells[1] == "33%"  # 2 of 6 now share a golden record
@@ -256,4 +275,140 @@ async def test_golden_page_shows_which_tools_were_told_what(workspace, db):
         page = await client.get(f"/golden/{golden_id}")
     assert page.status_code == 200
     assert "Connected tools told" in page.text
-    assert "<td>newsletter</td><td>consent</td><td>sent</td><td>2026-11-24 09:30</td>" in page.text
+    cells = re.sub(r"<td [^>]*>", "<td>", page.text)  # without the phone layout's labels
+    assert "<td>newsletter</td><td>consent</td><td>sent</td><td>2026-11-24 09:30</td>" in cells
+
+
+async def test_a_session_id_is_never_reused_across_sign_ins(workspace, db):
+    async with workspace.client() as client:
+        # Session fixation: a value planted before sign-in is not adopted.
+        planted = await client.post(
+            "/login",
+            data={"name": "steward", "password": PASSWORD},
+            headers={"Cookie": "crmhub_session=planted-by-someone-else"},
+        )
+        assert planted.status_code == 303
+        first = client.cookies["crmhub_session"]
+        assert first != "planted-by-someone-else"
+        # Signing in again issues a new id and ends the one the browser held.
+        await sign_in(client, "steward")
+        second = client.cookies["crmhub_session"]
+        assert second != first
+    async with workspace.client() as old:
+        old.cookies.set("crmhub_session", first)
+        assert (await old.get("/queue")).status_code == 303
+    with db.connect() as conn:
+        assert len(conn.execute(select(web_session)).all()) == 1
+
+
+async def test_over_https_the_cookie_is_secure_and_host_prefixed(workspace):
+    transport = httpx.ASGITransport(app=workspace.app)
+    async with httpx.AsyncClient(transport=transport, base_url="https://crmhub") as client:
+        ok = await client.post("/login", data={"name": "viewer", "password": PASSWORD})
+        assert ok.status_code == 303
+        cookie = ok.headers["set-cookie"]
+        assert cookie.startswith("__Host-crmhub_session=")
+        assert "; Secure" in cookie
+        assert "; Path=/" in cookie
+        assert "Domain" not in cookie
+        assert (await client.get("/queue")).status_code == 200
+        # The unprefixed name does not count over HTTPS (a subdomain could have set it).
+        value = client.cookies["__Host-crmhub_session"]
+        client.cookies.clear()
+        client.cookies.set("crmhub_session", value)
+        assert (await client.get("/queue")).status_code == 303
+
+
+async def test_state_changes_from_another_site_are_refused(workspace, db):
+    evil = {"Origin": "https://evil.example"}
+    async with workspace.client() as client:
+        csrf = await sign_in(client, "steward")
+        first = (await client.get("/queue/next")).headers["location"]
+        refused = await client.post(f"{first}/reject", data={"csrf_token": csrf}, headers=evil)
+        assert refused.status_code == 403
+        assert "cross-site" in refused.text
+        null = await client.post("/undo", data={"csrf_token": csrf}, headers={"Origin": "null"})
+        assert null.status_code == 403
+        with db.connect() as conn:
+            assert conn.execute(select(audit_log)).first() is None
+        own = await client.post(
+            f"{first}/reject", data={"csrf_token": csrf}, headers={"Origin": "http://crmhub"}
+        )
+        assert own.status_code == 303
+        proxied = await client.post(
+            "/undo",
+            data={"csrf_token": csrf},
+            headers={"Origin": "https://crm.example.com", "X-Forwarded-Host": "crm.example.com"},
+        )
+        assert proxied.status_code == 303
+    async with workspace.client() as client:  # login CSRF: no sign-in from a foreign form
+        forged = await client.post(
+            "/login", data={"name": "steward", "password": PASSWORD}, headers=evil
+        )
+        assert forged.status_code == 403
+        assert "crmhub_session" not in client.cookies
+
+
+async def test_sign_in_throttling_is_shared_by_every_web_process(workspace, db):
+    """Two app instances on one store stand for two `crmhub serve` processes: failures on
+    either count against the same limit, so more processes do not buy more guesses."""
+    from crmhub.web import create_app
+    from sync.store import login_failure
+
+    other = Workspace(create_app(workspace.app.state.settings, db), workspace.tokens)
+    async with workspace.client() as one, other.client() as two:
+        for client in (one, two, one, two, one):
+            wrong = await client.post("/login", data={"name": "admin", "password": "guess"})
+            assert wrong.status_code == 401
+        for client in (one, two):
+            blocked = await client.post("/login", data={"name": "admin", "password": PASSWORD})
+            assert blocked.status_code == 429
+        # Another name from the same address still gets in (4x the per-name limit).
+        assert (
+            await two.post("/login", data={"name": "viewer", "password": PASSWORD})
+        ).status_code == 303
+    with db.connect() as conn:
+        stored = conn.execute(select(login_failure.c.key_hash)).scalars().all()
+    assert len(stored) == 10  # five failures, each for the name and the address
+    assert all(len(h) == 64 and "admin" not in h for h in stored)
+
+    # Failures older than the window no longer count, and the next failure deletes them.
+    with db.begin() as conn:
+        conn.execute(login_failure.update().values(at=datetime.now(UTC) - timedelta(hours=1)))
+    async with other.client() as client:
+        assert (
+            await client.post("/login", data={"name": "admin", "password": "x"})
+        ).status_code == 401
+        assert (
+            await client.post("/login", data={"name": "admin", "password": PASSWORD})
+        ).status_code == 303
+    with db.connect() as conn:
+        remaining = len(conn.execute(select(login_failure)).all())
+    assert remaining == 1  # the address's new failure; the name's went with the sign-in
+
+
+async def test_role_matrix_of_the_pages(workspace, db):
+    """Every state-changing page route refuses a role below the one it needs (403), with a
+    valid CSRF token, and changes nothing; the admin page is hidden from stewards."""
+    needs_steward = [
+        ("/review/1/approve", {}),
+        ("/review/1/reject", {}),
+        ("/review/1/skip", {}),
+        ("/golden/1/unmerge", {"record_id": "1"}),
+        ("/undo", {}),
+        ("/buckets/same-name-company/approve", {"expected_count": "3", "confirm": "yes"}),
+    ]
+    needs_admin = [("/admin/forget", {"identifier": "anna@keller.example", "confirm": "yes"})]
+    async with workspace.client() as viewer, workspace.client() as steward:
+        viewer_csrf = await sign_in(viewer, "viewer")
+        steward_csrf = await sign_in(steward, "steward")
+        for url, data in needs_steward + needs_admin:
+            response = await viewer.post(url, data={"csrf_token": viewer_csrf, **data})
+            assert response.status_code == 403, url
+        for url, data in needs_admin:
+            response = await steward.post(url, data={"csrf_token": steward_csrf, **data})
+            assert response.status_code == 403, url
+        assert (await steward.get("/admin/forget")).status_code == 403
+        assert 'href="/admin/forget"' not in (await steward.get("/queue")).text
+    with db.connect() as conn:
+        assert conn.execute(select(audit_log)).first() is None

@@ -7,41 +7,57 @@ a route states what it needs (`Depends(ui_role("steward"))`) and cannot forget i
 from __future__ import annotations
 
 import secrets
-import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Annotated
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from fastapi import Depends, HTTPException, Path, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine
 
-from sync.users import Role, User, session_user, token_user
+from sync.users import (
+    Role,
+    User,
+    clear_failures,
+    failures_since,
+    record_failure,
+    session_user,
+    token_user,
+)
 
 __all__ = [
     "CSRF_FIELD",
     "CSRF_HEADER",
     "MAX_ID",
+    "SECURE_SESSION_COOKIE",
     "SESSION_COOKIE",
     "DbId",
     "LoginThrottle",
     "PageNo",
     "WebSession",
     "api_role",
+    "check_origin",
     "clean_text",
+    "cookie_name",
     "db_of",
     "throttle_of",
     "ui_role",
     "ui_session",
 ]
 
-MAX_ID = 2**63 - 1  # ids are 64-bit on both back ends; larger ones are simply unknown
+# Ids are allocated in sequence and stay far below JSON's safe-integer range; larger ones are
+# unknown (422). Not 2**63 - 1: OpenAPI bounds are floats, and that one rounds up to 2**63,
+# so the schema would promise ids the server refuses.
+MAX_ID = 2**53 - 1
 DbId = Annotated[int, Path(ge=1, le=MAX_ID)]
 PageNo = Annotated[int, Query(ge=1, le=1_000_000)]
 
 SESSION_COOKIE = "crmhub_session"
+# Over HTTPS the cookie takes the __Host- prefix: the browser then accepts it only with
+# Secure, Path=/ and no Domain, so neither a sibling subdomain nor plain HTTP can plant one.
+SECURE_SESSION_COOKIE = "__Host-crmhub_session"
 CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "X-CSRF-Token"
 
@@ -70,38 +86,36 @@ def db_of(request: Request) -> Engine:
 
 class LoginThrottle:
     """Failed sign-ins in the last `window` seconds: at most `limit` per name, and four times
-    that per client address (a shared office NAT should not lock everyone out at once)."""
+    that per client address (a shared office NAT should not lock everyone out at once).
 
-    def __init__(self, limit: int = 5, window: float = 900.0) -> None:
+    The failures are kept in the store (sync.users), so every web process of one store
+    enforces the same limit: several `crmhub serve` processes do not multiply it.
+    """
+
+    def __init__(self, db: Engine, limit: int = 5, window: float = 900.0) -> None:
+        self.db = db
         self.limit = limit
-        self.window = window
-        self._failures: dict[str, deque[float]] = {}
-
-    def _recent(self, key: str) -> deque[float]:
-        now = time.monotonic()
-        times = self._failures.setdefault(key, deque())
-        while times and now - times[0] > self.window:
-            times.popleft()
-        return times
+        self.window = timedelta(seconds=window)
 
     def blocked(self, name: str, client: str) -> bool:
-        return (
-            len(self._recent(f"user:{name}")) >= self.limit
-            or len(self._recent(f"ip:{client}")) >= 4 * self.limit
-        )
+        since = datetime.now(UTC) - self.window
+        with self.db.connect() as conn:
+            return (
+                failures_since(conn, f"user:{name}", since) >= self.limit
+                or failures_since(conn, f"ip:{client}", since) >= 4 * self.limit
+            )
 
     def failed(self, name: str, client: str) -> None:
-        self._recent(f"user:{name}").append(time.monotonic())
-        self._recent(f"ip:{client}").append(time.monotonic())
+        record_failure(self.db, [f"user:{name}", f"ip:{client}"], datetime.now(UTC) - self.window)
 
     def succeeded(self, name: str) -> None:
-        self._failures.pop(f"user:{name}", None)
+        clear_failures(self.db, f"user:{name}")
 
 
 def throttle_of(request: Request) -> LoginThrottle:
     throttle = getattr(request.app.state, "login_throttle", None)
     if throttle is None:
-        throttle = request.app.state.login_throttle = LoginThrottle()
+        throttle = request.app.state.login_throttle = LoginThrottle(db_of(request))
     assert isinstance(throttle, LoginThrottle)
     return throttle
 
@@ -114,9 +128,29 @@ def _to_login(request: Request) -> HTTPException:
     return HTTPException(303, "sign in first", headers={"Location": f"/login?next={quote(target)}"})
 
 
+def cookie_name(request: Request) -> str:
+    """The session cookie's name for this request's scheme (behind a TLS-terminating proxy,
+    the scheme comes from X-Forwarded-Proto, which uvicorn trusts from its
+    `forwarded_allow_ips`)."""
+    return SECURE_SESSION_COOKIE if request.url.scheme == "https" else SESSION_COOKIE
+
+
+def check_origin(request: Request) -> None:
+    """Refuse a state change sent from another site. Browsers send `Origin` with every POST;
+    it must name this host (the scheme is not compared: a proxy may terminate TLS)."""
+    origin = request.headers.get("origin")
+    if origin is None:
+        return  # not a browser (curl, scripts), or an old one: the CSRF token still holds
+    # A proxy may pass the public host as X-Forwarded-Host. Another site's page cannot set
+    # either header on a victim's request, so both are safe to accept.
+    forwarded = request.headers.get("x-forwarded-host", "").split(",")[0].strip()
+    if urlsplit(origin).netloc not in {request.headers.get("host"), forwarded} - {"", None}:
+        raise HTTPException(403, "cross-site request refused: use crmhub's own pages")
+
+
 def ui_session(request: Request) -> WebSession:
     """The signed-in user of a UI request; anonymous requests go to the sign-in page."""
-    session_id = request.cookies.get(SESSION_COOKIE)
+    session_id = request.cookies.get(cookie_name(request))
     found = None
     if session_id:
         with db_of(request).connect() as conn:
@@ -129,6 +163,7 @@ def ui_session(request: Request) -> WebSession:
 async def _check_csrf(request: Request, session: WebSession) -> None:
     if request.method in ("GET", "HEAD", "OPTIONS"):
         return
+    check_origin(request)
     sent = request.headers.get(CSRF_HEADER)
     if not sent:
         form = await request.form()

@@ -8,11 +8,12 @@ state change needs the steward role and the session's CSRF token.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Depends, Form, HTTPException, Request
+from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request
 from fastapi.responses import FileResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
@@ -20,18 +21,21 @@ from crmhub.errors import DedupeError
 from crmhub.web.steward.auth import (
     CSRF_FIELD,
     MAX_ID,
-    SESSION_COOKIE,
     DbId,
     PageNo,
     WebSession,
+    check_origin,
     clean_text,
+    cookie_name,
     db_of,
     throttle_of,
     ui_role,
 )
+from crmhub.web.steward.nav import open_after
 from sync import review
+from sync.history import golden_history
 from sync.outbox import disclosures
-from sync.quality import QUALITY_FIELDS, source_quality
+from sync.quality import BLANKS_WINDOW, QUALITY_FIELDS, blank_incidents, source_quality
 from sync.queries import dead_letters, golden_detail, list_runs, search_golden
 from sync.users import SESSION_TTL, authenticate, create_session, end_session
 
@@ -115,6 +119,7 @@ def login(
     password: str = Form(..., max_length=1000),
     next: str = Form("/queue"),
 ) -> Response:
+    check_origin(request)  # no sign-in from another site's form (login CSRF)
     name = clean_text(name) or ""
     throttle = throttle_of(request)
     client = request.client.host if request.client else "?"
@@ -141,11 +146,14 @@ def login(
             error="Wrong name or password.",
         )
     throttle.succeeded(name)
+    previous = request.cookies.get(cookie_name(request))
+    if previous:
+        end_session(db_of(request), previous)  # a new session id at every sign-in
     session_id, _csrf = create_session(db_of(request), user)
     log.info("user %s signed in", user.id)
     response = _see_other(_safe_next(next))
     response.set_cookie(
-        SESSION_COOKIE,
+        cookie_name(request),
         session_id,
         max_age=int(SESSION_TTL.total_seconds()),
         httponly=True,
@@ -160,7 +168,9 @@ def login(
 def logout(request: Request, session: WebSession = viewer) -> Response:
     end_session(db_of(request), session.session_id)
     response = _see_other("/login")
-    response.delete_cookie(SESSION_COOKIE, path="/")
+    response.delete_cookie(
+        cookie_name(request), path="/", secure=request.url.scheme == "https", httponly=True
+    )
     return response
 
 
@@ -171,9 +181,24 @@ def home(session: WebSession = viewer) -> Response:
 
 def _float(value: str | None) -> float | None:
     try:
-        return float(value) if value not in (None, "") else None
+        number = float(value) if value not in (None, "") else None
     except ValueError:
         return None
+    return number if number is not None and math.isfinite(number) else None
+
+
+def _days(value: str | None) -> float | None:
+    """An age filter from the form: days, or None when empty or out of range."""
+    days = _float(value)
+    return days if days is not None and 0 <= days <= review.MAX_AGE_DAYS else None
+
+
+SORT_LABELS = {
+    "best": "Best first",
+    "borderline": "Borderline first",
+    "oldest": "Oldest first",
+    "newest": "Newest first",
+}
 
 
 @router.get("/queue")
@@ -183,16 +208,29 @@ def queue(
     min_score: str | None = None,
     max_score: str | None = None,
     source: str | None = None,
+    min_age_days: str | None = None,
+    max_age_days: str | None = None,
+    sort: str = "best",
     page: PageNo = 1,
     done: str | None = None,
     session: WebSession = viewer,
 ) -> Response:
-    """The merge-review queue, best first; filters, paging, counts."""
+    """The merge-review queue, best first by default; filters, sort, paging, counts."""
     page = max(1, page)
     source = clean_text(source)
     status = status if status in (*review.STATUSES, "all") else "open"
+    sort = sort if sort in review.SORTS else "best"
     low, high = _float(min_score), _float(max_score)
-    filters = {"status": status, "min_score": low, "max_score": high, "source": source or None}
+    older, newer = _days(min_age_days), _days(max_age_days)
+    filters = {
+        "status": status,
+        "min_score": low,
+        "max_score": high,
+        "source": source or None,
+        "min_age_days": older,
+        "max_age_days": newer,
+        "sort": sort if sort != "best" else None,
+    }
     with db_of(request).connect() as conn:
         items, total = review.list_reviews(
             conn,
@@ -200,6 +238,9 @@ def queue(
             min_score=low,
             max_score=high,
             source=source or None,
+            min_age_days=older,
+            max_age_days=newer,
+            sort=sort,
             limit=PAGE_SIZE,
             offset=(page - 1) * PAGE_SIZE,
         )
@@ -220,18 +261,30 @@ def queue(
         prev_url=f"/queue?{urlencode({**query, 'page': page - 1})}" if page > 1 else None,
         next_url=f"/queue?{urlencode({**query, 'page': page + 1})}" if page < pages else None,
         statuses=(*review.STATUSES, "all"),
+        sorts=SORT_LABELS,
         count_cap=review.COUNT_CAP,
         done=done,
     )
 
 
 @router.get("/queue/next")
-def queue_next(request: Request, done: str | None = None, session: WebSession = viewer) -> Response:
-    """The best open pair, or the queue when none is left."""
+def queue_next(
+    request: Request,
+    done: str | None = None,
+    after: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
+    session: WebSession = viewer,
+) -> Response:
+    """The best open pair (or the one after `after`, undecided), or the queue when none is."""
     with db_of(request).connect() as conn:
-        items, _ = review.list_reviews(conn, limit=1)
+        if after is None:
+            items, _ = review.list_reviews(conn, limit=1)
+            found = items[0]["id"] if items else None
+        else:
+            found = open_after(conn, after)
+            if found is None and not done:
+                done = "no other pair is open"
     suffix = f"?{urlencode({'done': done})}" if done else ""
-    return _see_other(f"/review/{items[0]['id']}{suffix}" if items else f"/queue{suffix}")
+    return _see_other(f"/review/{found}{suffix}" if found is not None else f"/queue{suffix}")
 
 
 def _compare(
@@ -339,13 +392,14 @@ def undo(request: Request, session: WebSession = steward) -> Response:
 def golden(
     request: Request, golden_id: DbId, done: str | None = None, session: WebSession = viewer
 ) -> Response:
-    """A golden record: fields with their source, member records, timeline."""
+    """A golden record: fields with their source, member records, timeline, history."""
     with db_of(request).connect() as conn:
         detail = golden_detail(conn, golden_id)
-        told = disclosures(conn, detail["id"]) if detail is not None else []
-    if detail is None:
-        raise HTTPException(404, f"no golden record {golden_id}")
-    return render(request, "golden.html", session, g=detail, done=done, told=told)
+        if detail is None:
+            raise HTTPException(404, f"no golden record {golden_id}")
+        told = disclosures(conn, detail["id"])
+        history = golden_history(conn, detail["id"])
+    return render(request, "golden.html", session, g=detail, done=done, told=told, history=history)
 
 
 @router.post("/golden/{golden_id}/unmerge")
@@ -421,6 +475,34 @@ def sources(request: Request, session: WebSession = viewer) -> Response:
         quality=quality,
         runs=runs,
         fields=QUALITY_FIELDS,
+        blanks_days=BLANKS_WINDOW.days,
+    )
+
+
+@router.get("/sources/blanks")
+def blanks(
+    request: Request, source: str | None = None, page: PageNo = 1, session: WebSession = viewer
+) -> Response:
+    """Blank-overwrite incidents, newest first: which record of which source lost which field."""
+    page = max(1, page)
+    source = clean_text(source) or None
+    with db_of(request).connect() as conn:
+        items, total = blank_incidents(conn, source, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE)
+    query = {"source": source} if source else {}
+    pages = max(1, (total + PAGE_SIZE - 1) // PAGE_SIZE)
+    return render(
+        request,
+        "blanks.html",
+        session,
+        items=items,
+        total=total,
+        source=source or "",
+        page=page,
+        pages=pages,
+        prev_url=f"/sources/blanks?{urlencode({**query, 'page': page - 1})}" if page > 1 else None,
+        next_url=(
+            f"/sources/blanks?{urlencode({**query, 'page': page + 1})}" if page < pages else None
+        ),
     )
 
 

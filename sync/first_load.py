@@ -1,0 +1,164 @@
+"""A first load of many contacts into an empty store is clustered in one batch.
+
+Matching contacts against the store a page at a time costs the probabilistic matcher about half
+a millisecond a contact (candidate lookups, loading and preparing candidates, comparisons, a
+dozen index rows each); the batch clusterer does the same work for a whole data set in a
+fraction of that (`crmhub rebuild`'s path, docs/benchmarks.md "Matching"). So when a run into a
+store that held no golden record when it began has staged `[matching] batch_first_load`
+contacts, its later pages are staged without matching, and when its contacts stream is done
+the whole store is clustered in one batch, as `crmhub rebuild` does without re-mapping. The
+pages matched before are clustered again with the rest (golden ids stay stable, as in a
+rebuild).
+
+Crash safety: a deferred page names its source in `pending_match` in its own transaction, and
+the batch clusters and clears it in one. A run or pushed delivery that finds a source pending
+whose first load is not running any more (it was interrupted) clusters before it does anything
+else; one still running is left to cluster at its own end, so that others do not recluster the
+store every few seconds while it loads (what they match meanwhile is clustered again with it).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import Connection, Engine, exists, insert, select
+
+from crmhub.settings import Settings
+from sync.golden import MERGE_LOCK
+from sync.rebuild import plan_rebuild
+from sync.rebuild_apply import apply_plan
+from sync.store import (
+    golden_record,
+    membership,
+    pending_match,
+    source_record,
+    sync_run,
+    write_transaction,
+)
+
+__all__ = [
+    "BatchOutcome",
+    "Deferral",
+    "cluster_pending",
+    "has_goldens",
+    "is_pending",
+    "mark_pending",
+]
+
+log = logging.getLogger("crmhub.sync")
+
+ACTOR = "sync (first load)"
+
+
+@dataclass(slots=True)
+class Deferral:
+    """One run's first load: pages are matched until `after` contacts are staged, and only
+    staged from then on (`deferred` once one was)."""
+
+    after: int
+    staged: int = 0
+    deferred: bool = False
+
+    @property
+    def due(self) -> bool:
+        """Whether the next page is staged without matching."""
+        return self.staged >= self.after
+
+
+@dataclass(slots=True)
+class BatchOutcome:
+    """What clustering the pending first load did, in the run summary's terms."""
+
+    contacts: int = 0
+    goldens_created: int = 0
+    goldens_merged: int = 0
+    records_merged: int = 0
+    reviews_queued: int = 0
+
+
+def has_goldens(conn: Connection) -> bool:
+    return conn.execute(select(golden_record.c.id).limit(1)).first() is not None
+
+
+def is_pending(db: Engine) -> bool:
+    """Whether a first load's staged contacts wait for their batch (one tiny-table read)."""
+    with db.connect() as conn:
+        return conn.execute(select(pending_match.c.source).limit(1)).first() is not None
+
+
+def mark_pending(conn: Connection, source: str, now: datetime) -> None:
+    """Record, in the deferred page's transaction, that `source` has contacts to cluster."""
+    listed = select(pending_match.c.source).where(pending_match.c.source == source)
+    if conn.execute(listed).first() is None:
+        conn.execute(insert(pending_match).values(source=source, since=now))
+
+
+def cluster_pending(db: Engine, settings: Settings, own: str | None = None) -> BatchOutcome | None:
+    """Cluster the whole store in one batch if a first load is pending, in one transaction
+    that also clears it; None when nothing was pending (or another process did it), or when
+    every pending source is still loading in a run other than `own`'s."""
+    now = datetime.now(UTC)
+    with write_transaction(db) as conn:
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MERGE_LOCK})")
+        pending = set(conn.execute(select(pending_match.c.source)).scalars())
+        loading = set(
+            conn.execute(
+                select(sync_run.c.connector).where(
+                    sync_run.c.state == "running", sync_run.c.connector.in_(pending - {own})
+                )
+            ).scalars()
+        )
+        if not pending - loading:
+            return None
+        plan = plan_rebuild(conn, settings, remap=False)
+        new = [r for r in plan.target if r not in plan.current]
+        sizes = Counter(plan.target.values())
+        outcome = BatchOutcome(
+            contacts=plan.contacts,
+            goldens_created=len({g for g in plan.target.values() if g < 0}),
+            goldens_merged=len(plan.aliases),
+            records_merged=sum(1 for r in new if sizes[plan.target[r]] > 1),
+            reviews_queued=len(plan.reviews),
+        )
+        apply_plan(conn, plan, ACTOR, now)
+        _attach_aliases(conn, now)
+        conn.execute(pending_match.delete())
+    log.info("first load clustered in one batch", extra={"contacts": outcome.contacts})
+    return outcome
+
+
+def _attach_aliases(conn: Connection, now: datetime) -> None:
+    """Contacts the source merged into others while the first load was deferred are aliases
+    without a golden record (the batch clusters live contacts only): they join their
+    survivor's, as sync/aliases.py does for matched ones."""
+    retired = conn.execute(
+        select(source_record.c.id, source_record.c.source, source_record.c.alias_of).where(
+            source_record.c.alias_of.is_not(None),
+            source_record.c.kind == "contact",
+            ~exists().where(membership.c.record_id == source_record.c.id),
+        )
+    ).all()
+    for record_id, source, survivor in retired:
+        golden = conn.execute(
+            select(membership.c.golden_id)
+            .join(source_record, source_record.c.id == membership.c.record_id)
+            .where(
+                source_record.c.source == source,
+                source_record.c.kind == "contact",
+                source_record.c.external_id == survivor,
+            )
+        ).scalar()
+        if golden is not None:
+            conn.execute(
+                insert(membership).values(
+                    record_id=record_id,
+                    golden_id=golden,
+                    method="alias",
+                    probability=None,
+                    decided_at=now,
+                )
+            )

@@ -1,0 +1,482 @@
+"""`crmhub rebuild`, the plan: what re-mapping and re-matching the whole store would change.
+
+Nothing is fetched again: every live record's stored raw payload is mapped with the current
+mapping of its connector, every contact is clustered in memory by the batch clusterer with the
+configured matcher (steward constraints honoured), and the result is compared with the
+store's memberships. `plan_rebuild` only reads; sync/rebuild_apply.py writes a plan.
+
+Stable golden ids: each old golden record goes with the new cluster that holds most of its
+members (ties: the cluster with the lowest record id); a cluster keeps the oldest (lowest)
+id among the golden records that went with it, and the others become aliases of it; a
+cluster no old golden record went with (a split-off part, or records never matched) gets a
+new id. So a golden record keeps its id when members join or leave, the larger part of a
+split keeps it, and when clusters merge the older id survives.
+"""
+
+from __future__ import annotations
+
+import sys
+from array import array
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, NamedTuple
+
+import orjson
+from sqlalchemy import Connection, literal, select
+
+from crmhub.errors import DedupeError
+from crmhub.records import Contact, RawRecord
+from crmhub.settings import Settings
+from dedupe import ExactMatcher
+from dedupe.cluster import KeyIndex, cluster_prepared, collection_paused, frequency_table, link
+from dedupe.matcher import FellegiSunterMatcher, key_tuples
+from dedupe.normalize import Prepared, prepare
+from dedupe.scoring import MIN_POPULATION, tf_values
+from sync.frequencies import tf_rows
+from sync.golden import MAX_BLOCK
+from sync.mapping_step import MappedRecord, Rejected, map_records
+from sync.model_params import active_params
+from sync.sources import load_source
+from sync.store import match_key, membership, merge_constraint, review_item, source_record
+
+__all__ = [
+    "Failure",
+    "KeyRows",
+    "RebuildPlan",
+    "RebuildRefusedError",
+    "SourceCounts",
+    "plan_rebuild",
+]
+
+CHUNK_ROWS = 5_000  # stored records read and re-mapped at a time
+_MASK = (1 << 64) - 1
+
+
+class RebuildRefusedError(DedupeError):
+    """A rebuild would move more records than `[matching] rebuild_max_moved_share` allows."""
+
+
+@dataclass(slots=True)
+class Failure:
+    """A stored payload the current mapping rejects (the record keeps its staged data)."""
+
+    record_id: int
+    source: str
+    external_id: str
+    reason: str
+    payload: Any
+
+
+@dataclass(slots=True)
+class SourceCounts:
+    records: int = 0
+    remapped: int = 0
+    failed: int = 0
+    moved: int = 0
+
+
+class KeyRows:
+    """Every contact's match_key rows (kind, value), compact: one JSON string per contact
+    (about 0.5 KB for the usual 17 rows, against 2.3 KB as tuples of strings; 1M contacts
+    took several GB that way), and an order-free fingerprint of each (sum of hashes, count)
+    to compare with the stored rows."""
+
+    __slots__ = ("_blobs", "_counts", "_ids", "_sums")
+
+    def __init__(self) -> None:
+        self._ids: list[int] = []
+        self._blobs: list[str] = []
+        self._sums = array("Q")
+        self._counts = array("I")
+
+    def add(self, record_id: int, keys: Iterable[tuple[str, str]]) -> None:
+        rows = list(keys)
+        self._ids.append(record_id)
+        # As str: orjson's bytes keep their 4 KB output buffer (measured), a str is exact.
+        self._blobs.append(orjson.dumps(rows).decode())
+        self._sums.append(sum(map(hash, rows)) & _MASK)
+        self._counts.append(len(rows))
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def items(self) -> Iterator[tuple[int, list[tuple[str, str]]]]:
+        """(record id, its rows), in the order they were added."""
+        for rid, blob in zip(self._ids, self._blobs, strict=True):
+            yield rid, [(kind, value) for kind, value in orjson.loads(blob)]
+
+    def fingerprints(self) -> Iterator[tuple[int, tuple[int, int]]]:
+        """(record id, (sum of the rows' hashes mod 2^64, number of rows))."""
+        return zip(self._ids, zip(self._sums, self._counts, strict=True), strict=True)
+
+
+class _Staged(NamedTuple):
+    """One live contact's staged data, after re-mapping."""
+
+    record_id: int
+    source: str
+    data: dict[str, Any]
+
+
+@dataclass(slots=True)
+class RebuildPlan:
+    """What a rebuild would do. Golden ids below 0 stand for golden records to create."""
+
+    contacts: int = 0
+    activities: int = 0
+    matcher: str = ""
+    # record id -> (new data, new source_updated_at) for records whose mapping changed
+    remapped: dict[int, tuple[dict[str, Any], datetime | None]] = field(default_factory=dict)
+    failures: list[Failure] = field(default_factory=list)
+    unconfigured: list[str] = field(default_factory=list)  # sources kept as staged
+    target: dict[int, int] = field(default_factory=dict)  # contact -> golden id
+    current: dict[int, int] = field(default_factory=dict)  # contact -> golden id now
+    steward: set[int] = field(default_factory=set)  # contacts with a steward membership
+    aliases: dict[int, int] = field(default_factory=dict)  # old golden -> survivor
+    keys: KeyRows = field(default_factory=KeyRows)  # match_key rows per contact
+    keys_outdated: int = 0
+    # uncertain pairs (record a < record b, probability, the matcher's explanation)
+    reviews: list[tuple[int, int, float, dict[str, Any]]] = field(default_factory=list)
+    clusters: dict[str, int] = field(default_factory=dict)  # kept / changed / merged / ...
+    goldens_split: int = 0
+    per_source: dict[str, SourceCounts] = field(default_factory=dict)
+
+    @property
+    def moved(self) -> list[int]:
+        """Contacts whose golden record changes (new ids included)."""
+        return sorted(r for r, g in self.target.items() if self.current.get(r) != g)
+
+    @property
+    def moved_share(self) -> float:
+        return len(self.moved) / self.contacts if self.contacts else 0.0
+
+    @property
+    def changes_anything(self) -> bool:
+        return bool(self.remapped or self.moved or self.aliases or self.keys_outdated)
+
+    def summary(self) -> dict[str, Any]:
+        """The plan as JSON-ready figures: ids and counts, never personal data."""
+        return {
+            "matcher": self.matcher,
+            "contacts": self.contacts,
+            "activities": self.activities,
+            "remapped": len(self.remapped),
+            "failed": len(self.failures),
+            "failures": [
+                {"record_id": f.record_id, "source": f.source, "reason": f.reason}
+                for f in self.failures[:20]
+            ],
+            "unconfigured_sources": self.unconfigured,
+            "match_keys_outdated": self.keys_outdated,
+            "clusters": dict(self.clusters),
+            "goldens_split": self.goldens_split,
+            "goldens_merged": len(self.aliases),
+            "aliases": {str(a): s for a, s in sorted(self.aliases.items())},
+            "records_moved": len(self.moved),
+            "moved_share": round(self.moved_share, 6),
+            "reviews": len(self.reviews),
+            "per_source": {
+                name: {
+                    "records": c.records,
+                    "remapped": c.remapped,
+                    "failed": c.failed,
+                    "moved": c.moved,
+                }
+                for name, c in sorted(self.per_source.items())
+            },
+        }
+
+
+def _json_form(value: Any) -> Any:
+    """`value` as the store gives it back (JSON round trip), so comparisons are exact."""
+    return orjson.loads(orjson.dumps(value, default=str))
+
+
+def _mapping_of(settings: Settings, name: str) -> tuple[str, int] | None:
+    """The current mapping of source `name` (path, mtime: `map_records`' cache key), or None
+    when the connector is no longer configured."""
+    if name not in settings.connectors:
+        return None
+    mapping = load_source(settings, name).mapping
+    return str(mapping.path), mapping.path.stat().st_mtime_ns if mapping.path.exists() else 0
+
+
+def _remap(
+    conn: Connection, settings: Settings, plan: RebuildPlan, remap: bool = True
+) -> Iterator[_Staged]:
+    """Map every live record's payload again, `CHUNK_ROWS` rows at a time in id order, and
+    yield each contact's (id, source, data); activities are counted. Rows (payloads) are
+    dropped chunk by chunk: a 1M-record store never holds them all at once. Without `remap`
+    the staged data is taken as it is (payloads are not even read)."""
+    payload = source_record.c.payload if remap else literal(None).label("payload")
+    rows = conn.execute(
+        select(
+            source_record.c.id,
+            source_record.c.source,
+            source_record.c.kind,
+            source_record.c.external_id,
+            payload,
+            source_record.c.data,
+            source_record.c.source_updated_at,
+        )
+        .where(source_record.c.deleted == 0)
+        .order_by(source_record.c.id)
+        .execution_options(yield_per=CHUNK_ROWS)
+    )
+    mappings: dict[str, tuple[str, int] | None] = {}
+    region = settings.matching.default_region
+    for chunk in rows.partitions():
+        by_source: dict[str, list[Any]] = defaultdict(list)
+        for row in chunk:
+            by_source[row.source].append(row)
+        mapped: dict[int, MappedRecord | Rejected] = {}
+        for name, records in by_source.items() if remap else ():
+            if name not in mappings:
+                mappings[name] = _mapping_of(settings, name)
+                if mappings[name] is None:
+                    plan.unconfigured.append(name)
+            where = mappings[name]
+            if where is None:
+                continue
+            raws = [
+                RawRecord(r.external_id, r.kind, r.payload, r.source_updated_at, r.external_id)
+                for r in records
+            ]
+            results = map_records(where[0], where[1], region, raws)
+            mapped.update((r.id, m) for r, m in zip(records, results, strict=True))
+        for row in chunk:
+            counts = plan.per_source.setdefault(row.source, SourceCounts())
+            counts.records += row.kind == "contact"
+            data: dict[str, Any] = row.data
+            result = mapped.get(row.id)
+            if isinstance(result, MappedRecord):
+                new = _json_form(result.data)
+                if new != row.data or result.updated_at != row.source_updated_at:
+                    plan.remapped[row.id] = (new, result.updated_at)
+                    counts.remapped += 1
+                    data = new
+            elif result is not None:
+                plan.failures.append(
+                    Failure(row.id, row.source, row.external_id, result.reason, row.payload)
+                )
+                counts.failed += 1
+            if row.kind == "contact":
+                yield _Staged(row.id, sys.intern(row.source), data)
+            else:
+                plan.activities += 1
+    # The order a per-source pass gave: by source, then id.
+    plan.unconfigured.sort()
+    plan.failures.sort(key=lambda f: (f.source, f.record_id))
+
+
+def _contact(staged: _Staged) -> Contact:
+    try:
+        return Contact.model_validate(staged.data)
+    except ValueError as exc:
+        rid, source = staged.record_id, staged.source
+        raise DedupeError(
+            f"source record {rid} ({source}): its staged data is not a valid contact "
+            f"({exc.__class__.__name__}); run `crmhub sync {source} --full`",
+            record_id=rid,
+        ) from None
+
+
+def _constraints(
+    conn: Connection, index: dict[int, int]
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]], set[int]]:
+    """Must-link pairs (confirmed merges; steward members of one golden record), cannot-link
+    pairs (do-not-merge), as indices; and the records with a steward membership."""
+    must: list[tuple[int, int]] = []
+    cannot: list[tuple[int, int]] = []
+    for a, b, kind in conn.execute(
+        select(merge_constraint.c.record_a, merge_constraint.c.record_b, merge_constraint.c.kind)
+    ):
+        if a in index and b in index:
+            (cannot if kind == "do_not_merge" else must).append((index[a], index[b]))
+    by_golden: dict[int, list[int]] = defaultdict(list)
+    for rid, golden in conn.execute(
+        select(membership.c.record_id, membership.c.golden_id).where(
+            membership.c.method == "steward"
+        )
+    ):
+        if rid in index:
+            by_golden[golden].append(rid)
+    steward = {r for members in by_golden.values() for r in members}
+    for members in by_golden.values():
+        members.sort()
+        must += [(index[members[0]], index[r]) for r in members[1:]]
+    return must, cannot, steward
+
+
+@dataclass(slots=True)
+class _Batch:
+    """The contacts as clustering needs them, in id order: ids, sources, and (probabilistic
+    matcher) prepared forms and blocking keys, or (exact matcher) the holders of each key."""
+
+    ids: list[int] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    records: list[Prepared] = field(default_factory=list)
+    index: KeyIndex = field(default_factory=KeyIndex)
+    holders: dict[tuple[str, str], list[int]] = field(default_factory=lambda: defaultdict(list))
+
+
+def _collect(conn: Connection, settings: Settings, plan: RebuildPlan, remap: bool = True) -> _Batch:
+    """Re-map, validate and prepare every contact one at a time, keeping only what matching
+    and the match_key rows need (a contact's data, payload and `Contact` are dropped as soon
+    as it is prepared)."""
+    batch = _Batch()
+    exact = ExactMatcher() if settings.matching.method == "exact" else None
+    with collection_paused():  # millions of small objects that stay alive: see its docstring
+        for staged in _remap(conn, settings, plan, remap):
+            contact = _contact(staged)
+            i = len(batch.ids)
+            batch.ids.append(staged.record_id)
+            batch.sources.append(staged.source)
+            if exact is not None:
+                found = [(k.kind, k.value) for k in exact.keys(contact)]
+                for key in found:
+                    batch.holders[key].append(i)
+                plan.keys.add(staged.record_id, found)
+                continue
+            rec = prepare(contact)
+            own = key_tuples(rec)
+            batch.records.append(rec)
+            batch.index.add(i, rec, own)
+            # Blocking keys and the term-frequency rows, as the incremental path stores them.
+            plan.keys.add(staged.record_id, dict.fromkeys([*own, *tf_rows(tf_values(rec))]))
+    return batch
+
+
+def _cluster(
+    settings: Settings,
+    conn: Connection,
+    batch: _Batch,
+    must: list[tuple[int, int]],
+    cannot: list[tuple[int, int]],
+    plan: RebuildPlan,
+) -> list[list[int]]:
+    """Clusters of indices into `batch.ids`; fills the plan's reviews and matcher."""
+    m = settings.matching
+    if m.method == "exact":
+        pairs = [
+            (members[0], other)
+            for members in batch.holders.values()
+            if len(members) <= MAX_BLOCK
+            for other in members[1:]
+        ]
+        plan.matcher = ExactMatcher().version
+        return link(len(batch.ids), pairs, must_link=must, cannot_link=cannot)
+    records = batch.records
+    enough = len(records) >= MIN_POPULATION
+    matcher = FellegiSunterMatcher(
+        active_params(conn),
+        auto_merge=m.auto_merge,
+        review=m.review,
+        frequencies=frequency_table(records, blocking=False) if enough else None,
+    )
+    plan.matcher = matcher.version
+    result = cluster_prepared(
+        records,
+        matcher,
+        max_block=MAX_BLOCK,
+        index=batch.index,
+        must_link=must,
+        cannot_link=cannot,
+    )
+    ids = batch.ids
+    plan.reviews = [
+        (ids[a], ids[b], p, matcher.compare_prepared(records[a], records[b]).explanation)
+        for a, b, p in result.review
+    ]
+    return result.clusters
+
+
+def _outdated_keys(conn: Connection, wanted: KeyRows) -> int:
+    """Contacts whose stored match_key rows differ from `wanted` (compared by an order-free
+    fingerprint: a sum of hashes and a count, so the stored rows are never held at once)."""
+    stored: dict[int, tuple[int, int]] = {}
+    rows = conn.execute(
+        select(
+            match_key.c.record_id, match_key.c.key_kind, match_key.c.key_value
+        ).execution_options(yield_per=20_000)
+    )
+    for rid, kind, value in rows:
+        total, count = stored.get(rid, (0, 0))
+        stored[rid] = ((total + hash((kind, value))) & _MASK, count + 1)
+    outdated = sum(
+        1 for rid, fingerprint in wanted.fingerprints() if stored.pop(rid, (0, 0)) != fingerprint
+    )
+    return outdated + len(stored)  # rows of records that should have none
+
+
+def _assign(clusters: list[list[int]], current: dict[int, int], plan: RebuildPlan) -> None:
+    """Golden ids for the new clusters (the stable-id rule in the module docstring)."""
+    went: dict[int, Counter[int]] = defaultdict(Counter)
+    for ci, members in enumerate(clusters):
+        for rid in members:
+            golden = current.get(rid)
+            if golden is not None:
+                went[golden][ci] += 1
+    claimed: dict[int, list[int]] = defaultdict(list)
+    for golden, counts in went.items():
+        best = max(counts.items(), key=lambda kv: (kv[1], -clusters[kv[0]][0]))
+        claimed[best[0]].append(golden)
+        plan.goldens_split += len(counts) > 1
+    tally: Counter[str] = Counter()
+    fresh = 0
+    for ci, members in enumerate(clusters):
+        goldens = sorted(claimed.get(ci, ()))
+        if goldens:
+            golden_id = goldens[0]
+            plan.aliases.update((g, golden_id) for g in goldens[1:])
+        else:
+            fresh += 1
+            golden_id = -fresh
+        for rid in members:
+            plan.target[rid] = golden_id
+        if golden_id < 0:
+            tally["new"] += 1
+        elif len(goldens) > 1:
+            tally["merged"] += 1
+        elif all(current.get(r) == golden_id for r in members) and sum(
+            went[golden_id].values()
+        ) == len(members):
+            tally["kept"] += 1
+        else:
+            tally["changed"] += 1
+    plan.clusters = {k: tally[k] for k in ("kept", "changed", "merged", "new")}
+
+
+def plan_rebuild(conn: Connection, settings: Settings, *, remap: bool = True) -> RebuildPlan:
+    """What `crmhub rebuild` would change, computed from the store and the settings; reads
+    only. Call inside the apply's transaction to apply exactly what was planned. Without
+    `remap` the records keep their staged data and only the matching is done again."""
+    plan = RebuildPlan()
+    batch = _collect(conn, settings, plan, remap)
+    ids = batch.ids
+    plan.contacts = len(ids)
+    index = {rid: i for i, rid in enumerate(ids)}
+    must, cannot, plan.steward = _constraints(conn, index)
+    clusters = _cluster(settings, conn, batch, must, cannot, plan)
+    batch.records, batch.holders = [], {}  # prepared forms are done with: release them
+    plan.current = {
+        int(r): int(g)
+        for r, g in conn.execute(select(membership.c.record_id, membership.c.golden_id))
+        if r in index
+    }
+    _assign([[ids[i] for i in c] for c in clusters], plan.current, plan)
+    del clusters
+    for rid in plan.moved:
+        plan.per_source[batch.sources[index[rid]]].moved += 1
+    asked = {
+        (a, b) for a, b in conn.execute(select(review_item.c.record_a, review_item.c.record_b))
+    }
+    plan.reviews = [
+        r
+        for r in plan.reviews
+        if plan.target[r[0]] != plan.target[r[1]] and (r[0], r[1]) not in asked
+    ]
+    plan.keys_outdated = _outdated_keys(conn, plan.keys)
+    return plan

@@ -1,0 +1,269 @@
+"""`crmhub rebuild`, the apply: write a rebuild plan in one transaction.
+
+The plan is computed inside the write transaction (so it is exactly what gets applied, with
+no sync slipping in between) and checked against `[matching] rebuild_max_moved_share`; a
+refusal rolls back before anything is written. Killing the process mid-way leaves the old
+state: everything, the audit entry included, commits together.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, Engine, bindparam, select
+
+from crmhub.settings import Settings
+from sync.activities import index_activities
+from sync.configure import configure
+from sync.golden import MERGE_LOCK, fold_golden, recompute_goldens
+from sync.rebuild import RebuildPlan, RebuildRefusedError, plan_rebuild
+from sync.staging import chunks
+from sync.store import (
+    allocate_ids,
+    audit_log,
+    bulk_insert,
+    dead_letter,
+    golden_record,
+    insert_rows,
+    match_key,
+    membership,
+    one_of,
+    review_item,
+    source_record,
+    write_transaction,
+)
+
+__all__ = ["apply_plan", "preview", "rebuild"]
+
+log = logging.getLogger("crmhub.rebuild")
+
+ROWS_PER_INSERT = 50_000  # match_key and membership rows built and written at a time
+GOLDENS_PER_RECOMPUTE = 20_000  # golden records whose members are loaded at a time
+REINDEX_FROM_CONTACTS = 20_000  # from this many contacts, match_key's index is built after
+
+
+def preview(db: Engine, settings: Settings) -> RebuildPlan:
+    """The plan, read in one snapshot; nothing is written (`crmhub rebuild --dry-run`)."""
+    with db.connect() as conn:  # closing it rolls the read transaction back
+        return plan_rebuild(conn, settings)
+
+
+def rebuild(db: Engine, settings: Settings, *, actor: str, confirm: bool = False) -> RebuildPlan:
+    """Plan and apply in one write transaction. Raises `RebuildRefusedError` (nothing
+    written) when the plan moves more than the configured share of contacts and `confirm`
+    is false."""
+    now = datetime.now(UTC)
+    cap = settings.matching.rebuild_max_moved_share
+    configure(db, settings)  # golden records survive by these settings' policy
+    with write_transaction(db) as conn:
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MERGE_LOCK})")
+        plan = plan_rebuild(conn, settings)
+        if plan.moved_share > cap and not confirm:
+            raise RebuildRefusedError(
+                f"rebuild would move {len(plan.moved)} of {plan.contacts} contacts "
+                f"({plan.moved_share:.1%}) to another golden record, more than [matching] "
+                f"rebuild_max_moved_share = {cap:g}; nothing was changed. Look at "
+                "`crmhub rebuild --dry-run`, then run `crmhub rebuild --yes` to apply it",
+                moved=len(plan.moved),
+                contacts=plan.contacts,
+                share=plan.moved_share,
+                cap=cap,
+            )
+        apply_plan(conn, plan, actor, now)
+    log.info(
+        "rebuild applied",
+        extra={"moved": len(plan.moved), "remapped": len(plan.remapped), "actor": actor},
+    )
+    return plan
+
+
+def apply_plan(conn: Connection, plan: RebuildPlan, actor: str, now: datetime) -> None:
+    """Write `plan` (from `plan_rebuild` in this transaction); `actor` goes to the audit log."""
+    _write_data(conn, plan)
+    _write_letters(conn, plan, now)
+    _write_keys(conn, plan)
+    created = _create_goldens(conn, plan, now)
+    _write_memberships(conn, plan, now)
+    for alias, survivor in sorted(plan.aliases.items()):
+        fold_golden(conn, alias, survivor, now)
+    _write_reviews(conn, plan, now)
+    # A slice at a time: recompute_goldens loads every member's data of the goldens it is
+    # given (1M contacts' data at once would be several GB). Each golden is independent.
+    goldens = sorted(set(plan.target.values()))
+    for part in chunks(goldens, GOLDENS_PER_RECOMPUTE):
+        recompute_goldens(conn, set(part), now)
+    conn.execute(
+        audit_log.insert().values(
+            at=now,
+            actor=actor,
+            action="rebuild.apply",
+            details={**plan.summary(), "created": created},
+        )
+    )
+
+
+def _write_keys(conn: Connection, plan: RebuildPlan) -> None:
+    """Replace every match_key row. Rows go in record order, which is the primary key's; the
+    lookup index (key kind, value) would take them in random order, one page miss each once
+    it outgrows the cache, so for a large store it is dropped and built again afterwards (a
+    sort), inside the same transaction."""
+    conn.execute(match_key.delete())
+    rebuild_indexes = len(plan.keys) >= REINDEX_FROM_CONTACTS
+    if rebuild_indexes:
+        for index in match_key.indexes:
+            index.drop(conn)
+    # Written in slices as they are built: at 1M contacts (~17M rows) the whole list of row
+    # dicts would take several GB on top of the plan.
+    columns = ("record_id", "key_kind", "key_value")
+    rows: list[tuple[int, str, str]] = []
+    for rid, keys in plan.keys.items():
+        rows += [(rid, kind, value) for kind, value in keys]
+        if len(rows) >= ROWS_PER_INSERT:
+            insert_rows(conn, match_key, columns, rows)  # COPY on PostgreSQL
+            rows = []
+    insert_rows(conn, match_key, columns, rows)
+    if rebuild_indexes:
+        for index in sorted(match_key.indexes, key=lambda i: str(i.name)):
+            index.create(conn)
+
+
+def _write_data(conn: Connection, plan: RebuildPlan) -> None:
+    """Re-mapped records: new data (and activities' rows, which the pipeline derives)."""
+    if not plan.remapped:
+        return
+    conn.execute(
+        source_record.update()
+        .where(source_record.c.id == bindparam("b_id"))
+        .values(data=bindparam("b_data"), source_updated_at=bindparam("b_updated")),
+        [
+            {"b_id": rid, "b_data": data, "b_updated": updated}
+            for rid, (data, updated) in plan.remapped.items()
+        ],
+    )
+    kinds = dict(
+        conn.execute(
+            select(source_record.c.id, source_record.c.kind).where(
+                one_of(conn, source_record.c.id, sorted(plan.remapped))
+            )
+        ).all()
+    )
+    acts = sorted(r for r, k in kinds.items() if k == "activity")
+    index_activities(conn, [(rid, plan.remapped[rid][0]) for rid in acts], acts)
+
+
+def _write_letters(conn: Connection, plan: RebuildPlan, now: datetime) -> None:
+    bulk_insert(
+        conn,
+        dead_letter,
+        [
+            {
+                "run_id": None,
+                "source": f.source,
+                "scope": "record",
+                "origin": f"rebuild:{f.external_id}"[:500],
+                "field": None,
+                "reason": f"{f.reason} (re-mapping the stored payload; the record keeps the "
+                "data it was staged with)",
+                "raw": json.dumps(f.payload, default=str),
+                "created_at": now,
+            }
+            for f in plan.failures
+        ],
+    )
+
+
+def _create_goldens(conn: Connection, plan: RebuildPlan, now: datetime) -> int:
+    """Allocate real ids for the plan's new golden records (negative placeholders)."""
+    placeholders = sorted({g for g in plan.target.values() if g < 0}, reverse=True)
+    if not placeholders:
+        return 0
+    ids = allocate_ids(conn, golden_record, len(placeholders))
+    real = dict(zip(placeholders, ids, strict=True))
+    bulk_insert(
+        conn,
+        golden_record,
+        [
+            {
+                "id": gid,
+                "fields": {},
+                "lineage": {},
+                "version": 0,  # recompute_goldens bumps it to 1
+                "created_at": now,
+                "updated_at": now,
+            }
+            for gid in ids
+        ],
+    )
+    plan.target = {r: real.get(g, g) for r, g in plan.target.items()}
+    return len(ids)
+
+
+def _write_memberships(conn: Connection, plan: RebuildPlan, now: datetime) -> None:
+    sizes: dict[int, int] = {}
+    for golden in plan.target.values():
+        sizes[golden] = sizes.get(golden, 0) + 1
+    moved: list[dict[str, Any]] = []
+    fresh: list[dict[str, Any]] = []
+    for rid, golden in plan.target.items():
+        before = plan.current.get(rid)
+        if before == golden:
+            continue
+        method = "steward" if rid in plan.steward else "auto" if sizes[golden] > 1 else "new"
+        row = {"golden_id": golden, "method": method, "decided_at": now}
+        if before is None:
+            fresh.append({"record_id": rid, "probability": None, **row})
+        else:
+            moved.append({"b_record": rid, **row})
+        if len(fresh) + len(moved) >= ROWS_PER_INSERT:
+            _write_membership_rows(conn, moved, fresh)
+            moved, fresh = [], []
+    _write_membership_rows(conn, moved, fresh)
+
+
+def _write_membership_rows(
+    conn: Connection, moved: list[dict[str, Any]], fresh: list[dict[str, Any]]
+) -> None:
+    if moved:
+        conn.execute(
+            membership.update().where(membership.c.record_id == bindparam("b_record")), moved
+        )
+    bulk_insert(conn, membership, fresh)
+
+
+def _write_reviews(conn: Connection, plan: RebuildPlan, now: datetime) -> None:
+    """Open items whose records now share a golden record are settled; the clusterer's new
+    uncertain pairs are queued (the plan leaves out pairs asked about before)."""
+    settled = [
+        int(i)
+        for i, a, b in conn.execute(
+            select(review_item.c.id, review_item.c.record_a, review_item.c.record_b).where(
+                review_item.c.status == "open"
+            )
+        )
+        if a in plan.target and plan.target.get(a) == plan.target.get(b)
+    ]
+    for part in chunks(settled):
+        conn.execute(
+            review_item.update()
+            .where(one_of(conn, review_item.c.id, part))
+            .values(status="merged", decided_by="rebuild", decided_at=now)
+        )
+    bulk_insert(
+        conn,
+        review_item,
+        [
+            {
+                "record_a": a,
+                "record_b": b,
+                "probability": p,
+                "explanation": explanation,
+                "status": "open",
+                "created_at": now,
+            }
+            for a, b, p, explanation in plan.reviews
+        ],
+    )

@@ -1,0 +1,173 @@
+"""A first load into an empty store past `[matching] batch_first_load` is clustered in one batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, func, select
+
+from bench.matching.__main__ import write_data
+from bench.matching.generate import generate
+from crmhub.records import RawRecord
+from crmhub.settings import Settings
+from sync import first_load
+from sync.engine import SyncEngine
+from sync.migrate import upgrade
+from sync.rebuild_apply import rebuild
+from sync.store import (
+    make_engine,
+    membership,
+    pending_match,
+    review_item,
+    source_record,
+    sync_run,
+)
+
+PEOPLE = 600  # records of the realistic generator; pages of 100
+
+
+def _contacts_csv(tmp_path: Path) -> Path:
+    path = tmp_path / "contacts.csv"
+    write_data(generate(PEOPLE, seed=11), path)
+    return path
+
+
+def _settings(
+    folder: Path, url: str, csv: Path, batch: int, method: str = "probabilistic"
+) -> Settings:
+    settings = Settings(
+        store={"url": url},
+        matching={"batch_first_load": batch, "method": method},
+        connectors={"crm": {"type": "csv", "path": str(csv), "page_size": 100}},
+    )
+    settings.source_path = folder / "crmhub.toml"
+    return settings
+
+
+def _partition(db: Engine) -> set[frozenset[str]]:
+    with db.connect() as conn:
+        rows = conn.execute(select(source_record.c.id, source_record.c.external_id)).all()
+        external: dict[int, str] = {row.id: row.external_id for row in rows}
+        groups: dict[int, set[str]] = {}
+        for rid, gid in conn.execute(select(membership.c.record_id, membership.c.golden_id)):
+            groups.setdefault(gid, set()).add(external[rid])
+    return {frozenset(g) for g in groups.values()}
+
+
+def _unmatched(db: Engine) -> int:
+    with db.connect() as conn:
+        live = conn.execute(
+            select(func.count())
+            .select_from(source_record)
+            .where(source_record.c.kind == "contact", source_record.c.deleted == 0)
+        ).scalar_one()
+        members = conn.execute(select(func.count()).select_from(membership)).scalar_one()
+        pending = conn.execute(select(func.count()).select_from(pending_match)).scalar_one()
+    return int(live) - int(members) + int(pending)
+
+
+async def test_a_big_first_load_ends_as_a_rebuild_would(tmp_path, db, store_url):
+    csv = _contacts_csv(tmp_path)
+    engine = SyncEngine(_settings(tmp_path, store_url, csv, batch=150), db)
+    notes: list[str] = []
+    try:
+        result = await engine.run("crm", progress=lambda page: notes.append(page.note))
+    finally:
+        engine.close()
+    assert result.state == "succeeded"
+    # Pages report as they commit; the batch says what the run is doing meanwhile.
+    assert notes[-1] == f"matching {result.counts.contacts:,} contacts in one batch"
+    assert notes.count("") >= 2
+    assert _unmatched(db) == 0  # every contact has its golden record; nothing pending
+    with db.connect() as conn:
+        reviews = conn.execute(select(func.count()).select_from(review_item)).scalar_one()
+        assert result.counts.reviews_queued == reviews > 0
+    # What page-by-page matching and then `crmhub rebuild` give, on a store of its own.
+    folder = tmp_path / "reference"
+    folder.mkdir()
+    url = f"sqlite:///{folder / 'crmhub.db'}"
+    reference = make_engine(url, folder)
+    upgrade(reference)
+    settings = _settings(folder, url, csv, batch=0)
+    engine = SyncEngine(settings, reference)
+    try:
+        await engine.run("crm")
+    finally:
+        engine.close()
+    page_by_page = _partition(reference)
+    rebuild(reference, settings, actor="test", confirm=True)
+    assert _partition(db) == _partition(reference) != page_by_page
+    reference.dispose()
+
+
+@pytest.mark.parametrize(("method", "batch"), [("exact", 150), ("probabilistic", 0)])
+async def test_no_batch_for_the_exact_matcher_or_when_switched_off(
+    tmp_path, db, store_url, method, batch, monkeypatch
+):
+    def never(*args: object) -> None:
+        raise AssertionError("staged without matching")
+
+    monkeypatch.setattr(first_load, "mark_pending", never)
+    csv = _contacts_csv(tmp_path)
+    engine = SyncEngine(_settings(tmp_path, store_url, csv, batch=batch, method=method), db)
+    try:
+        await engine.run("crm")
+    finally:
+        engine.close()
+    assert _unmatched(db) == 0
+
+
+async def _interrupted_first_load(
+    tmp_path: Path, db: Engine, store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> Settings:
+    """A first load whose process died between its last page and its batch."""
+    settings = _settings(tmp_path, store_url, _contacts_csv(tmp_path), batch=150)
+    cluster = first_load.cluster_pending
+
+    def killed(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(first_load, "cluster_pending", killed)
+    engine = SyncEngine(settings, db)
+    with pytest.raises(KeyboardInterrupt):
+        await engine.run("crm")
+    engine.close()
+    monkeypatch.setattr(first_load, "cluster_pending", cluster)
+    assert _unmatched(db) > 0  # staged and committed, waiting for their batch
+    return settings
+
+
+PUSHED = RawRecord("P-1", "contact", {"id": "P-1", "email": "new.person@example.com"})
+
+
+async def test_an_interrupted_first_load_is_clustered_before_anything_else(
+    tmp_path, db, store_url, monkeypatch
+):
+    settings = await _interrupted_first_load(tmp_path, db, store_url, monkeypatch)
+    # A pushed delivery is the next thing to touch the store: the batch goes first.
+    engine = SyncEngine(settings, db)
+    try:
+        await engine.ingest("crm", [PUSHED])
+    finally:
+        engine.close()
+    assert _unmatched(db) == 0
+
+
+async def test_a_first_load_still_running_elsewhere_is_left_to_its_own_run(
+    tmp_path, db, store_url, monkeypatch
+):
+    settings = await _interrupted_first_load(tmp_path, db, store_url, monkeypatch)
+    with db.begin() as conn:  # as if another process were still loading "crm"
+        conn.execute(sync_run.update().values(state="running", finished_at=None))
+    engine = SyncEngine(settings, db)
+    try:
+        await engine.ingest("crm", [PUSHED])
+        # Pushed deliveries do not recluster the store under a load in progress ...
+        assert _unmatched(db) > 0
+        # ... which its own next run (here: the takeover) clusters at once.
+        result = await engine.run("crm")
+    finally:
+        engine.close()
+    assert result.state == "succeeded"
+    assert _unmatched(db) == 0
