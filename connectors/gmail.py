@@ -211,7 +211,14 @@ class GmailConnector(HttpConnector["GmailConnector.Config"]):
                         return None  # deleted since it was listed
                     raise
 
-        bodies = await asyncio.gather(*(one(i) for i in ids))
+        # A task group, not gather: when one get fails, the others are cancelled and awaited
+        # before the error leaves, so no request outlives the session's HTTP client.
+        try:
+            async with asyncio.TaskGroup() as group:
+                gets = [group.create_task(one(i)) for i in ids]
+        except BaseExceptionGroup as failed:
+            raise failed.exceptions[0] from None
+        bodies = [get.result() for get in gets]
         records: list[RawRecord] = []
         rejects: list[tuple[str, str, str]] = []
         for message_id, body in zip(ids, bodies, strict=True):

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from connectors.gmail import GmailConnector
-from crmhub.errors import AuthError, TransientError
+from crmhub.errors import AuthError, PermanentError, TransientError
 from sync.engine import SyncEngine
 from tests.connectors.mail import close, engine_for, make_connector, totals
 from tests.fakes import gmail
@@ -118,6 +118,19 @@ async def test_message_gets_run_concurrently_up_to_the_setting(fake: Any, tmp_pa
     pages = [p async for p in connector.pull("activities", None)]
     assert sum(r.kind == "activity" for p in pages for r in p.records) == 24
     assert state.max_in_flight == 4
+
+
+async def test_a_failed_get_leaves_no_request_running(fake: Any, tmp_path: Path) -> None:
+    # One get fails for good while its siblings are still waiting on the server: the pull
+    # raises only once they are cancelled, so none outlives the connector's HTTP client.
+    state, url = fake
+    broken, *_ = state.add_messages(8)
+    state.get_delay = 0.3
+    state.faults = [Fault(400, path=f"/messages/{broken.id}")]
+    connector = make_connector(table(url, concurrency=8), tmp_path)
+    with pytest.raises(PermanentError):
+        [p async for p in connector.pull("activities", None)]
+    assert asyncio.all_tasks() == {asyncio.current_task()}
 
 
 async def test_concurrent_gets_stay_within_the_per_user_quota(fake: Any, tmp_path: Path) -> None:
