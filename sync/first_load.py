@@ -29,7 +29,7 @@ from sqlalchemy import Connection, Engine, exists, insert, select
 from crmhub.settings import Settings
 from sync.golden import MERGE_LOCK
 from sync.rebuild import plan_rebuild
-from sync.rebuild_apply import apply_plan
+from sync.rebuild_apply import apply_plan, write_keys
 from sync.store import (
     golden_record,
     membership,
@@ -114,7 +114,7 @@ def cluster_pending(db: Engine, settings: Settings, own: str | None = None) -> B
         )
         if not pending - loading:
             return None
-        plan = plan_rebuild(conn, settings, remap=False)
+        plan = plan_rebuild(conn, settings, remap=False, write_keys=write_keys)
         new = [r for r in plan.target if r not in plan.current]
         sizes = Counter(plan.target.values())
         outcome = BatchOutcome(

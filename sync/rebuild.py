@@ -3,7 +3,8 @@
 Nothing is fetched again: every live record's stored raw payload is mapped with the current
 mapping of its connector, every contact is clustered in memory by the batch clusterer with the
 configured matcher (steward constraints honoured), and the result is compared with the
-store's memberships. `plan_rebuild` only reads; sync/rebuild_apply.py writes a plan.
+store's memberships. `plan_rebuild` only reads (an apply may have it write the match_key
+rows while it clusters); sync/rebuild_apply.py writes a plan.
 
 Stable golden ids: each old golden record goes with the new cluster that holds most of its
 members (ties: the cluster with the lowest record id); a cluster keeps the oldest (lowest)
@@ -18,7 +19,8 @@ from __future__ import annotations
 import sys
 from array import array
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -33,7 +35,7 @@ from dedupe import ExactMatcher
 from dedupe.cluster import KeyIndex, cluster_prepared, collection_paused, frequency_table, link
 from dedupe.matcher import FellegiSunterMatcher, key_tuples
 from dedupe.normalize import Prepared, prepare
-from dedupe.scoring import MIN_POPULATION, tf_values
+from dedupe.scoring import MIN_POPULATION, Params, tf_values
 from sync.frequencies import tf_rows
 from sync.golden import MAX_BLOCK
 from sync.mapping_step import MappedRecord, Rejected, map_records
@@ -137,6 +139,7 @@ class RebuildPlan:
     aliases: dict[int, int] = field(default_factory=dict)  # old golden -> survivor
     keys: KeyRows = field(default_factory=KeyRows)  # match_key rows per contact
     keys_outdated: int = 0
+    keys_written: bool = False  # `plan_rebuild(write_keys=...)` stored them already
     # uncertain pairs (record a < record b, probability, the matcher's explanation)
     reviews: list[tuple[int, int, float, dict[str, Any]]] = field(default_factory=list)
     clusters: dict[str, int] = field(default_factory=dict)  # kept / changed / merged / ...
@@ -351,7 +354,7 @@ def _collect(conn: Connection, settings: Settings, plan: RebuildPlan, remap: boo
 
 def _cluster(
     settings: Settings,
-    conn: Connection,
+    params: Params,
     batch: _Batch,
     must: list[tuple[int, int]],
     cannot: list[tuple[int, int]],
@@ -371,7 +374,7 @@ def _cluster(
     records = batch.records
     enough = len(records) >= MIN_POPULATION
     matcher = FellegiSunterMatcher(
-        active_params(conn),
+        params,
         auto_merge=m.auto_merge,
         review=m.review,
         frequencies=frequency_table(records, blocking=False) if enough else None,
@@ -449,17 +452,41 @@ def _assign(clusters: list[list[int]], current: dict[int, int], plan: RebuildPla
     plan.clusters = {k: tally[k] for k in ("kept", "changed", "merged", "new")}
 
 
-def plan_rebuild(conn: Connection, settings: Settings, *, remap: bool = True) -> RebuildPlan:
+# Writes the match_key rows; returns the index build that finishes them.
+KeyWriter = Callable[[Connection, KeyRows], Callable[[], None]]
+
+
+def plan_rebuild(
+    conn: Connection,
+    settings: Settings,
+    *,
+    remap: bool = True,
+    write_keys: KeyWriter | None = None,
+) -> RebuildPlan:
     """What `crmhub rebuild` would change, computed from the store and the settings; reads
-    only. Call inside the apply's transaction to apply exactly what was planned. Without
-    `remap` the records keep their staged data and only the matching is done again."""
+    only, unless the apply passes its `write_keys`: then the plan's match_key rows are
+    written before the contacts are clustered, and their lookup index is built on a thread
+    meanwhile (one statement, outside the GIL: both cores work); the plan then says
+    `keys_written`. Call inside the apply's transaction to apply exactly what was planned.
+    Without `remap` the records keep their staged data and only the matching is done again."""
     plan = RebuildPlan()
     batch = _collect(conn, settings, plan, remap)
     ids = batch.ids
     plan.contacts = len(ids)
     index = {rid: i for i, rid in enumerate(ids)}
     must, cannot, plan.steward = _constraints(conn, index)
-    clusters = _cluster(settings, conn, batch, must, cannot, plan)
+    params = active_params(conn)
+    if write_keys is None:
+        clusters = _cluster(settings, params, batch, must, cannot, plan)
+    else:
+        plan.keys_outdated = _outdated_keys(conn, plan.keys)  # what is stored before it goes
+        build_indexes = write_keys(conn, plan.keys)
+        plan.keys_written = True
+        # The connection is the index build's alone until it is done: clustering does no I/O.
+        with ThreadPoolExecutor(1, thread_name_prefix="crmhub-index") as pool:
+            building = pool.submit(build_indexes)
+            clusters = _cluster(settings, params, batch, must, cannot, plan)
+        building.result()
     batch.records, batch.holders = [], {}  # prepared forms are done with: release them
     plan.current = {
         int(r): int(g)
@@ -478,5 +505,6 @@ def plan_rebuild(conn: Connection, settings: Settings, *, remap: bool = True) ->
         for r in plan.reviews
         if plan.target[r[0]] != plan.target[r[1]] and (r[0], r[1]) not in asked
     ]
-    plan.keys_outdated = _outdated_keys(conn, plan.keys)
+    if not plan.keys_written:
+        plan.keys_outdated = _outdated_keys(conn, plan.keys)
     return plan

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,7 +20,7 @@ from crmhub.settings import Settings
 from sync.activities import index_activities
 from sync.configure import configure
 from sync.golden import MERGE_LOCK, fold_golden, recompute_goldens
-from sync.rebuild import RebuildPlan, RebuildRefusedError, plan_rebuild
+from sync.rebuild import KeyRows, RebuildPlan, RebuildRefusedError, plan_rebuild
 from sync.staging import chunks
 from sync.store import (
     allocate_ids,
@@ -36,7 +37,7 @@ from sync.store import (
     write_transaction,
 )
 
-__all__ = ["apply_plan", "preview", "rebuild"]
+__all__ = ["apply_plan", "preview", "rebuild", "write_keys"]
 
 log = logging.getLogger("crmhub.rebuild")
 
@@ -61,7 +62,7 @@ def rebuild(db: Engine, settings: Settings, *, actor: str, confirm: bool = False
     with write_transaction(db) as conn:
         if conn.dialect.name == "postgresql":
             conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MERGE_LOCK})")
-        plan = plan_rebuild(conn, settings)
+        plan = plan_rebuild(conn, settings, write_keys=write_keys)
         if plan.moved_share > cap and not confirm:
             raise RebuildRefusedError(
                 f"rebuild would move {len(plan.moved)} of {plan.contacts} contacts "
@@ -85,7 +86,8 @@ def apply_plan(conn: Connection, plan: RebuildPlan, actor: str, now: datetime) -
     """Write `plan` (from `plan_rebuild` in this transaction); `actor` goes to the audit log."""
     _write_data(conn, plan)
     _write_letters(conn, plan, now)
-    _write_keys(conn, plan)
+    if not plan.keys_written:
+        write_keys(conn, plan.keys)()
     created = _create_goldens(conn, plan, now)
     _write_memberships(conn, plan, now)
     for alias, survivor in sorted(plan.aliases.items()):
@@ -106,13 +108,17 @@ def apply_plan(conn: Connection, plan: RebuildPlan, actor: str, now: datetime) -
     )
 
 
-def _write_keys(conn: Connection, plan: RebuildPlan) -> None:
-    """Replace every match_key row. Rows go in record order, which is the primary key's; the
-    lookup index (key kind, value) would take them in random order, one page miss each once
-    it outgrows the cache, so for a large store it is dropped and built again afterwards (a
-    sort), inside the same transaction."""
+def write_keys(conn: Connection, keys: KeyRows) -> Callable[[], None]:
+    """Replace every match_key row with `keys`; returns what finishes the job: building the
+    lookup index again when it was dropped (call it before the transaction ends).
+
+    Rows go in record order, which is the primary key's; the lookup index (key kind, value)
+    would take them in random order, one page miss each once it outgrows the cache, so for a
+    large store it is dropped and built again afterwards (a sort), in the same transaction.
+    The build is one statement that runs outside the GIL: `plan_rebuild` runs it on a thread
+    while it clusters."""
     conn.execute(match_key.delete())
-    rebuild_indexes = len(plan.keys) >= REINDEX_FROM_CONTACTS
+    rebuild_indexes = len(keys) >= REINDEX_FROM_CONTACTS
     if rebuild_indexes:
         for index in match_key.indexes:
             index.drop(conn)
@@ -120,15 +126,19 @@ def _write_keys(conn: Connection, plan: RebuildPlan) -> None:
     # dicts would take several GB on top of the plan.
     columns = ("record_id", "key_kind", "key_value")
     rows: list[tuple[int, str, str]] = []
-    for rid, keys in plan.keys.items():
-        rows += [(rid, kind, value) for kind, value in keys]
+    for rid, own in keys.items():
+        rows += [(rid, kind, value) for kind, value in own]
         if len(rows) >= ROWS_PER_INSERT:
             insert_rows(conn, match_key, columns, rows)  # COPY on PostgreSQL
             rows = []
     insert_rows(conn, match_key, columns, rows)
-    if rebuild_indexes:
-        for index in sorted(match_key.indexes, key=lambda i: str(i.name)):
-            index.create(conn)
+
+    def build_indexes() -> None:
+        if rebuild_indexes:
+            for index in sorted(match_key.indexes, key=lambda i: str(i.name)):
+                index.create(conn)
+
+    return build_indexes
 
 
 def _write_data(conn: Connection, plan: RebuildPlan) -> None:
