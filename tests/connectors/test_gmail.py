@@ -137,18 +137,20 @@ async def test_concurrent_gets_stay_within_the_per_user_quota(fake: Any, tmp_pat
     # Gmail: 15,000 quota units per user per minute, a messages.get costs 5. The default
     # budget of 40 requests/s spends at most 200 units/s on gets.
     assert GmailConnector.default_rate * 5 <= 15_000 / 60
-    # Scaled down: a quota of 100 units/s (20 gets/s) ...
     state, url = fake
     state.add_messages(24)
-    state.unit_quota = 100
-    # ... that 10 unpaced gets at a time overrun (the fake's quota is real) ...
+    # The fake's quota is real: 10 unpaced gets at a time overrun 25 units/s (5 gets/s; low,
+    # so that even a slow, busy machine sends faster than that) ...
+    state.unit_quota = 25
     unpaced = make_connector(table(url, concurrency=10), tmp_path)
     with contextlib.suppress(TransientError):
         [p async for p in unpaced.pull("activities", None)]
     assert 429 in state.statuses
     await asyncio.sleep(1.0)  # the quota window empties
     state.statuses.clear()
-    # ... and that the same 10-at-a-time gets under a 16 requests/s budget never do.
+    # ... and, scaled down to a quota of 100 units/s (20 gets/s), the same 10-at-a-time
+    # gets under a 16 requests/s budget never overrun it.
+    state.unit_quota = 100
     paced = make_connector(table(url, concurrency=10, rate_limit=16), tmp_path)
     started = time.monotonic()
     pages = [p async for p in paced.pull("activities", None)]
