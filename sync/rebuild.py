@@ -19,7 +19,7 @@ from __future__ import annotations
 import sys
 from array import array
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -229,26 +229,8 @@ def _remap(
         .execution_options(yield_per=CHUNK_ROWS)
     )
     mappings: dict[str, tuple[str, int] | None] = {}
-    region = settings.matching.default_region
     for chunk in rows.partitions():
-        by_source: dict[str, list[Any]] = defaultdict(list)
-        for row in chunk:
-            by_source[row.source].append(row)
-        mapped: dict[int, MappedRecord | Rejected] = {}
-        for name, records in by_source.items() if remap else ():
-            if name not in mappings:
-                mappings[name] = _mapping_of(settings, name)
-                if mappings[name] is None:
-                    plan.unconfigured.append(name)
-            where = mappings[name]
-            if where is None:
-                continue
-            raws = [
-                RawRecord(r.external_id, r.kind, r.payload, r.source_updated_at, r.external_id)
-                for r in records
-            ]
-            results = map_records(where[0], where[1], region, raws)
-            mapped.update((r.id, m) for r, m in zip(records, results, strict=True))
+        mapped = _map_chunk(chunk, settings, plan, mappings) if remap else {}
         for row in chunk:
             counts = plan.per_source.setdefault(row.source, SourceCounts())
             counts.records += row.kind == "contact"
@@ -272,6 +254,36 @@ def _remap(
     # The order a per-source pass gave: by source, then id.
     plan.unconfigured.sort()
     plan.failures.sort(key=lambda f: (f.source, f.record_id))
+
+
+def _map_chunk(
+    chunk: Sequence[Any],
+    settings: Settings,
+    plan: RebuildPlan,
+    mappings: dict[str, tuple[str, int] | None],
+) -> dict[int, MappedRecord | Rejected]:
+    """Map one chunk of rows with their sources' current mappings, source by source; a
+    source no longer configured keeps its staged data (noted in the plan once).
+    `mappings` caches each source's mapping file between chunks."""
+    by_source: dict[str, list[Any]] = defaultdict(list)
+    for row in chunk:
+        by_source[row.source].append(row)
+    mapped: dict[int, MappedRecord | Rejected] = {}
+    for name, records in by_source.items():
+        if name not in mappings:
+            mappings[name] = _mapping_of(settings, name)
+            if mappings[name] is None:
+                plan.unconfigured.append(name)
+        where = mappings[name]
+        if where is None:
+            continue
+        raws = [
+            RawRecord(r.external_id, r.kind, r.payload, r.source_updated_at, r.external_id)
+            for r in records
+        ]
+        results = map_records(where[0], where[1], settings.matching.default_region, raws)
+        mapped.update((r.id, m) for r, m in zip(records, results, strict=True))
+    return mapped
 
 
 def _contact(staged: _Staged) -> Contact:
