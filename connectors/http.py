@@ -130,14 +130,25 @@ def _detail(response: httpx.Response) -> str:
         body = response.json()
     except ValueError:
         return ""
-    if isinstance(body, dict):
-        errors = body.get("errors")
-        if isinstance(errors, list) and errors and isinstance(errors[0], dict):
-            body = errors[0]
+    if not isinstance(body, dict):
+        return ""
+    request_id = ""
+    if isinstance(body.get("error"), dict):
+        # Google and Microsoft Graph: {"error": {"code", "message", ...}}; Graph's
+        # innerError carries the request id its support asks for.
+        body = body["error"]
+        inner = body.get("innerError")
+        if isinstance(inner, dict) and isinstance(inner.get("request-id"), str):
+            request_id = f"; request-id {inner['request-id'][:64]}"
+    places = [body]  # the body's own words first, then its first listed error (JSON:API)
+    errors = body.get("errors")
+    if isinstance(errors, list) and errors and isinstance(errors[0], dict):
+        places.append(errors[0])
+    for place in places:
         for key in ("detail", "message", "title", "error"):
-            value = body.get(key)
+            value = place.get(key)
             if isinstance(value, str) and value:
-                return value[:200]
+                return value[:200] + request_id
     return ""
 
 

@@ -73,6 +73,42 @@ def test_vendor_detail_is_quoted() -> None:
 
 
 @pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (  # Microsoft Graph (docs: "Microsoft Graph error responses and resource types")
+            {
+                "error": {
+                    "code": "ErrorAccessDenied",
+                    "message": "Access is denied. Check credentials and try again.",
+                    "innerError": {
+                        "date": "2026-12-06T09:00:00",
+                        "request-id": "b2f1c2d4-0000-4000-8000-1234567890ab",
+                        "client-request-id": "b2f1c2d4-0000-4000-8000-1234567890ab",
+                    },
+                }
+            },
+            "(Access is denied. Check credentials and try again.; "
+            "request-id b2f1c2d4-0000-4000-8000-1234567890ab)",
+        ),
+        (  # Google (Gmail API)
+            {
+                "error": {
+                    "code": 403,
+                    "message": "Request had insufficient authentication scopes.",
+                    "errors": [{"reason": "insufficientPermissions"}],
+                    "status": "PERMISSION_DENIED",
+                }
+            },
+            "(Request had insufficient authentication scopes.)",
+        ),
+    ],
+)
+def test_nested_vendor_error_is_quoted(body: object, expected: str) -> None:
+    error = error_for_response(response(403, json=body), connector="m", stream=None)
+    assert str(error).endswith(expected)
+
+
+@pytest.mark.parametrize(
     ("headers", "expected"),
     [
         ({"Retry-After": "7"}, 7.0),
