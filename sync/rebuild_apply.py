@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -87,7 +86,7 @@ def apply_plan(conn: Connection, plan: RebuildPlan, actor: str, now: datetime) -
     _write_data(conn, plan)
     _write_letters(conn, plan, now)
     if not plan.keys_written:
-        write_keys(conn, plan.keys)()
+        write_keys(conn, plan.keys)
     created = _create_goldens(conn, plan, now)
     _write_memberships(conn, plan, now)
     for alias, survivor in sorted(plan.aliases.items()):
@@ -108,15 +107,11 @@ def apply_plan(conn: Connection, plan: RebuildPlan, actor: str, now: datetime) -
     )
 
 
-def write_keys(conn: Connection, keys: KeyRows) -> Callable[[], None]:
-    """Replace every match_key row with `keys`; returns what finishes the job: building the
-    lookup index again when it was dropped (call it before the transaction ends).
-
-    Rows go in record order, which is the primary key's; the lookup index (key kind, value)
-    would take them in random order, one page miss each once it outgrows the cache, so for a
-    large store it is dropped and built again afterwards (a sort), in the same transaction.
-    The build is one statement that runs outside the GIL: `plan_rebuild` runs it on a thread
-    while it clusters."""
+def write_keys(conn: Connection, keys: KeyRows) -> None:
+    """Replace every match_key row with `keys`. Rows go in record order, which is the
+    primary key's; the lookup index (key kind, value) would take them in random order, one
+    page miss each once it outgrows the cache, so for a large store it is dropped and built
+    again afterwards (a sort), inside the same transaction."""
     conn.execute(match_key.delete())
     rebuild_indexes = len(keys) >= REINDEX_FROM_CONTACTS
     if rebuild_indexes:
@@ -132,13 +127,9 @@ def write_keys(conn: Connection, keys: KeyRows) -> Callable[[], None]:
             insert_rows(conn, match_key, columns, rows)  # COPY on PostgreSQL
             rows = []
     insert_rows(conn, match_key, columns, rows)
-
-    def build_indexes() -> None:
-        if rebuild_indexes:
-            for index in sorted(match_key.indexes, key=lambda i: str(i.name)):
-                index.create(conn)
-
-    return build_indexes
+    if rebuild_indexes:
+        for index in sorted(match_key.indexes, key=lambda i: str(i.name)):
+            index.create(conn)
 
 
 def _write_data(conn: Connection, plan: RebuildPlan) -> None:
