@@ -800,8 +800,11 @@ def recompute_goldens(conn: Connection, golden_ids: set[int], now: datetime | No
     from sync.review import apply_field_choices
 
     apply_field_choices(conn, golden_ids)
-    # Write-back: the pushes these values call for commit with them (no-op unless configured).
-    # Read back, so a steward's choice is what gets pushed.
+    # Write-back: the pushes these values call for commit with them. Read back, so a
+    # steward's choice is what gets pushed; not at all when no connector writes back (a 1M
+    # first load would decode every golden record's fields again for nothing).
+    if writeback.plan_for(conn) is None:
+        return
     final = {
         gid: (fields, lineage)
         for gid, fields, lineage in conn.execute(
