@@ -17,6 +17,7 @@ from typing import Any
 
 import phonenumbers
 from email_validator import EmailNotValidError, validate_email
+from phonenumbers import PhoneMetadata
 
 __all__ = [
     "TRANSFORMS",
@@ -37,6 +38,11 @@ _SIMPLE_EMAIL = re.compile(
     r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
     r"@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}"
 )
+# The same with letters and digits of any script before the @ (RFC 6531): "chloé.müller@…".
+_INTL_EMAIL = re.compile(
+    r"(?:[\w!#$%&'*+/=?^`{|}~-]+(?:\.[\w!#$%&'*+/=?^`{|}~-]+)*)"
+    r"@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}"
+)
 _E164 = re.compile(r"\+[1-9]\d{6,14}")
 
 
@@ -45,11 +51,26 @@ def normalise_email(value: str) -> str:
     text = value.strip().strip("<>").strip()
     if _SIMPLE_EMAIL.fullmatch(text) and len(text) <= 254:
         return text.lower()
+    if _plain_international(text):
+        return text.lower()
     try:
         result = validate_email(text, check_deliverability=False)
     except EmailNotValidError as exc:
         raise ValueError(f"not a valid email address ({exc})") from None
     return result.normalized.lower()
+
+
+def _plain_international(text: str) -> bool:
+    """An address email-validator accepts as it is: an ASCII domain and, before the @,
+    letters and digits of any script (already NFC, as the validator would make them) among
+    the ASCII characters an address may hold. Such addresses are common in CRM exports, and
+    the full validation takes tens of microseconds each."""
+    return (
+        _INTL_EMAIL.fullmatch(text) is not None
+        and len(text.encode()) <= 254
+        and unicodedata.is_normalized("NFC", text)
+        and all(c.isascii() or unicodedata.category(c)[0] in "LN" for c in text)
+    )
 
 
 @lru_cache(maxsize=65536)
@@ -58,20 +79,82 @@ def normalise_phone(value: str, region: str = "US") -> str:
     text = value.strip()
     if not text:
         raise ValueError("empty phone number")
+    return _plain_number(text, region.upper()) or _parsed_number(text, region.upper())
+
+
+def _parsed_number(text: str, region: str) -> str:
     try:
-        number = phonenumbers.parse(text, region.upper())
+        number = phonenumbers.parse(text, region)
     except phonenumbers.NumberParseException:
         raise ValueError("not a phone number") from None
     # Most numbers belong to the default region: checking it first skips the search for the
     # number's region (for +1, a walk through two dozen NANP regions).
     if not (
-        phonenumbers.is_valid_number_for_region(number, region.upper())
+        phonenumbers.is_valid_number_for_region(number, region)
         or phonenumbers.is_valid_number(number)
     ):
-        raise ValueError(f"not a valid phone number for region {region.upper()}")
+        raise ValueError(f"not a valid phone number for region {region}")
     formatted = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
     assert _E164.fullmatch(formatted)
     return formatted
+
+
+_SEPARATORS = str.maketrans("", "", " ()-.")
+_DIGITS = re.compile(r"\+?[1-9]\d{5,16}")
+
+
+def _plain_number(text: str, region: str) -> str | None:
+    """E.164 for a valid number written as digits and separators only ("+1 212-555-0100",
+    "(212) 555-0100" in a NANP region), without `phonenumbers.parse`; None when parsing
+    might read it otherwise (a national or international prefix, a leading zero, any other
+    character), and for an invalid number, so that such text takes the full path. Most CRM
+    phones are written this way, and parsing them is most of a bulk load's phone work."""
+    digits = text.translate(_SEPARATORS)
+    if not _DIGITS.fullmatch(digits):
+        return None
+    if digits[0] == "+":
+        country_code, national = _split_country_code(digits[1:])
+        region_code = phonenumbers.region_code_for_country_code(country_code)
+    else:
+        # National: the default region's code, unless the digits start with it (parse may
+        # then strip it) or with the region's international prefix.
+        country_code, national, region_code = _country_code(region), digits, region
+        metadata = PhoneMetadata.metadata_for_region(region)
+        if (
+            country_code == 0
+            or metadata is None
+            or digits.startswith(str(country_code))
+            or re.match(metadata.international_prefix or "$^", digits)
+        ):
+            return None
+    metadata = PhoneMetadata.metadata_for_region(region_code)
+    if country_code == 0 or metadata is None or national[:1] in ("", "0"):
+        return None
+    prefix = metadata.national_prefix_for_parsing
+    if prefix and re.match(prefix, national):  # parse would consider stripping a prefix
+        return None
+    number = phonenumbers.PhoneNumber(country_code=country_code, national_number=int(national))
+    if not (
+        phonenumbers.is_valid_number_for_region(number, region)
+        or phonenumbers.is_valid_number(number)
+    ):
+        return None
+    return f"+{country_code}{national}"
+
+
+def _split_country_code(digits: str) -> tuple[int, str]:
+    """The country calling code at the start of `digits` (codes are prefix-free) and the rest;
+    0 when none is known."""
+    for length in (1, 2, 3):
+        code = int(digits[:length])
+        if code in phonenumbers.COUNTRY_CODE_TO_REGION_CODE:
+            return code, digits[length:]
+    return 0, digits
+
+
+@lru_cache(maxsize=256)
+def _country_code(region: str) -> int:
+    return int(phonenumbers.country_code_for_region(region))
 
 
 _DATE_FORMATS = ("%Y-%m-%d", "%Y/%m/%d", "%d.%m.%Y", "%Y%m%d")
