@@ -42,6 +42,7 @@ from sync.store import (
     one_of,
     review_item,
     source_record,
+    update_rows,
 )
 
 __all__ = [
@@ -785,15 +786,18 @@ def recompute_goldens(conn: Connection, golden_ids: set[int], now: datetime | No
     ):
         members[golden_id].append(Member(rid, updated_at, data, source))
     policy = survivorship_for(conn)
-    rows: list[dict[str, Any]] = []
+    stamp = bind_values(conn, golden_record.c.updated_at, [now])[0]
+    rows: list[tuple[str, str, Any, int]] = []
     for golden_id in golden_ids:
         fields, lineage = survive(members[golden_id], policy) if members[golden_id] else ({}, {})
-        rows.append({"b_id": golden_id, "fields": fields, "lineage": lineage, "updated_at": now})
-    conn.execute(
-        golden_record.update()
-        .where(golden_record.c.id == bindparam("b_id"))
-        .values(version=golden_record.c.version + 1),
+        rows.append((json_text(fields), json_text(lineage), stamp, golden_id))
+    update_rows(
+        conn,
+        golden_record,
+        ("fields", "lineage", "updated_at"),
+        "id",
         rows,
+        also="version = version + 1",
     )
     # Stewards' per-field choices override survivorship (imported here: review builds on
     # this module).

@@ -24,15 +24,18 @@ from sync.staging import chunks
 from sync.store import (
     allocate_ids,
     audit_log,
+    bind_values,
     bulk_insert,
     dead_letter,
     golden_record,
     insert_rows,
+    json_text,
     match_key,
     membership,
     one_of,
     review_item,
     source_record,
+    update_rows,
     write_transaction,
 )
 
@@ -184,21 +187,11 @@ def _create_goldens(conn: Connection, plan: RebuildPlan, now: datetime) -> int:
         return 0
     ids = allocate_ids(conn, golden_record, len(placeholders))
     real = dict(zip(placeholders, ids, strict=True))
-    bulk_insert(
-        conn,
-        golden_record,
-        [
-            {
-                "id": gid,
-                "fields": {},
-                "lineage": {},
-                "version": 0,  # recompute_goldens bumps it to 1
-                "created_at": now,
-                "updated_at": now,
-            }
-            for gid in ids
-        ],
-    )
+    stamp = bind_values(conn, golden_record.c.created_at, [now])[0]
+    empty = json_text({})
+    # Version 0: recompute_goldens fills the fields in and bumps it to 1.
+    rows = [(gid, empty, empty, 0, stamp, stamp) for gid in ids]
+    insert_rows(conn, golden_record, _GOLDEN_COLUMNS, rows)
     plan.target = {r: real.get(g, g) for r, g in plan.target.items()}
     return len(ids)
 
@@ -207,18 +200,18 @@ def _write_memberships(conn: Connection, plan: RebuildPlan, now: datetime) -> No
     sizes: dict[int, int] = {}
     for golden in plan.target.values():
         sizes[golden] = sizes.get(golden, 0) + 1
-    moved: list[dict[str, Any]] = []
-    fresh: list[dict[str, Any]] = []
+    stamp = bind_values(conn, membership.c.decided_at, [now])[0]
+    moved: list[tuple[int, str, Any, int]] = []
+    fresh: list[tuple[int, int, str, None, Any]] = []
     for rid, golden in plan.target.items():
         before = plan.current.get(rid)
         if before == golden:
             continue
         method = "steward" if rid in plan.steward else "auto" if sizes[golden] > 1 else "new"
-        row = {"golden_id": golden, "method": method, "decided_at": now}
         if before is None:
-            fresh.append({"record_id": rid, "probability": None, **row})
+            fresh.append((rid, golden, method, None, stamp))
         else:
-            moved.append({"b_record": rid, **row})
+            moved.append((golden, method, stamp, rid))
         if len(fresh) + len(moved) >= ROWS_PER_INSERT:
             _write_membership_rows(conn, moved, fresh)
             moved, fresh = [], []
@@ -226,13 +219,18 @@ def _write_memberships(conn: Connection, plan: RebuildPlan, now: datetime) -> No
 
 
 def _write_membership_rows(
-    conn: Connection, moved: list[dict[str, Any]], fresh: list[dict[str, Any]]
+    conn: Connection,
+    moved: list[tuple[int, str, Any, int]],
+    fresh: list[tuple[int, int, str, None, Any]],
 ) -> None:
-    if moved:
-        conn.execute(
-            membership.update().where(membership.c.record_id == bindparam("b_record")), moved
-        )
-    bulk_insert(conn, membership, fresh)
+    columns = ("golden_id", "method", "decided_at")
+    update_rows(conn, membership, columns, "record_id", moved)
+    insert_rows(conn, membership, _MEMBERSHIP_COLUMNS, fresh)
+
+
+# The columns of the rows written with `insert_rows`.
+_GOLDEN_COLUMNS = ("id", "fields", "lineage", "version", "created_at", "updated_at")
+_MEMBERSHIP_COLUMNS = ("record_id", "golden_id", "method", "probability", "decided_at")
 
 
 def _write_reviews(conn: Connection, plan: RebuildPlan, now: datetime) -> None:

@@ -82,6 +82,7 @@ __all__ = [
     "store_secret",
     "suppression",
     "sync_run",
+    "update_rows",
     "web_session",
     "write_transaction",
     "writeback_ledger",
@@ -578,12 +579,37 @@ def insert_rows(
             for row in rows:
                 copy.write_row(row)
         return
-    marker = "?" if conn.dialect.paramstyle == "qmark" else "%s"
+    marker = _marker(conn)
     sql = (
         f"INSERT INTO {table.name} ({', '.join(columns)}) "
         f"VALUES ({', '.join([marker] * len(columns))})"
     )
     conn.exec_driver_sql(sql, rows)
+
+
+def update_rows(
+    conn: Connection,
+    table: Table,
+    columns: Sequence[str],
+    key: str,
+    rows: list[tuple[Any, ...]],
+    *,
+    also: str = "",
+) -> None:
+    """`insert_rows`' counterpart: `UPDATE table SET column = value, ...[, also] WHERE key =
+    value` for each row of driver-ready values, the key's last. Several times cheaper than a
+    Core `update()` with a dict per row, whose parameters are built and processed row by row."""
+    if not rows:
+        return
+    marker = _marker(conn)
+    assignments = [f"{column} = {marker}" for column in columns] + ([also] if also else [])
+    conn.exec_driver_sql(
+        f"UPDATE {table.name} SET {', '.join(assignments)} WHERE {key} = {marker}", rows
+    )
+
+
+def _marker(conn: Connection) -> str:
+    return "?" if conn.dialect.paramstyle == "qmark" else "%s"
 
 
 def bind_values(conn: Connection, column: Any, values: list[Any]) -> list[Any]:
