@@ -284,7 +284,13 @@ class SyncEngine:
                     async with room:
                         await room.wait_for(has_room)
                         queued += len(page.records)
-                    task = asyncio.ensure_future(self.mapper.map(source.mapping, page.records))
+                    # Once a first load stages without matching, its pages need no golden
+                    # record of their own (`solo`): the batch makes them all.
+                    staged_only = deferral is not None and deferral.deferred
+                    mapping = self.mapper.map(
+                        source.mapping, page.records, with_solo=not staged_only
+                    )
+                    task = asyncio.ensure_future(mapping)
                     queue.put_nowait((page, task))
             except asyncio.CancelledError:
                 cancelled = True

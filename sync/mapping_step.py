@@ -113,6 +113,7 @@ def _map_one(
     region: str,
     for_writer: bool,
     exact_keys: bool,
+    with_solo: bool = True,
 ) -> MappedRecord | Rejected:
     origin = raw.origin or raw.external_id
     try:
@@ -150,8 +151,9 @@ def _map_one(
         mapped.data_json = json_text(data)
         mapped.payload_json = json_text(raw.payload)
         if isinstance(model, Contact):
-            fields, lineage = solo(data, updated)
-            mapped.solo = (json_text(fields), lineage)
+            if with_solo:
+                fields, lineage = solo(data, updated)
+                mapped.solo = (json_text(fields), lineage)
             if exact_keys:
                 mapped.keys = [(k.kind, k.value) for k in _EXACT.keys(model)]
     return mapped
@@ -164,14 +166,15 @@ def map_records(
     records: list[RawRecord],
     for_writer: bool = False,
     exact_keys: bool = False,
+    with_solo: bool = True,
 ) -> list[MappedRecord | Rejected]:
     """Map every non-deletion record of a page; never raises for a bad record.
 
     `for_writer`: also fill in what the pipeline's writer takes (`MappedRecord`'s JSON texts
-    and `solo`); `exact_keys`: and each contact's exact-matcher keys."""
+    and, `with_solo`, `solo`); `exact_keys`: and each contact's exact-matcher keys."""
     mapping = _mapping(mapping_path, mtime_ns)
     return [
-        _map_one(mapping, raw, index, region, for_writer, exact_keys)
+        _map_one(mapping, raw, index, region, for_writer, exact_keys, with_solo)
         for index, raw in enumerate(records)
         if raw.kind != "deletion"
     ]
@@ -212,21 +215,27 @@ class PageMapper:
             self._ready = self._pool.submit(_ready)
 
     async def map(
-        self, mapping: Mapping, records: list[RawRecord], *, inline: bool = False
+        self,
+        mapping: Mapping,
+        records: list[RawRecord],
+        *,
+        inline: bool = False,
+        with_solo: bool = True,
     ) -> list[MappedRecord | Rejected]:
         """Map `records`; on the helper process for big pages unless `inline`. Until the
-        helper has started, pages are mapped here (this process has little else to do yet)."""
+        helper has started, pages are mapped here (this process has little else to do yet).
+        Without `with_solo` no lone golden record is worked out (pages only staged, whose
+        golden records a first load's batch makes)."""
         path = str(mapping.path)
         mtime = mapping.path.stat().st_mtime_ns if mapping.path.exists() else 0
+        args = (path, mtime, self.region, records, True, self.exact_keys, with_solo)
         if inline or not self._use_pool or len(records) < POOL_THRESHOLD:
-            return map_records(path, mtime, self.region, records, True, self.exact_keys)
+            return map_records(*args)
         self._start()
         if self._ready is not None and not self._ready.done():
-            return map_records(path, mtime, self.region, records, True, self.exact_keys)
+            return map_records(*args)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._pool, map_records, path, mtime, self.region, records, True, self.exact_keys
-        )
+        return await loop.run_in_executor(self._pool, map_records, *args)
 
     def close(self) -> None:
         if self._pool is not None:

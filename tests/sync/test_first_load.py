@@ -16,6 +16,7 @@ from sync.engine import SyncEngine
 from sync.migrate import upgrade
 from sync.rebuild_apply import rebuild
 from sync.store import (
+    golden_record,
     make_engine,
     membership,
     pending_match,
@@ -46,13 +47,19 @@ def _settings(
 
 
 def _partition(db: Engine) -> set[frozenset[str]]:
+    return set(_goldens(db))
+
+
+def _goldens(db: Engine) -> dict[frozenset[str], dict]:
+    """Each golden record's fields, by its members' external ids."""
     with db.connect() as conn:
         rows = conn.execute(select(source_record.c.id, source_record.c.external_id)).all()
         external: dict[int, str] = {row.id: row.external_id for row in rows}
         groups: dict[int, set[str]] = {}
         for rid, gid in conn.execute(select(membership.c.record_id, membership.c.golden_id)):
             groups.setdefault(gid, set()).add(external[rid])
-    return {frozenset(g) for g in groups.values()}
+        fields = dict(conn.execute(select(golden_record.c.id, golden_record.c.fields)).all())
+    return {frozenset(members): fields[gid] for gid, members in groups.items()}
 
 
 def _unmatched(db: Engine) -> int:
@@ -98,6 +105,9 @@ async def test_a_big_first_load_ends_as_a_rebuild_would(tmp_path, db, store_url)
     page_by_page = _partition(reference)
     rebuild(reference, settings, actor="test", confirm=True)
     assert _partition(db) == _partition(reference) != page_by_page
+    # Pages staged without matching were mapped without lone golden fields (`solo`): the
+    # batch's survivorship gives every golden record the fields a rebuild gives it.
+    assert _goldens(db) == _goldens(reference)
     reference.dispose()
 
 
