@@ -124,7 +124,7 @@ def _plain_number(text: str, region: str) -> str | None:
             country_code == 0
             or metadata is None
             or digits.startswith(str(country_code))
-            or re.match(metadata.international_prefix or "$^", digits)
+            or (metadata.international_prefix and re.match(metadata.international_prefix, digits))
         ):
             return None
     metadata = PhoneMetadata.metadata_for_region(region_code)

@@ -46,6 +46,8 @@ from sync.store import (
 )
 
 __all__ = [
+    "GOLDEN_COLUMNS",
+    "MEMBERSHIP_COLUMNS",
     "CandidateCache",
     "MatchInput",
     "MatchOutcome",
@@ -599,7 +601,7 @@ def match_and_merge(
                     joint[golden_id] = (fields, lineage)
                 fields_text, lineage_text = json_text(fields), json_text(lineage)
             rows.append((golden_id, fields_text, lineage_text, 1, stamp, stamp))
-        insert_rows(conn, golden_record, _GOLDEN_COLUMNS, rows)
+        insert_rows(conn, golden_record, GOLDEN_COLUMNS, rows)
         outcome.goldens_created += len(ids)
         if joint:  # new golden records of several records: tools may need telling
             writeback.golden_changed(
@@ -611,7 +613,7 @@ def match_and_merge(
         for records, golden_id in zip(fresh, ids, strict=True):
             method = "new" if len(records) == 1 else "auto"
             new_members.extend((r, golden_id, method, None, stamp) for r in records)
-    insert_rows(conn, membership, _MEMBERSHIP_COLUMNS, new_members)
+    insert_rows(conn, membership, MEMBERSHIP_COLUMNS, new_members)
     if moved:
         conn.execute(
             membership.update().where(membership.c.record_id == bindparam("b_record")), moved
@@ -622,9 +624,9 @@ def match_and_merge(
     return outcome
 
 
-# The columns `match_and_merge` inserts new rows with (`insert_rows`).
-_GOLDEN_COLUMNS = ("id", "fields", "lineage", "version", "created_at", "updated_at")
-_MEMBERSHIP_COLUMNS = ("record_id", "golden_id", "method", "probability", "decided_at")
+# The columns new golden records and memberships are inserted with (`insert_rows`).
+GOLDEN_COLUMNS = ("id", "fields", "lineage", "version", "created_at", "updated_at")
+MEMBERSHIP_COLUMNS = ("record_id", "golden_id", "method", "probability", "decided_at")
 # What the exact matcher decides for two records that share a key.
 _SHARES_A_KEY = Decision("merge", 1.0, {})
 

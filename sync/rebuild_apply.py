@@ -18,7 +18,13 @@ from sqlalchemy import Connection, Engine, bindparam, select
 from crmhub.settings import Settings
 from sync.activities import index_activities
 from sync.configure import configure
-from sync.golden import MERGE_LOCK, fold_golden, recompute_goldens
+from sync.golden import (
+    GOLDEN_COLUMNS,
+    MEMBERSHIP_COLUMNS,
+    MERGE_LOCK,
+    fold_golden,
+    recompute_goldens,
+)
 from sync.rebuild import KeyRows, RebuildPlan, RebuildRefusedError, plan_rebuild
 from sync.staging import chunks
 from sync.store import (
@@ -191,7 +197,7 @@ def _create_goldens(conn: Connection, plan: RebuildPlan, now: datetime) -> int:
     empty = json_text({})
     # Version 0: recompute_goldens fills the fields in and bumps it to 1.
     rows = [(gid, empty, empty, 0, stamp, stamp) for gid in ids]
-    insert_rows(conn, golden_record, _GOLDEN_COLUMNS, rows)
+    insert_rows(conn, golden_record, GOLDEN_COLUMNS, rows)
     plan.target = {r: real.get(g, g) for r, g in plan.target.items()}
     return len(ids)
 
@@ -225,12 +231,7 @@ def _write_membership_rows(
 ) -> None:
     columns = ("golden_id", "method", "decided_at")
     update_rows(conn, membership, columns, "record_id", moved)
-    insert_rows(conn, membership, _MEMBERSHIP_COLUMNS, fresh)
-
-
-# The columns of the rows written with `insert_rows`.
-_GOLDEN_COLUMNS = ("id", "fields", "lineage", "version", "created_at", "updated_at")
-_MEMBERSHIP_COLUMNS = ("record_id", "golden_id", "method", "probability", "decided_at")
+    insert_rows(conn, membership, MEMBERSHIP_COLUMNS, fresh)
 
 
 def _write_reviews(conn: Connection, plan: RebuildPlan, now: datetime) -> None:
