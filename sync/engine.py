@@ -84,6 +84,7 @@ class RunCounts:
     records_merged: int = 0
     goldens_merged: int = 0
     reviews_queued: int = 0
+    reviews_settled: int = 0  # queued ones a first load's batch closed (their records merged)
     suppressed: int = 0
     aliased: int = 0  # contacts the source merged into others (sync/aliases.py)
     deletions_held: int = 0  # inferred deletions the guard refused (sync/deletions.py)
@@ -378,6 +379,7 @@ class SyncEngine:
             counts.goldens_merged += done.goldens_merged
             counts.records_merged += done.records_merged
             counts.reviews_queued += done.reviews_queued
+            counts.reviews_settled += done.reviews_settled
             self.frequencies.recount()  # its pages were not counted as they were staged
 
     def use_trained_params(self) -> None:

@@ -77,6 +77,7 @@ class BatchOutcome:
     goldens_merged: int = 0
     records_merged: int = 0
     reviews_queued: int = 0
+    reviews_settled: int = 0  # open reviews of its first pages whose records it merged
 
 
 def has_goldens(conn: Connection) -> bool:
@@ -125,6 +126,7 @@ def cluster_pending(db: Engine, settings: Settings, own: str | None = None) -> B
             reviews_queued=len(plan.reviews),
         )
         apply_plan(conn, plan, ACTOR, now)
+        outcome.reviews_settled = plan.reviews_settled
         _attach_aliases(conn, now)
         conn.execute(pending_match.delete())
     log.info("first load clustered in one batch", extra={"contacts": outcome.contacts})

@@ -140,6 +140,7 @@ class RebuildPlan:
     keys: KeyRows = field(default_factory=KeyRows)  # match_key rows per contact
     keys_outdated: int = 0
     keys_written: bool = False  # `plan_rebuild(write_keys=...)` stored them already
+    reviews_settled: int = 0  # open review items the apply closed: their records merged
     # uncertain pairs (record a < record b, probability, the matcher's explanation)
     reviews: list[tuple[int, int, float, dict[str, Any]]] = field(default_factory=list)
     clusters: dict[str, int] = field(default_factory=dict)  # kept / changed / merged / ...

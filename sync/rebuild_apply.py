@@ -246,6 +246,7 @@ def _write_reviews(conn: Connection, plan: RebuildPlan, now: datetime) -> None:
         )
         if a in plan.target and plan.target.get(a) == plan.target.get(b)
     ]
+    plan.reviews_settled = len(settled)
     for part in chunks(settled):
         conn.execute(
             review_item.update()

@@ -35,12 +35,17 @@ def _contacts_csv(tmp_path: Path) -> Path:
 
 
 def _settings(
-    folder: Path, url: str, csv: Path, batch: int, method: str = "probabilistic"
+    folder: Path,
+    url: str,
+    csv: Path,
+    batch: int,
+    method: str = "probabilistic",
+    page_size: int = 100,
 ) -> Settings:
     settings = Settings(
         store={"url": url},
         matching={"batch_first_load": batch, "method": method},
-        connectors={"crm": {"type": "csv", "path": str(csv), "page_size": 100}},
+        connectors={"crm": {"type": "csv", "path": str(csv), "page_size": page_size}},
     )
     settings.source_path = folder / "crmhub.toml"
     return settings
@@ -89,7 +94,13 @@ async def test_a_big_first_load_ends_as_a_rebuild_would(tmp_path, db, store_url)
     assert _unmatched(db) == 0  # every contact has its golden record; nothing pending
     with db.connect() as conn:
         reviews = conn.execute(select(func.count()).select_from(review_item)).scalar_one()
-        assert result.counts.reviews_queued == reviews > 0
+        still_open = conn.execute(
+            select(func.count()).select_from(review_item).where(review_item.c.status == "open")
+        ).scalar_one()
+    # Every item the run queued is counted; those the batch closed (their records merged)
+    # are counted as settled, so the two add up to what stays open.
+    assert result.counts.reviews_queued == reviews > 0
+    assert result.counts.reviews_queued - result.counts.reviews_settled == still_open
     # What page-by-page matching and then `crmhub rebuild` give, on a store of its own.
     folder = tmp_path / "reference"
     folder.mkdir()
@@ -109,6 +120,26 @@ async def test_a_big_first_load_ends_as_a_rebuild_would(tmp_path, db, store_url)
     # batch's survivorship gives every golden record the fields a rebuild gives it.
     assert _goldens(db) == _goldens(reference)
     reference.dispose()
+
+
+async def test_a_review_the_batch_merges_is_counted_as_settled(tmp_path, db, store_url):
+    csv = tmp_path / "contacts.csv"
+    csv.write_text(
+        "id,first_name,last_name,email,phone,company\n"
+        "A,Robert,Smith,rsmith@acme.com,,Acme Inc\n"
+        "B,Rob,Smyth,,+14155550101,Acme\n"  # with A: uncertain, queued by the first page
+        "C,Rob,Smyth,rsmith@acme.com,+14155550101,Acme\n"  # A's address, B's phone
+        "D,Jane,Doe,jane@globex.com,,Globex\n"
+    )
+    engine = SyncEngine(_settings(tmp_path, store_url, csv, batch=2, page_size=2), db)
+    try:
+        result = await engine.run("crm")
+    finally:
+        engine.close()
+    assert (result.counts.reviews_queued, result.counts.reviews_settled) == (1, 1)
+    with db.connect() as conn:
+        assert conn.execute(select(review_item.c.status)).scalars().all() == ["merged"]
+    assert frozenset({"A", "B", "C"}) in _partition(db)
 
 
 @pytest.mark.parametrize(("method", "batch"), [("exact", 150), ("probabilistic", 0)])
