@@ -112,23 +112,20 @@ def _plain_number(text: str, region: str) -> str | None:
     digits = text.translate(_SEPARATORS)
     if not _DIGITS.fullmatch(digits):
         return None
-    if digits[0] == "+":
+    international = digits[0] == "+"
+    if international:
         country_code, national = _split_country_code(digits[1:])
         region_code = phonenumbers.region_code_for_country_code(country_code)
     else:
-        # National: the default region's code, unless the digits start with it (parse may
-        # then strip it) or with the region's international prefix.
         country_code, national, region_code = _country_code(region), digits, region
-        metadata = PhoneMetadata.metadata_for_region(region)
-        if (
-            country_code == 0
-            or metadata is None
-            or digits.startswith(str(country_code))
-            or (metadata.international_prefix and re.match(metadata.international_prefix, digits))
-        ):
-            return None
     metadata = PhoneMetadata.metadata_for_region(region_code)
     if country_code == 0 or metadata is None or national[:1] in ("", "0"):
+        return None
+    if not international and (
+        # National: parse may strip the region's own code or its international prefix.
+        digits.startswith(str(country_code))
+        or (metadata.international_prefix and re.match(metadata.international_prefix, digits))
+    ):
         return None
     prefix = metadata.national_prefix_for_parsing
     if prefix and re.match(prefix, national):  # parse would consider stripping a prefix

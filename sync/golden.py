@@ -15,7 +15,7 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import orjson
-from sqlalchemy import Connection, Text, bindparam, cast, or_, select
+from sqlalchemy import Connection, Text, cast, or_, select
 
 from crmhub.records import Contact
 from dedupe import Decision, ExactMatcher, Matcher, Member, survive
@@ -554,7 +554,7 @@ def match_and_merge(
 
     stamp = bind_values(conn, membership.c.decided_at, [now])[0]  # `now`, as the driver takes it
     new_members: list[tuple[int, int, str, float | None, Any]] = []
-    moved: list[dict[str, Any]] = []
+    moved: list[tuple[int, Any, int]] = []  # (golden id, decided at, record id)
     fresh: list[list[int]] = [[rid] for rid in lone]  # batch records needing a golden record
     for group in uf.groups():
         goldens = sorted(g for kind, g in group if kind == "g")
@@ -575,7 +575,7 @@ def match_and_merge(
             if r not in member_of:
                 new_members.append((r, golden_id, "auto", None, stamp))
             elif member_of[r] != golden_id:
-                moved.append({"b_record": r, "golden_id": golden_id, "decided_at": now})
+                moved.append((golden_id, stamp, r))
     if fresh:
         # New golden records in batch order, whichever way they were found (stable ids).
         order = {rid: i for i, rid in enumerate(batch)}
@@ -614,10 +614,7 @@ def match_and_merge(
             method = "new" if len(records) == 1 else "auto"
             new_members.extend((r, golden_id, method, None, stamp) for r in records)
     insert_rows(conn, membership, MEMBERSHIP_COLUMNS, new_members)
-    if moved:
-        conn.execute(
-            membership.update().where(membership.c.record_id == bindparam("b_record")), moved
-        )
+    update_rows(conn, membership, ("golden_id", "decided_at"), "record_id", moved)
     _queue_reviews(conn, reviews, now, outcome)
     _settle_reviews(conn, set(batch), outcome.touched_goldens, now)
     recompute_goldens(conn, outcome.touched_goldens, now)
