@@ -63,8 +63,12 @@ log = logging.getLogger("crmhub.sync")
 # parameters, and for a first load left to cluster, at most this often; a pull run always
 # looks at its start.
 PARAMS_CHECK_SECONDS = 10.0
-# Records pulled ahead of the writer, at most; and written in one transaction, at most.
+# Pulling runs ahead of the writer by up to READ_AHEAD records, or PAGES_AHEAD pages whatever
+# their size: with one page in flight the mapping helper idled while each page was read and
+# sent to it (file connectors' pages hold 10,000 records; a 200k-row CSV into SQLite went
+# from 16k to 20k rows/s). WRITE_BATCH: records written in one transaction, at most.
 READ_AHEAD = 8000
+PAGES_AHEAD = 2
 WRITE_BATCH = 2000
 
 
@@ -271,20 +275,21 @@ class SyncEngine:
         """
         queue: asyncio.Queue[tuple[Page, asyncio.Task[list[MappedRecord | Rejected]]] | None]
         queue = asyncio.Queue()
-        room = asyncio.Condition()  # the producer waits while READ_AHEAD records are queued
-        queued = 0
+        room = asyncio.Condition()  # the producer waits while the queue is full
+        queued = pages_queued = 0
 
         def has_room() -> bool:
-            return queued < READ_AHEAD
+            return queued < READ_AHEAD or pages_queued < PAGES_AHEAD
 
         async def produce() -> None:
-            nonlocal queued
+            nonlocal queued, pages_queued
             cancelled = False
             try:
                 async for page in connector.pull(stream, cursor):  # type: ignore[arg-type]
                     async with room:
                         await room.wait_for(has_room)
                         queued += len(page.records)
+                        pages_queued += 1
                     # Once a first load stages without matching, its pages need no golden
                     # record of their own (`solo`): the batch makes them all.
                     staged_only = deferral is not None and deferral.deferred
@@ -314,6 +319,7 @@ class SyncEngine:
                 pages = [(page, await task) for page, task in batch]
                 async with room:
                     queued -= sum(len(p.records) for p, _ in pages)
+                    pages_queued -= len(pages)
                     room.notify_all()
                 page, mapped = _combined(pages)
                 applying = asyncio.ensure_future(

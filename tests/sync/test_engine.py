@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, func, select
 
+import sync.engine
 from connectors.csv import CsvConnector
 from crmhub.records import Contact
 from dedupe import Decision, MatchKey
@@ -271,6 +272,38 @@ async def test_small_pages_are_written_together_with_the_last_cursor(
     result = await engine.run("small", progress=reports.append)
     assert (result.counts.pulled, result.counts.new) == (3000 - staged, 3000 - staged)
     assert len(reports) - 1 < (3000 - staged) // 10  # fewer writes than pages
+
+
+async def test_pages_are_pulled_ahead_of_the_writer_within_bounds(
+    tmp_path, db, store_url, monkeypatch
+):
+    """Big pages: the next PAGES_AHEAD pages are pulled (and mapped) while one is written,
+    even past READ_AHEAD records, so the mapping helper never waits for a page to be read
+    and sent; and no more than that, so memory stays bounded."""
+    monkeypatch.setattr(sync.engine, "READ_AHEAD", 1)  # every page is "big"
+    pull = CsvConnector.pull
+    pulled = 0
+
+    async def counted(self, stream, cursor):
+        nonlocal pulled
+        async for page in pull(self, stream, cursor):
+            pulled += 1
+            yield page
+
+    monkeypatch.setattr(CsvConnector, "pull", counted)
+    src = tmp_path / "pages.csv"
+    src.write_text(
+        "id,email\n" + "".join(f"{i},p{i}@example.com\n" for i in range(1, 201)),
+        encoding="utf-8",
+    )
+    cfg = {"pages": {"type": "csv", "path": str(src), "page_size": 10}}
+    engine = SyncEngine(make_settings(tmp_path, store_url, cfg), db)
+    ahead: list[int] = []
+    result = await engine.run("pages", progress=lambda r: ahead.append(pulled - len(ahead) - 1))
+    assert result.counts.new == 200
+    # Ahead of each committed page: PAGES_AHEAD queued, and one more the producer holds
+    # while it waits for room.
+    assert max(ahead) == sync.engine.PAGES_AHEAD + 1
 
 
 async def test_appended_rows_are_the_only_ones_read(tmp_path, db, store_url):
