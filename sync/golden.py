@@ -463,7 +463,9 @@ def match_and_merge(
     pairs: set[tuple[int, int]] = set()
     for rid, wanted in lookups.items():
         for key in wanted:
-            pairs.update((min(rid, o), max(rid, o)) for o in holders.get(key, ()) if o != rid)
+            found = holders.get(key)
+            if found and (len(found) > 1 or found[0] != rid):  # not the record alone
+                pairs.update((min(rid, o), max(rid, o)) for o in found if o != rid)
     candidate_ids = {rid for pair in pairs for rid in pair}
     # New records have no membership yet: only candidates and changed records are looked up.
     member_of = dict(
@@ -579,7 +581,11 @@ def match_and_merge(
     if fresh:
         # New golden records in batch order, whichever way they were found (stable ids).
         order = {rid: i for i, rid in enumerate(batch)}
-        fresh.sort(key=lambda records: min(order[r] for r in records))
+        fresh.sort(
+            key=lambda records: (
+                order[records[0]] if len(records) == 1 else min(map(order.__getitem__, records))
+            )
+        )
         policy = survivorship_for(conn)
         ids = allocate_ids(conn, golden_record, len(fresh))
         rows: list[tuple[int, str, str, int, Any, Any]] = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import marshal
 import multiprocessing
 import os
 import signal
@@ -17,6 +18,7 @@ from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +41,8 @@ POOL_THRESHOLD = 64
 class MappedRecord:
     """A mapped record. Mapped for the writer (`map_records(..., for_writer=True)`), what the
     store keeps travels as JSON text (`json_text`), so the writer neither decodes nor encodes
-    it, and only that text crosses from the mapping process; `data` decodes on demand."""
+    it, and only that text crosses from the mapping process (`_pack`); `data` decodes on
+    demand."""
 
     index: int  # position in the page, for the payload
     kind: str
@@ -65,37 +68,12 @@ class MappedRecord:
             self._data = orjson.loads(self.data_json or "{}")
         return self._data
 
-    def __reduce__(self) -> tuple[type[MappedRecord], tuple[Any, ...]]:
-        # Constructor arguments pickle about three times faster than a slots dataclass's
-        # default state (pages come back from the mapping process). The decoded data stays
-        # behind when its text is there.
-        return (
-            MappedRecord,
-            (
-                self.index,
-                self.kind,
-                self.external_id,
-                self.origin,
-                self.content_hash,
-                self.updated_at,
-                self.issues,
-                self.data_json,
-                self.payload_json,
-                self.keys,
-                self.solo,
-                self._data if self.data_json is None else None,
-            ),
-        )
-
 
 @dataclass(slots=True)
 class Rejected:
     index: int
     origin: str
     reason: str
-
-    def __reduce__(self) -> tuple[type[Rejected], tuple[Any, ...]]:
-        return (Rejected, (self.index, self.origin, self.reason))
 
 
 _EXACT = ExactMatcher()
@@ -180,6 +158,50 @@ def map_records(
     ]
 
 
+# MappedRecord's fields in constructor order, as `_pack` sends them (`_data` stays behind).
+_PACKED = (
+    "index",
+    "kind",
+    "external_id",
+    "origin",
+    "content_hash",
+    "updated_at",
+    "issues",
+    "data_json",
+    "payload_json",
+    "keys",
+    "solo",
+)
+_UPDATED = _PACKED.index("updated_at")
+
+
+def _map_packed(*args: Any) -> bytes:
+    """`map_records` for the writer, on the helper process: its result `_pack`ed."""
+    return _pack(map_records(*args))
+
+
+def _pack(items: list[MappedRecord | Rejected]) -> bytes:
+    """A mapped page as columns of plain values for `marshal`: the helper is the busier
+    process of a bulk load, and this packs a 10,000-record page in a third of the time
+    pickling each record took (22 vs 64 ms); unpacking costs the same."""
+    mapped = [m for m in items if isinstance(m, MappedRecord)]
+    rejected = [(r.index, r.origin, r.reason) for r in items if isinstance(r, Rejected)]
+    columns = [[getattr(m, name) for m in mapped] for name in _PACKED]
+    columns[_UPDATED] = [at.isoformat() if at else None for at in columns[_UPDATED]]
+    return marshal.dumps((columns, rejected))
+
+
+def _unpack(packed: bytes) -> list[MappedRecord | Rejected]:
+    """`_pack`'s page again, in page order."""
+    columns, rejected = marshal.loads(packed)
+    columns[_UPDATED] = [datetime.fromisoformat(at) if at else None for at in columns[_UPDATED]]
+    items: list[MappedRecord | Rejected] = list(map(MappedRecord, *columns))
+    if rejected:
+        items += [Rejected(*r) for r in rejected]
+        items.sort(key=attrgetter("index"))
+    return items
+
+
 def _helper_started(parent: int) -> None:
     """In the mapping helper: end with the process that started it (a SIGKILLed sync or
     worker would otherwise leave it waiting forever), and collect garbage for bulk work."""
@@ -235,7 +257,7 @@ class PageMapper:
         if self._ready is not None and not self._ready.done():
             return map_records(*args)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, map_records, *args)
+        return _unpack(await loop.run_in_executor(self._pool, _map_packed, *args))
 
     def close(self) -> None:
         if self._pool is not None:

@@ -1,0 +1,77 @@
+"""The map step: pages mapped on the helper process arrive as the in-process mapping gives them."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+
+from crmhub.mapping import BUILTIN_MAPPINGS
+from crmhub.records import RawRecord
+from sync.mapping_step import (
+    POOL_THRESHOLD,
+    MappedRecord,
+    PageMapper,
+    Rejected,
+    _map_packed,
+    _unpack,
+    map_records,
+)
+
+CSV_MAPPING = BUILTIN_MAPPINGS / "csv.toml"
+
+
+def _page(size: int) -> list[RawRecord]:
+    """Contacts of every shape the writer takes: keys and a lone golden record, a dropped
+    value (an issue), a record with no identity (rejected), times with and without an
+    offset or none at all, non-ASCII text; and a deletion, which is not mapped."""
+    records = []
+    for i in range(size):
+        payload = {
+            "id": f"C-{i}",
+            "first_name": "Zoë" if i % 3 else "Ann",
+            "last_name": f"Łukasz-{i}",
+            "email": f"person{i}@example.com" if i % 5 else "not an address",
+            "phone": f"+1 415 555 {i % 10000:04d}" if i % 2 else "",
+            "updated_at": ["2026-01-02T03:04:05+02:00", "2026-03-04T05:06:07.123456Z", ""][i % 3],
+        }
+        if i % 17 == 0:
+            payload = {"id": f"C-{i}", "updated_at": ""}  # nothing to identify anyone by
+        at = datetime(2026, 1, 1, tzinfo=timezone(timedelta(hours=-5))) if i % 4 == 0 else None
+        records.append(RawRecord(f"C-{i}", "contact", payload, at, f"row {i + 2}"))
+    records.append(RawRecord("C-0", "deletion", {}))
+    return records
+
+
+def test_a_packed_page_unpacks_to_what_mapping_in_process_gives():
+    records = _page(300)
+    args = (str(CSV_MAPPING), 0, "US", records, True, True, True)
+    here = map_records(*args)
+    there = _unpack(_map_packed(*args))
+    assert there == here
+    assert [type(m) for m in there] == [type(m) for m in here]
+    assert {type(m) for m in here} == {MappedRecord, Rejected}  # both kinds were packed
+    assert any(m.issues for m in here if isinstance(m, MappedRecord))
+    times = {m.updated_at for m in there if isinstance(m, MappedRecord)}
+    assert None in times
+    assert datetime(2026, 3, 4, 5, 6, 7, 123456, tzinfo=UTC) in times
+    assert there[1].data == here[1].data  # the JSON text decodes on demand
+
+
+async def test_pages_mapped_on_the_helper_process_equal_the_in_process_mapping():
+    from crmhub.mapping import load_mapping
+
+    mapping = load_mapping(CSV_MAPPING)
+    mapper = PageMapper("US", exact_keys=True)
+    try:
+        first = _page(POOL_THRESHOLD + 10)
+        second = _page(POOL_THRESHOLD + 50)
+        # The first big page starts the helper (and is mapped here); the next goes to it.
+        await mapper.map(mapping, first)
+        assert mapper._pool is not None
+        mapped = await mapper.map(mapping, second)
+    finally:
+        mapper.close()
+    path = str(CSV_MAPPING)
+    mtime = CSV_MAPPING.stat().st_mtime_ns
+    assert mapped == map_records(path, mtime, "US", second, True, True, True)
+    times = {m.updated_at for m in mapped if isinstance(m, MappedRecord)}
+    assert datetime(2026, 1, 2, 1, 4, 5, tzinfo=UTC) in times
