@@ -175,9 +175,41 @@ _PACKED = (
 _UPDATED = _PACKED.index("updated_at")
 
 
-def _map_packed(*args: Any) -> bytes:
-    """`map_records` for the writer, on the helper process: its result `_pack`ed."""
-    return _pack(map_records(*args))
+def _map_packed(
+    path: str,
+    mtime_ns: int,
+    region: str,
+    records: bytes | list[RawRecord],
+    *options: bool,
+) -> bytes:
+    """`map_records` on the helper process: a page `_pack_raw`ed there, `_pack`ed back."""
+    return _pack(map_records(path, mtime_ns, region, _unpack_raw(records), *options))
+
+
+def _pack_raw(records: list[RawRecord]) -> bytes | list[RawRecord]:
+    """A page of raw records for the helper as marshalled columns (five times cheaper for
+    this process than pickling the records); the records themselves, pickled, when a
+    payload holds what marshal does not take (a date, a subclass of str or dict)."""
+    try:
+        return marshal.dumps(
+            (
+                [r.external_id for r in records],
+                [r.kind for r in records],
+                [r.payload for r in records],
+                [r.updated_at.isoformat() if r.updated_at else None for r in records],
+                [r.origin for r in records],
+            )
+        )
+    except ValueError:
+        return records
+
+
+def _unpack_raw(packed: bytes | list[RawRecord]) -> list[RawRecord]:
+    if not isinstance(packed, bytes):
+        return packed
+    ids, kinds, payloads, times, origins = marshal.loads(packed)
+    times = [datetime.fromisoformat(at) if at else None for at in times]
+    return list(map(RawRecord, ids, kinds, payloads, times, origins))
 
 
 def _pack(items: list[MappedRecord | Rejected]) -> bytes:
@@ -250,14 +282,16 @@ class PageMapper:
         golden records a first load's batch makes)."""
         path = str(mapping.path)
         mtime = mapping.path.stat().st_mtime_ns if mapping.path.exists() else 0
-        args = (path, mtime, self.region, records, True, self.exact_keys, with_solo)
+        where = (path, mtime, self.region)
+        options = (True, self.exact_keys, with_solo)  # for the writer
         if inline or not self._use_pool or len(records) < POOL_THRESHOLD:
-            return map_records(*args)
+            return map_records(*where, records, *options)
         self._start()
         if self._ready is not None and not self._ready.done():
-            return map_records(*args)
+            return map_records(*where, records, *options)
         loop = asyncio.get_running_loop()
-        return _unpack(await loop.run_in_executor(self._pool, _map_packed, *args))
+        page = _pack_raw(records)
+        return _unpack(await loop.run_in_executor(self._pool, _map_packed, *where, page, *options))
 
     def close(self) -> None:
         if self._pool is not None:

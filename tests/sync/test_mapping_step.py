@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 
 from crmhub.mapping import BUILTIN_MAPPINGS
 from crmhub.records import RawRecord
@@ -12,6 +12,7 @@ from sync.mapping_step import (
     PageMapper,
     Rejected,
     _map_packed,
+    _pack_raw,
     _unpack,
     map_records,
 )
@@ -43,9 +44,10 @@ def _page(size: int) -> list[RawRecord]:
 
 def test_a_packed_page_unpacks_to_what_mapping_in_process_gives():
     records = _page(300)
-    args = (str(CSV_MAPPING), 0, "US", records, True, True, True)
-    here = map_records(*args)
-    there = _unpack(_map_packed(*args))
+    here = map_records(str(CSV_MAPPING), 0, "US", records, True, True, True)
+    packed = _pack_raw(records)
+    assert isinstance(packed, bytes)
+    there = _unpack(_map_packed(str(CSV_MAPPING), 0, "US", packed, True, True, True))
     assert there == here
     assert [type(m) for m in there] == [type(m) for m in here]
     assert {type(m) for m in here} == {MappedRecord, Rejected}  # both kinds were packed
@@ -75,3 +77,12 @@ async def test_pages_mapped_on_the_helper_process_equal_the_in_process_mapping()
     assert mapped == map_records(path, mtime, "US", second, True, True, True)
     times = {m.updated_at for m in mapped if isinstance(m, MappedRecord)}
     assert datetime(2026, 1, 2, 1, 4, 5, tzinfo=UTC) in times
+
+
+def test_a_page_marshal_cannot_take_travels_as_records():
+    """A payload value outside marshal's plain types (here a date) sends the page pickled."""
+    records = _page(70)
+    records[5].payload["birth_date"] = date(1990, 2, 3)
+    assert _pack_raw(records) is records
+    here = map_records(str(CSV_MAPPING), 0, "US", records, True, False, True)
+    assert _unpack(_map_packed(str(CSV_MAPPING), 0, "US", records, True, False, True)) == here
