@@ -175,10 +175,28 @@ def test_result_does_not_depend_on_member_order() -> None:
         {"consent": "subscribed", "emails": ["a@example.com"]},
         {"consent": "pending", "consent_at": "2026-01-03T09:30:00Z"},
         {"full_name": "No Consent"},
+        {"consent": "unknown", "consent_at": "2026-01-03T09:30:00Z", "company": ""},
+        {"consent": "cleaned", "consent_at": datetime(2026, 2, 1, tzinfo=UTC)},
+        {
+            "first_name": "Ann",
+            "last_name": "",
+            "job_title": None,
+            "emails": ["a@example.com", "b@example.com", "a@example.com"],
+            "phones": ["+14155550100", "+14155550100"],
+            "birth_date": "1990-02-03",
+            "attributes": {"tier": "gold"},
+        },
+        {},
     ],
 )
-def test_the_singleton_fast_path_matches_the_general_path(data: dict[str, object]) -> None:
-    from dedupe.survivorship import DEFAULT_POLICY, _general
+@pytest.mark.parametrize("updated", [True, False], ids=["updated_at", "no_updated_at"])
+def test_the_singleton_fast_path_matches_the_general_path(
+    data: dict[str, object], updated: bool
+) -> None:
+    from dedupe.survivorship import DEFAULT_POLICY, _general, solo
 
-    member = Member(7, at(4), data, "src")
-    assert survive([member]) == _general([member], DEFAULT_POLICY)
+    member = Member(7, at(4) if updated else None, data, "src")
+    want = _general([member], DEFAULT_POLICY)
+    assert survive([member]) == want
+    # The mapping process's form of it: the same fields, the lineage keys in the same order.
+    assert solo(data, member.updated_at) == (want[0], list(want[1]))
