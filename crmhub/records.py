@@ -136,8 +136,9 @@ class RawRecord:
     origin: str = ""
 
     def __reduce__(self) -> tuple[type[RawRecord], tuple[Any, ...]]:
-        # Pages cross to the mapping process: as constructor arguments a record pickles
-        # about three times faster than a slots dataclass's default state.
+        # Pages whose payloads marshal refuses cross to the mapping process pickled
+        # (`sync.mapping_step._pack_raw`): as constructor arguments a record pickles about
+        # three times faster than a slots dataclass's default state.
         state = (self.external_id, self.kind, self.payload, self.updated_at, self.origin)
         return (RawRecord, state)
 

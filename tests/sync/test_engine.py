@@ -242,6 +242,19 @@ async def test_cursor_commits_with_its_page(tmp_path, db, store_url):
     assert (result.counts.pulled, result.counts.new) == (50, 50)
 
 
+def _csv_in_pages(
+    tmp_path: Path, db: Engine, store_url: str, name: str, rows: int
+) -> tuple[SyncEngine, Path]:
+    """An engine with connector `name`: a CSV of `rows` contacts read 10 rows a page."""
+    src = tmp_path / f"{name}.csv"
+    src.write_text(
+        "id,email\n" + "".join(f"{i},p{i}@example.com\n" for i in range(1, rows + 1)),
+        encoding="utf-8",
+    )
+    cfg = {name: {"type": "csv", "path": str(src), "page_size": 10}}
+    return SyncEngine(make_settings(tmp_path, store_url, cfg), db), src
+
+
 async def test_small_pages_are_written_together_with_the_last_cursor(
     tmp_path, db, store_url, monkeypatch
 ):
@@ -249,13 +262,7 @@ async def test_small_pages_are_written_together_with_the_last_cursor(
     vendor sizes); the cursor stored with them is the last one's, so an interruption still
     leaves cursor and records in step."""
     monkeypatch.setattr(CsvConnector, "joins_pages", True)  # as HTTP connectors do
-    src = tmp_path / "small.csv"
-    src.write_text(
-        "id,email\n" + "".join(f"{i},p{i}@example.com\n" for i in range(1, 3001)),
-        encoding="utf-8",
-    )
-    cfg = {"small": {"type": "csv", "path": str(src), "page_size": 10}}
-    engine = SyncEngine(make_settings(tmp_path, store_url, cfg), db)
+    engine, src = _csv_in_pages(tmp_path, db, store_url, "small", 3000)
     reports = []
 
     def stop_after_first_write(report):
@@ -291,13 +298,7 @@ async def test_pages_are_pulled_ahead_of_the_writer_within_bounds(
             yield page
 
     monkeypatch.setattr(CsvConnector, "pull", counted)
-    src = tmp_path / "pages.csv"
-    src.write_text(
-        "id,email\n" + "".join(f"{i},p{i}@example.com\n" for i in range(1, 201)),
-        encoding="utf-8",
-    )
-    cfg = {"pages": {"type": "csv", "path": str(src), "page_size": 10}}
-    engine = SyncEngine(make_settings(tmp_path, store_url, cfg), db)
+    engine, _ = _csv_in_pages(tmp_path, db, store_url, "pages", 200)
     ahead: list[int] = []
     result = await engine.run("pages", progress=lambda r: ahead.append(pulled - len(ahead) - 1))
     assert result.counts.new == 200
