@@ -61,6 +61,8 @@ log = logging.getLogger("crmhub.jobs")
 JOB_SYNC = "sync_connector"
 JOB_ENQUEUE_DUE = "enqueue_due_syncs"
 JOB_RELAY = "relay_outbox"
+# The cron tick that drains the webhook inbox (a job name of its own beside `drain_inbox`).
+JOB_DRAIN_TICK = JOB_DRAIN_INBOX + "_tick"
 # Rows a job may continue; any other state means that attempt is over and a new row starts.
 _CONTINUABLE = ("queued", "retrying")
 
@@ -323,7 +325,7 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
             # Deliveries of `process = "worker"` webforms a kick missed (sync/intake_jobs.py).
             cron(
                 drain_inbox,
-                name=q.namespace + JOB_DRAIN_INBOX + "_tick",
+                name=q.namespace + JOB_DRAIN_TICK,
                 second=set(DRAIN_CRON_SECONDS),
                 microsecond=0,
                 unique=True,

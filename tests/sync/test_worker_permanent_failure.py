@@ -23,7 +23,7 @@ from arq.connections import ArqRedis
 
 from bench.synthetic import write_leads_csv
 from crmhub.settings import load_settings
-from sync.jobs import JOB_ENQUEUE_DUE, JOB_RELAY, JOB_TRAIN
+from sync.jobs import JOB_DRAIN_TICK, JOB_ENQUEUE_DUE, JOB_RELAY, JOB_TRAIN
 from sync.metrics import queue_name
 from sync.store import make_engine
 from tests.connectors.vendors import TOKEN, running
@@ -110,7 +110,7 @@ async def test_refused_credentials_fail_once_per_run_and_block_nobody(
     assert revoked.state.statuses == [401, 401]
     # Nothing deferred: no sync job waits in the queue (the workers' own cron ticks may).
     waiting = [j.decode() for j in await queue.zrange(queue_name(load_settings(config)), 0, -1)]
-    ticks = (JOB_ENQUEUE_DUE, JOB_RELAY, JOB_TRAIN)
+    ticks = (JOB_ENQUEUE_DUE, JOB_RELAY, JOB_TRAIN, JOB_DRAIN_TICK)
     assert [j for j in waiting if not any(tick in j for tick in ticks)] == []
     assert pool.log_lines("sync retrying") == []
     logged = pool.log_lines("sync failed")  # once per run, by type: no message, no secret
