@@ -66,7 +66,7 @@ PARAMS_CHECK_SECONDS = 10.0
 # Pulling runs ahead of the writer by up to READ_AHEAD records, or PAGES_AHEAD pages whatever
 # their size: with one page in flight the mapping helper idled while each page was read and
 # sent to it (file connectors' pages hold 10,000 records; a 200k-row CSV into SQLite went
-# from 16k to 20k rows/s). WRITE_BATCH: records written in one transaction, at most.
+# from 16k to 19-20k rows/s). WRITE_BATCH: records written in one transaction, at most.
 READ_AHEAD = 8000
 PAGES_AHEAD = 2
 WRITE_BATCH = 2000

@@ -187,9 +187,9 @@ def _map_packed(
 
 
 def _pack_raw(records: list[RawRecord]) -> bytes | list[RawRecord]:
-    """A page of raw records for the helper as marshalled columns (five times cheaper for
-    this process than pickling the records); the records themselves, pickled, when a
-    payload holds what marshal does not take (a date, a subclass of str or dict)."""
+    """A page of raw records for the helper as marshalled columns (7 ms for 10,000 CSV rows
+    on this process, against 19 to pickle the records); the records themselves, pickled,
+    when a payload holds what marshal does not take (a date, a subclass of str or dict)."""
     try:
         return marshal.dumps(
             (
@@ -215,8 +215,8 @@ def _unpack_raw(packed: bytes | list[RawRecord]) -> list[RawRecord]:
 
 def _pack(items: list[MappedRecord | Rejected]) -> bytes:
     """A mapped page as columns of plain values for `marshal`: the helper's time limits a
-    bulk load as much as the writer's, and this packs a 10,000-record page in a third of the
-    time pickling each record took (22 vs 64 ms); unpacking costs the same."""
+    bulk load as much as the writer's, and this packs a 10,000-record page in 40 ms where
+    pickling each record took 55; unpacking is a little cheaper too (26 vs 29 ms)."""
     mapped = [m for m in items if isinstance(m, MappedRecord)]
     rejected = [(r.index, r.origin, r.reason) for r in items if isinstance(r, Rejected)]
     columns = [[getattr(m, name) for m in mapped] for name in _PACKED]
