@@ -199,7 +199,7 @@ def candidate_pairs(
     hashes, owners, flags = built.hashes, built.owners, built.flags
     built.hashes, built.owners, built.flags = array("q"), array("q"), array("b")
     h = np.frombuffer(hashes, dtype=np.int64) if hashes else np.zeros(0, dtype=np.int64)
-    order = np.argsort(h, kind="stable")
+    order = np.argsort(h)  # members' order within a block does not matter: no stable sort
     h = h[order]
     owner = np.frombuffer(owners, dtype=np.int64)[order] if owners else h
     flag = np.frombuffer(flags, dtype=np.int8)[order] if flags else h.astype(np.int8)

@@ -109,8 +109,8 @@ def shares_address(
     cols: Columns, ia: npt.NDArray[np.int64], ib: npt.NDArray[np.int64]
 ) -> npt.NDArray[np.bool_]:
     """Per pair, whether the two records share an email key (vectorised for single ones)."""
-    ea, eb = cols.email[ia], cols.email[ib]
-    shared: npt.NDArray[np.bool_] = (ea == eb) & (ea != "")
+    ea, eb = cols.codes["email"][ia], cols.codes["email"][ib]
+    shared: npt.NDArray[np.bool_] = (ea == eb) & (ea != 0)
     recs = cols.records
     for k in np.flatnonzero(cols.multi[ia] | cols.multi[ib]).tolist():
         shared[k] = bool(set(recs[ia[k]].emails) & set(recs[ib[k]].emails))
@@ -597,16 +597,37 @@ def _contact_levels(
 def _distinct_pairs(
     x: npt.NDArray[np.int64], y: npt.NDArray[np.int64], rows: npt.NDArray[np.int64]
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-    """One representative row per distinct (x, y) code pair among `rows`, and for each row
-    the index of its representative: values repeat, so each distinct pair is compared once."""
+    """One representative row per distinct pair of codes among `rows`, and for each row the
+    index of its representative: values repeat, so each distinct pair is compared once.
+
+    Pairs are unordered ((x, y) and (y, x) are one): every comparison made on them is
+    symmetric. Any row may represent its pair, so a plain sort does (not `np.unique`, whose
+    first-occurrence guarantee costs a stable sort).
+    """
     if not len(rows):
         return rows, rows
-    codes = x[rows] * _CODES + y[rows]
-    _, first, inverse = np.unique(codes, return_index=True, return_inverse=True)
-    return rows[first], np.asarray(inverse, dtype=np.int64).ravel()
+    xs, ys = x[rows], y[rows]
+    codes = np.minimum(xs, ys) * _CODES + np.maximum(xs, ys)
+    order = np.argsort(codes)
+    ordered = codes[order]
+    starts = np.empty(len(ordered), dtype=bool)
+    starts[0] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=starts[1:])
+    inverse = np.empty(len(order), dtype=np.int64)
+    inverse[order] = np.cumsum(starts) - 1
+    return rows[order[starts]], inverse
 
 
 _CODES = np.int64(1 << 31)  # more distinct names than any batch holds
+
+
+def _among(values: npt.NDArray[np.int64], ordered: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+    """`np.isin(values, ordered)` for a sorted `ordered` (which `isin` would sort again on
+    every call: the nickname pairs are looked up thousands of times per batch)."""
+    if not len(ordered):
+        return np.zeros(len(values), dtype=bool)
+    at = np.minimum(np.searchsorted(ordered, values), len(ordered) - 1)
+    return np.asarray(ordered[at] == values, dtype=bool)
 
 
 def _first_many(
@@ -621,7 +642,7 @@ def _first_many(
     out[differ] = np.where(_close_many(xs, ys, shorter[rep]), 2, 0)[inverse]
     initial = (shorter > 0) & (x.initial == y.initial) & ((x.length == 1) | (y.length == 1))
     out[initial & (out == 0)] = 1
-    nick = np.isin(x.code[rep] * _CODES + y.code[rep], nicknames)
+    nick = _among(x.code[rep] * _CODES + y.code[rep], nicknames)
     if len(nick):
         out[differ[nick[inverse]]] = 3
     out[(x.code == y.code) & (shorter > 0)] = 4

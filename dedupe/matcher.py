@@ -433,7 +433,10 @@ class FellegiSunterMatcher:
         return np.asarray(1.0 / (1.0 + np.exp2(-np.clip(score, -60, 60))), dtype=np.float64)
 
 
-PAIR_CHUNK = 131_072  # pairs scored at a time in the batch path
+# Pairs scored at a time in the batch path. Each distinct pair of names or companies is
+# compared once per chunk, so larger chunks repeat fewer comparisons (131,072 until the
+# sixth stop: 10% slower at 300k records, 60 MB less peak memory).
+PAIR_CHUNK = 524_288
 _SAME_COMPANY = 3  # company level "exact"
 
 _IDENTIFIERS = frozenset({"email", "local", "phone"})  # multi-valued: scalar path if several

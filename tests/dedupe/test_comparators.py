@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from crmhub.records import Contact
-from dedupe.comparators import COMPARISONS, NULL, Columns, compare_levels, levels_many
+from dedupe.comparators import (
+    COMPARISONS,
+    NULL,
+    Columns,
+    _among,
+    _distinct_pairs,
+    compare_levels,
+    levels_many,
+)
 from dedupe.normalize import prepare
 
 NAMES = {c.name: i for i, c in enumerate(COMPARISONS)}
@@ -144,3 +152,27 @@ def test_vectorised_levels_equal_scalar_levels() -> None:
 def test_levels_many_empty() -> None:
     empty = np.zeros(0, dtype=np.int64)
     assert levels_many(Columns.of([]), empty, empty).shape == (0, len(COMPARISONS))
+
+
+def test_each_unordered_pair_of_values_is_compared_once() -> None:
+    x = np.array([1, 2, 1, 3, 2, 5, 4], dtype=np.int64)
+    y = np.array([2, 1, 2, 3, 1, 4, 5], dtype=np.int64)
+    rows = np.array([0, 1, 2, 3, 4, 5, 6], dtype=np.int64)
+    rep, inverse = _distinct_pairs(x, y, rows)
+    assert len(rep) == 3  # {1, 2}, {3}, {4, 5}
+    for row, k in zip(rows.tolist(), inverse.tolist(), strict=True):
+        assert {int(x[rep[k]]), int(y[rep[k]])} == {int(x[row]), int(y[row])}
+    subset = np.array([3, 5], dtype=np.int64)
+    rep, inverse = _distinct_pairs(x, y, subset)
+    assert sorted(rep.tolist()) == [3, 5]
+    assert sorted(inverse.tolist()) == [0, 1]
+    none = np.zeros(0, dtype=np.int64)
+    assert [len(a) for a in _distinct_pairs(x, y, none)] == [0, 0]
+
+
+def test_among_is_isin_for_a_sorted_table() -> None:
+    rng = np.random.default_rng(5)
+    table = np.unique(rng.integers(0, 1000, size=300))
+    values = rng.integers(-5, 1100, size=2000)
+    assert np.array_equal(_among(values, table), np.isin(values, table))
+    assert not _among(values, table[:0]).any()
