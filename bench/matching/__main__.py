@@ -3,6 +3,9 @@
 `--pipeline` adds `crmhub sync` of the same data as a plain CSV export into a SQLite store,
 timed from start to exit (bench/matching/run_pipeline.py); its clusters are scored alike.
 
+`--calibration`: per band of crmhub's predicted probability, how many candidate pairs fell in
+it and what share of them are truly one person (is a probability what it says?).
+
 `--labels 100,500` adds one crmhub run per figure: a simulated steward labels that many pairs
 of the review queue from the ground truth, the parameters are trained on them as `crmhub
 dedupe train` does, and everything is clustered again (bench/matching/labels.py).
@@ -100,6 +103,11 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="also run `crmhub sync` on the data as a CSV export into SQLite (timed whole)",
     )
+    parser.add_argument(
+        "--calibration",
+        action="store_true",
+        help="print how often crmhub's candidate pairs in each probability band truly match",
+    )
     parser.add_argument("--no-splink", action="store_true")
     parser.add_argument("--splink-python", default="/tmp/splink-venv/bin/python")
     parser.add_argument("--splink-threshold", type=float, default=0.9)
@@ -118,8 +126,9 @@ def main(argv: list[str] | None = None) -> None:
         f"generated in {time.perf_counter() - started:.1f}s -> {data}"
     )
 
+    shipped = [sys.executable, "-m", "bench.matching.run_crmhub"]
     runs: list[tuple[str, list[str]]] = [
-        ("crmhub (shipped params)", [sys.executable, "-m", "bench.matching.run_crmhub"]),
+        ("crmhub (shipped params)", [*shipped, *(["--calibration"] if args.calibration else [])]),
     ]
     if args.train:
         runs.append(
@@ -186,6 +195,16 @@ def main(argv: list[str] | None = None) -> None:
                 print(
                     f"  {c['comparison']:10} {c['level']:12} {c['old_weight']:+7.2f} -> "
                     f"{c['new_weight']:+7.2f} bits ({c['labels']} labelled matches)"
+                )
+    for name, _, info, _, _ in results:
+        bands = info.get("calibration")
+        if isinstance(bands, list):
+            print(f"\n{name}: candidate pairs by predicted probability")
+            print(f"{'band':>14} {'pairs':>10} {'mean p':>7} {'truly one person':>17}")
+            for b in bands:
+                print(
+                    f"{b['from']:>6} - {b['to']:<5} {b['pairs']:10d} {b['mean_p']:7.4f} "
+                    f"{b['true_share']:17.4f}"
                 )
     # Where the errors are: true pairs missed and false pairs made, by the evidence a pair has.
     by_id = {r["unique_id"]: r for r in rows}

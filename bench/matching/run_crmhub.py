@@ -4,6 +4,8 @@ Writes `unique_id,cluster_id` to OUT and one JSON line of timings and counts to 
 its own process by the harness, so its peak memory is measured alone. `--train`: EM on the
 data first. `--labels N`: a simulated steward labels N review pairs, the parameters are
 trained on them and OUT holds the clusters of the trained parameters (bench/matching/labels.py).
+`--calibration`: the JSON line also says, per band of predicted probability, how many
+candidate pairs fell in it and what share of them are truly one person (`calibration`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ import csv
 import json
 import sys
 import time
+
+import numpy as np
+import numpy.typing as npt
 
 from bench.matching.labels import label_review_pairs, retrain
 from crmhub.records import Contact
@@ -54,6 +59,11 @@ def main(argv: list[str]) -> None:
     matcher = FellegiSunterMatcher(params, frequencies=frequency_table(records, blocking=False))
     result = cluster_prepared(records, matcher)
     done, cpu_done = time.perf_counter(), time.process_time()
+    bands = (
+        calibration(result.pairs.ia, result.pairs.ib, result.probabilities, truth)
+        if "--calibration" in argv
+        else None
+    )
     learnt: dict[str, object] = {}
     if n_labels:
         ia, ib, labels = label_review_pairs(result, truth, n_labels, seed=n_labels)
@@ -81,9 +91,41 @@ def main(argv: list[str]) -> None:
                 "review_pairs": len(result.review),
                 "capped_keys": len(result.capped),
                 **({"labels": learnt} if learnt else {}),
+                **({"calibration": bands} if bands is not None else {}),
             }
         )
     )
+
+
+BANDS = (0.0, 0.01, 0.05, 0.2, 0.5, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0)
+
+
+def calibration(
+    ia: npt.NDArray[np.int64],
+    ib: npt.NDArray[np.int64],
+    probabilities: npt.NDArray[np.float64],
+    truth: list[str],
+) -> list[dict[str, float]]:
+    """Per probability band: candidate pairs, their mean predicted probability and the share
+    that are truly one person. A calibrated model has the two close in every band; then no
+    threshold can take the misses of a band without as many wrong merges as its share says."""
+    people = np.unique(np.asarray(truth), return_inverse=True)[1].ravel()
+    same = people[ia] == people[ib]
+    band = np.clip(np.searchsorted(BANDS, probabilities, side="right") - 1, 0, len(BANDS) - 2)
+    out = []
+    for k in range(len(BANDS) - 1):
+        at = band == k
+        if at.any():
+            out.append(
+                {
+                    "from": BANDS[k],
+                    "to": BANDS[k + 1],
+                    "pairs": int(at.sum()),
+                    "mean_p": round(float(probabilities[at].mean()), 4),
+                    "true_share": round(float(same[at].mean()), 4),
+                }
+            )
+    return out
 
 
 if __name__ == "__main__":
