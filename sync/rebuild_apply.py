@@ -116,6 +116,13 @@ def apply_plan(conn: Connection, plan: RebuildPlan, actor: str, now: datetime) -
     )
 
 
+_INSERT_KEYS_FROM_JSON = (
+    "INSERT INTO match_key (record_id, key_kind, key_value) "
+    "SELECT json_extract(r.value, '$[0]'), json_extract(k.value, '$[0]'), "
+    "json_extract(k.value, '$[1]') FROM json_each(?) AS r, json_each(r.value, '$[1]') AS k"
+)
+
+
 def write_keys(conn: Connection, keys: KeyRows) -> None:
     """Replace every match_key row with `keys`. Rows go in record order, which is the
     primary key's; the lookup index (key kind, value) would take them in random order, one
@@ -128,14 +135,21 @@ def write_keys(conn: Connection, keys: KeyRows) -> None:
             index.drop(conn)
     # Written in slices as they are built: at 1M contacts (~17M rows) the whole list of row
     # dicts would take several GB on top of the plan.
-    columns = ("record_id", "key_kind", "key_value")
-    rows: list[tuple[int, str, str]] = []
-    for rid, own in keys.items():
-        rows += [(rid, kind, value) for kind, value in own]
-        if len(rows) >= ROWS_PER_INSERT:
-            insert_rows(conn, match_key, columns, rows)  # COPY on PostgreSQL
-            rows = []
-    insert_rows(conn, match_key, columns, rows)
+    if conn.dialect.name == "sqlite":
+        # One statement per slice: SQLite parses the JSON and inserts its rows while the
+        # GIL is free, where an executemany takes the GIL back for every row and slows the
+        # clustering beside it (a first load runs the two side by side; docs/benchmarks.md).
+        for text in keys.json_slices(ROWS_PER_INSERT):
+            conn.exec_driver_sql(_INSERT_KEYS_FROM_JSON, (text,))
+    else:
+        columns = ("record_id", "key_kind", "key_value")
+        rows: list[tuple[int, str, str]] = []
+        for rid, own in keys.items():
+            rows += [(rid, kind, value) for kind, value in own]
+            if len(rows) >= ROWS_PER_INSERT:
+                insert_rows(conn, match_key, columns, rows)  # COPY on PostgreSQL
+                rows = []
+        insert_rows(conn, match_key, columns, rows)
     if rebuild_indexes:
         for index in sorted(match_key.indexes, key=lambda i: str(i.name)):
             index.create(conn)

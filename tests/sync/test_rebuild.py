@@ -345,6 +345,30 @@ async def test_a_large_rebuild_builds_the_lookup_index_again(tmp_path, db, store
     assert indexes["ix_match_key_lookup"] == ["key_kind", "key_value"]
 
 
+async def test_rewritten_match_keys_keep_apostrophes_and_accents(tmp_path, db, store_url):
+    """The batch writes match_key rows as JSON on SQLite (`KeyRows.json_slices`): values with
+    apostrophes (a valid address `o'brien@...`) and whatever the name folding leaves come
+    back exactly as the incremental path stored them."""
+    settings = await _synced_csv(
+        tmp_path,
+        store_url,
+        db,
+        "id,first_name,last_name,email,company\n"
+        'a,Zoë,O\'Brien,o\'brien.zoe@example.com,"Quoted ""Name"" GmbH"\n'
+        "b,Jürgen,Müller-Lüdenscheidt,j.mueller@example.de,Bäckerei Ünal\n"
+        "c,Иван,Петров,ivan@example.ru,\n",
+    )
+    with db.connect() as conn:
+        before = sorted(map(tuple, conn.execute(select(match_key)).all()))
+    assert any("'" in row[2] for row in before)  # the address's apostrophe is in a key
+    with db.begin() as conn:
+        conn.execute(match_key.delete().where(match_key.c.key_kind == "fl"))
+    rebuild(db, settings, actor="sam")
+    with db.connect() as conn:
+        after = sorted(map(tuple, conn.execute(select(match_key)).all()))
+    assert after == before
+
+
 async def test_switching_to_the_exact_matcher_reclusters_by_shared_identifiers(
     tmp_path, db, store_url
 ):
