@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, date, datetime, timedelta, timezone
 
 from crmhub.mapping import BUILTIN_MAPPINGS
 from crmhub.records import RawRecord
+from sync import mapping_step
 from sync.mapping_step import (
     POOL_THRESHOLD,
     MappedRecord,
@@ -58,7 +60,7 @@ def test_a_packed_page_unpacks_to_what_mapping_in_process_gives():
     assert there[1].data == here[1].data  # the JSON text decodes on demand
 
 
-async def test_pages_mapped_on_the_helper_process_equal_the_in_process_mapping():
+async def test_pages_mapped_on_the_helper_process_equal_the_in_process_mapping(monkeypatch):
     from crmhub.mapping import load_mapping
 
     mapping = load_mapping(CSV_MAPPING)
@@ -66,10 +68,20 @@ async def test_pages_mapped_on_the_helper_process_equal_the_in_process_mapping()
     try:
         first = _page(POOL_THRESHOLD + 10)
         second = _page(POOL_THRESHOLD + 50)
-        # The first big page starts the helper (and is mapped here); the next goes to it.
+        # The first big page starts the helper (and is mapped here); once it is up, the next
+        # goes to it (packed both ways).
         await mapper.map(mapping, first)
-        assert mapper._pool is not None
+        assert mapper._ready is not None
+        assert await asyncio.wrap_future(mapper._ready)
+        packed: list[bytes] = []
+
+        def watched(page: bytes) -> list[MappedRecord | Rejected]:
+            packed.append(page)
+            return _unpack(page)
+
+        monkeypatch.setattr(mapping_step, "_unpack", watched)
         mapped = await mapper.map(mapping, second)
+        assert len(packed) == 1  # the page came back from the helper
     finally:
         mapper.close()
     path = str(CSV_MAPPING)
