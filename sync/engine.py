@@ -88,7 +88,7 @@ class RunCounts:
     records_merged: int = 0
     goldens_merged: int = 0
     reviews_queued: int = 0
-    reviews_settled: int = 0  # queued ones a first load's batch closed (their records merged)
+    reviews_settled: int = 0  # open ones closed because their records came to be merged
     suppressed: int = 0
     aliased: int = 0  # contacts the source merged into others (sync/aliases.py)
     deletions_held: int = 0  # inferred deletions the guard refused (sync/deletions.py)
@@ -590,6 +590,7 @@ class SyncEngine:
         counts.records_merged += outcome.records_merged
         counts.goldens_merged += outcome.goldens_merged
         counts.reviews_queued += outcome.reviews_queued
+        counts.reviews_settled += outcome.reviews_settled
 
     @staticmethod
     def _without_erased(

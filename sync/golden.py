@@ -108,6 +108,7 @@ class MatchOutcome:
     records_merged: int = 0
     goldens_merged: int = 0
     reviews_queued: int = 0
+    reviews_settled: int = 0  # open items closed because their records now share a golden
     touched_goldens: set[int] = field(default_factory=set)
     capped_keys: set[tuple[str, str]] = field(default_factory=set)
 
@@ -622,7 +623,7 @@ def match_and_merge(
     insert_rows(conn, membership, MEMBERSHIP_COLUMNS, new_members)
     update_rows(conn, membership, ("golden_id", "decided_at"), "record_id", moved)
     _queue_reviews(conn, reviews, now, outcome)
-    _settle_reviews(conn, set(batch), outcome.touched_goldens, now)
+    outcome.reviews_settled += _settle_reviews(conn, set(batch), outcome.touched_goldens, now)
     recompute_goldens(conn, outcome.touched_goldens, now)
     return outcome
 
@@ -692,15 +693,16 @@ def fold_golden(conn: Connection, alias: int, survivor: int, now: datetime) -> N
 
 def _settle_reviews(
     conn: Connection, record_ids: set[int], goldens: set[int], now: datetime
-) -> None:
-    """Open review items whose two records now share a golden record need no steward."""
+) -> int:
+    """Open review items whose two records now share a golden record need no steward: they
+    are closed as merged. Returns how many."""
     if (
         conn.execute(
             select(review_item.c.id).where(review_item.c.status == "open").limit(1)
         ).first()
         is None
     ):
-        return  # nothing open: skip the membership lookups
+        return 0  # nothing open: skip the membership lookups
     goldens = set(goldens)
     for part in chunks(sorted(record_ids)):
         goldens.update(
@@ -736,6 +738,7 @@ def _settle_reviews(
             .where(one_of(conn, review_item.c.id, part))
             .values(status="merged", decided_by="matcher", decided_at=now)
         )
+    return len(settled)
 
 
 def _queue_reviews(

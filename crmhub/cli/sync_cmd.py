@@ -173,7 +173,7 @@ _ROWS = (
     ("golden records created", "goldens_created"),
     ("records merged into others", "records_merged"),
     ("pairs queued for review", "reviews_queued"),
-    ("  settled by the first-load batch", "reviews_settled"),
+    ("  settled: their records merged since", "reviews_settled"),
     ("activities", "activities"),
     ("  linked to a contact", "activities_linked"),
     ("deleted at the source", "deleted"),

@@ -122,7 +122,11 @@ async def test_a_big_first_load_ends_as_a_rebuild_would(tmp_path, db, store_url)
     reference.dispose()
 
 
-async def test_a_review_the_batch_merges_is_counted_as_settled(tmp_path, db, store_url):
+@pytest.mark.parametrize("batch", [2, 0], ids=["batch", "page by page"])
+async def test_a_review_a_later_record_merges_is_counted_as_settled(
+    tmp_path, db, store_url, batch
+):
+    """Closed by the first load's batch or, page by page, by the page that links them."""
     csv = tmp_path / "contacts.csv"
     csv.write_text(
         "id,first_name,last_name,email,phone,company\n"
@@ -131,7 +135,7 @@ async def test_a_review_the_batch_merges_is_counted_as_settled(tmp_path, db, sto
         "C,Rob,Smyth,rsmith@acme.com,+14155550101,Acme\n"  # A's address, B's phone
         "D,Jane,Doe,jane@globex.com,,Globex\n"
     )
-    engine = SyncEngine(_settings(tmp_path, store_url, csv, batch=2, page_size=2), db)
+    engine = SyncEngine(_settings(tmp_path, store_url, csv, batch=batch, page_size=2), db)
     try:
         result = await engine.run("crm")
     finally:
