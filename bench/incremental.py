@@ -2,7 +2,7 @@
 --store postgres [--probes 500] [--seed 1] [--workdir DIR]`.
 
 Builds a store of `--records` contacts from `bench/matching`'s seeded generator (census name
-frequencies, shared companies, people in 1-4 sources), the way a sync with the default
+frequencies, shared companies, people in 2-4 sources), the way a sync with the default
 (probabilistic) matcher leaves it: the rows are pulled from a CSV by the csv connector, mapped
 and staged (source_record with payload and data), then `crmhub rebuild` (the batch path:
 match_key rows with term-frequency rows, golden records, memberships, review items) clusters
