@@ -20,6 +20,7 @@ store every few seconds while it loads (what they match meanwhile is clustered a
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -125,11 +126,18 @@ def cluster_pending(db: Engine, settings: Settings, own: str | None = None) -> B
             records_merged=sum(1 for r in new if sizes[plan.target[r]] > 1),
             reviews_queued=len(plan.reviews),
         )
+        applying = time.perf_counter()
         apply_plan(conn, plan, ACTOR, now)
         outcome.reviews_settled = plan.reviews_settled
         _attach_aliases(conn, now)
         conn.execute(pending_match.delete())
-    log.info("first load clustered in one batch", extra={"contacts": outcome.contacts})
+        plan.timings["apply_seconds"] = round(time.perf_counter() - applying, 1)
+        committing = time.perf_counter()
+    plan.timings["commit_seconds"] = round(time.perf_counter() - committing, 1)
+    log.info(
+        "first load clustered in one batch",
+        extra={"contacts": outcome.contacts, **plan.timings},
+    )
     return outcome
 
 

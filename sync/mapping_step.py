@@ -30,7 +30,7 @@ from dedupe import ExactMatcher
 from dedupe.survivorship import solo
 from sync.collector import tune_for_bulk
 
-__all__ = ["MappedRecord", "PageMapper", "Rejected", "map_records"]
+__all__ = ["MappedRecord", "PageMapper", "Rejected", "helper_pool", "map_records"]
 
 # Below this many records a page is mapped in-process: the round trip (about 1 us a record
 # each way) costs more than it saves. Vendor APIs page by 100, so they use the helper.
@@ -245,7 +245,7 @@ def _unpack(packed: bytes) -> list[MappedRecord | Rejected]:
 
 
 def _helper_started(parent: int) -> None:
-    """In the mapping helper: end with the process that started it (a SIGKILLed sync or
+    """In a helper process: end with the process that started it (a SIGKILLed sync or
     worker would otherwise leave it waiting forever), and collect garbage for bulk work."""
     if sys.platform == "linux":
         # PR_SET_PDEATHSIG: SIGTERM when the parent's thread that spawned us ends.
@@ -253,6 +253,20 @@ def _helper_started(parent: int) -> None:
     if os.getppid() != parent:  # it ended before the request was in place
         os._exit(1)
     tune_for_bulk()
+
+
+def helper_pool() -> tuple[ProcessPoolExecutor, Future[bool]]:
+    """A helper process for bulk work, and a future that is done once it has started (it
+    imports for a second or more; callers work on here until then). It ends with this
+    process."""
+    # spawn: a forked copy of a process with threads and open connections is unsafe.
+    pool = ProcessPoolExecutor(
+        1,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_helper_started,
+        initargs=(os.getpid(),),
+    )
+    return pool, pool.submit(_ready)
 
 
 class PageMapper:
@@ -269,14 +283,7 @@ class PageMapper:
         """Start the helper process; it imports (a second or more) while pages are mapped
         here, so the first big page is not held up by it."""
         if self._pool is None:
-            # spawn: a forked copy of a process with threads and open connections is unsafe.
-            self._pool = ProcessPoolExecutor(
-                1,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_helper_started,
-                initargs=(os.getpid(),),
-            )
-            self._ready = self._pool.submit(_ready)
+            self._pool, self._ready = helper_pool()
 
     async def map(
         self,

@@ -17,26 +17,27 @@ split keeps it, and when clusters merge the older id survives.
 from __future__ import annotations
 
 import sys
+import time
 from array import array
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any
 
 import orjson
-from sqlalchemy import Connection, literal, select
+from sqlalchemy import Connection, Text, cast, literal, select
 
 from crmhub.errors import DedupeError
-from crmhub.records import Contact, RawRecord
+from crmhub.records import RawRecord
 from crmhub.settings import Settings
 from dedupe import ExactMatcher
 from dedupe.cluster import KeyIndex, cluster_prepared, collection_paused, frequency_table, link
-from dedupe.matcher import FellegiSunterMatcher, key_tuples
-from dedupe.normalize import Prepared, prepare
-from dedupe.scoring import MIN_POPULATION, Params, tf_values
-from sync.frequencies import tf_rows
+from dedupe.matcher import FellegiSunterMatcher
+from dedupe.normalize import Prepared
+from dedupe.scoring import MIN_POPULATION, Params
+from sync.batch_prepare import BatchPreparer, Staged, contact_of
 from sync.golden import MAX_BLOCK
 from sync.mapping_step import MappedRecord, Rejected, map_records
 from sync.model_params import active_params
@@ -129,14 +130,6 @@ class KeyRows:
         return zip(self._ids, zip(self._sums, self._counts, strict=True), strict=True)
 
 
-class _Staged(NamedTuple):
-    """One live contact's staged data, after re-mapping."""
-
-    record_id: int
-    source: str
-    data: dict[str, Any]
-
-
 @dataclass(slots=True)
 class RebuildPlan:
     """What a rebuild would do. Golden ids below 0 stand for golden records to create."""
@@ -161,6 +154,9 @@ class RebuildPlan:
     clusters: dict[str, int] = field(default_factory=dict)  # kept / changed / merged / ...
     goldens_split: int = 0
     per_source: dict[str, SourceCounts] = field(default_factory=dict)
+    # seconds taken: reading and preparing the contacts (and on how many the helper worked),
+    # clustering them; for the log (`crmhub -v`), not the summary
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def moved(self) -> list[int]:
@@ -224,11 +220,12 @@ def _mapping_of(settings: Settings, name: str) -> tuple[str, int] | None:
 
 def _remap(
     conn: Connection, settings: Settings, plan: RebuildPlan, remap: bool = True
-) -> Iterator[_Staged]:
+) -> Iterator[Staged]:
     """Map every live record's payload again, `CHUNK_ROWS` rows at a time in id order, and
     yield each contact's (id, source, data); activities are counted. Rows (payloads) are
     dropped chunk by chunk: a 1M-record store never holds them all at once. Without `remap`
-    the staged data is taken as it is (payloads are not even read)."""
+    the staged data is taken as it is (payloads are not even read), as the store's JSON
+    text: validating a contact from text is faster than decoding it first."""
     payload = source_record.c.payload if remap else literal(None).label("payload")
     rows = conn.execute(
         select(
@@ -237,7 +234,7 @@ def _remap(
             source_record.c.kind,
             source_record.c.external_id,
             payload,
-            source_record.c.data,
+            cast(source_record.c.data, Text).label("data"),
             source_record.c.source_updated_at,
         )
         .where(source_record.c.deleted == 0)
@@ -250,11 +247,11 @@ def _remap(
         for row in chunk:
             counts = plan.per_source.setdefault(row.source, SourceCounts())
             counts.records += row.kind == "contact"
-            data: dict[str, Any] = row.data
+            data: str | dict[str, Any] = row.data
             result = mapped.get(row.id)
             if isinstance(result, MappedRecord):
                 new = _json_form(result.data)
-                if new != row.data or result.updated_at != row.source_updated_at:
+                if new != orjson.loads(row.data) or result.updated_at != row.source_updated_at:
                     plan.remapped[row.id] = (new, result.updated_at)
                     counts.remapped += 1
                     data = new
@@ -264,7 +261,7 @@ def _remap(
                 )
                 counts.failed += 1
             if row.kind == "contact":
-                yield _Staged(row.id, sys.intern(row.source), data)
+                yield Staged(row.id, sys.intern(row.source), data)
             else:
                 plan.activities += 1
     # The order a per-source pass gave: by source, then id.
@@ -300,18 +297,6 @@ def _map_chunk(
         results = map_records(where[0], where[1], settings.matching.default_region, raws)
         mapped.update((r.id, m) for r, m in zip(records, results, strict=True))
     return mapped
-
-
-def _contact(staged: _Staged) -> Contact:
-    try:
-        return Contact.model_validate(staged.data)
-    except ValueError as exc:
-        rid, source = staged.record_id, staged.source
-        raise DedupeError(
-            f"source record {rid} ({source}): its staged data is not a valid contact "
-            f"({exc.__class__.__name__}); run `crmhub sync {source} --full`",
-            record_id=rid,
-        ) from None
 
 
 def _constraints(
@@ -354,29 +339,30 @@ class _Batch:
 
 
 def _collect(conn: Connection, settings: Settings, plan: RebuildPlan, remap: bool = True) -> _Batch:
-    """Re-map, validate and prepare every contact one at a time, keeping only what matching
-    and the match_key rows need (a contact's data, payload and `Contact` are dropped as soon
-    as it is prepared)."""
+    """Re-map, validate and prepare every contact (a share on a helper process in a big
+    batch: sync/batch_prepare.py), keeping only what matching and the match_key rows need (a
+    contact's data, payload and `Contact` are dropped as soon as it is prepared)."""
     batch = _Batch()
-    exact = ExactMatcher() if settings.matching.method == "exact" else None
-    with collection_paused():  # millions of small objects that stay alive: see its docstring
-        for staged in _remap(conn, settings, plan, remap):
-            contact = _contact(staged)
-            i = len(batch.ids)
-            batch.ids.append(staged.record_id)
-            batch.sources.append(staged.source)
-            if exact is not None:
-                found = [(k.kind, k.value) for k in exact.keys(contact)]
+    staged = _remap(conn, settings, plan, remap)
+    # millions of small objects that stay alive: see collection_paused's docstring
+    with collection_paused(), BatchPreparer() as preparer:
+        if settings.matching.method == "exact":
+            exact = ExactMatcher()
+            for one in staged:
+                found = [(k.kind, k.value) for k in exact.keys(contact_of(one))]
                 for key in found:
-                    batch.holders[key].append(i)
-                plan.keys.add(staged.record_id, found)
-                continue
-            rec = prepare(contact)
-            own = key_tuples(rec)
-            batch.records.append(rec)
-            batch.index.add(i, rec, own)
-            # Blocking keys and the term-frequency rows, as the incremental path stores them.
-            plan.keys.add(staged.record_id, dict.fromkeys([*own, *tf_rows(tf_values(rec))]))
+                    batch.holders[key].append(len(batch.ids))
+                batch.ids.append(one.record_id)
+                batch.sources.append(one.source)
+                plan.keys.add(one.record_id, found)
+            return batch
+        for one, record, own, extra in preparer.prepared(staged):
+            batch.index.add(len(batch.ids), record, own)
+            batch.ids.append(one.record_id)
+            batch.sources.append(one.source)
+            batch.records.append(record)
+            plan.keys.add(one.record_id, own + extra)
+    plan.timings["prepared_on_helper"] = preparer.on_helper
     return batch
 
 
@@ -498,7 +484,10 @@ def plan_rebuild(
     apply's transaction to apply exactly what was planned. Without `remap` the records keep
     their staged data and only the matching is done again."""
     plan = RebuildPlan()
+    started = time.perf_counter()
     batch = _collect(conn, settings, plan, remap)
+    clustering = time.perf_counter()
+    plan.timings["collect_seconds"] = round(clustering - started, 1)
     ids = batch.ids
     plan.contacts = len(ids)
     index = {rid: i for i, rid in enumerate(ids)}
@@ -514,6 +503,7 @@ def plan_rebuild(
             clusters = _cluster(settings, params, batch, must, cannot, plan)
         writing.result()
         plan.keys_written = True
+    plan.timings["cluster_seconds"] = round(time.perf_counter() - clustering, 1)
     batch.records, batch.holders = [], {}  # prepared forms are done with: release them
     plan.current = {
         int(r): int(g)
