@@ -123,9 +123,7 @@ async def test_a_big_first_load_ends_as_a_rebuild_would(tmp_path, db, store_url)
 
 
 @pytest.mark.parametrize("batch", [2, 0], ids=["batch", "page by page"])
-async def test_a_review_a_later_record_merges_is_counted_as_settled(
-    tmp_path, db, store_url, batch
-):
+async def test_a_review_a_later_record_merges_is_counted_as_settled(tmp_path, db, store_url, batch):
     """Closed by the first load's batch or, page by page, by the page that links them."""
     csv = tmp_path / "contacts.csv"
     csv.write_text(
