@@ -155,13 +155,13 @@ class KeyIndex:
 
     def add(self, owner: int, record: Prepared, keys: Sequence[tuple[str, str]]) -> None:
         """Record `owner`'s keys (`key_tuples(record)`)."""
-        kinds = self.kinds
-        used = [k for k in keys if k[0] not in PROBE_MARKERS and (kinds is None or k[0] in kinds)]
+        self.add_parts(owner, *index_parts(record, keys, self.kinds))
+
+    def add_parts(self, owner: int, used: Sequence[tuple[str, str]], flags: bytes) -> None:
+        """Record `owner`'s keys as `index_parts` gives them (possibly on another process)."""
         self.hashes.extend(map(hash, used))
         self.owners.extend(repeat(owner, len(used)))
-        # 0: ordinary kind; probe kinds: 1 for a probe of the block, 2 for any other member
-        probe = _PROBE_FLAGS[len(record.first) == 1 if record.first else 2]
-        self.flags.extend([probe.get(k[0], 0) for k in used])
+        self.flags.frombytes(flags)
 
     @classmethod
     def of(
@@ -174,6 +174,16 @@ class KeyIndex:
         for i, rec in enumerate(records):
             index.add(i, rec, keys[i] if keys is not None else key_tuples(rec))
         return index
+
+
+def index_parts(
+    record: Prepared, keys: Sequence[tuple[str, str]], kinds: frozenset[str] | None = None
+) -> tuple[list[tuple[str, str]], bytes]:
+    """The keys a `KeyIndex` (of `kinds`) holds for `record`, and each one's probe flag."""
+    used = [k for k in keys if k[0] not in PROBE_MARKERS and (kinds is None or k[0] in kinds)]
+    # 0: ordinary kind; probe kinds: 1 for a probe of the block, 2 for any other member
+    probe = _PROBE_FLAGS[len(record.first) == 1 if record.first else 2]
+    return used, bytes([probe.get(k[0], 0) for k in used])
 
 
 def candidate_pairs(

@@ -22,16 +22,19 @@ from dataclasses import fields
 from operator import attrgetter
 from typing import Any, NamedTuple
 
+import orjson
+
 from crmhub.errors import DedupeError
 from crmhub.mapping import json_text
 from crmhub.records import Contact
+from dedupe.cluster import index_parts
 from dedupe.matcher import key_tuples
 from dedupe.normalize import Prepared, prepare
 from dedupe.scoring import tf_values
 from sync.frequencies import tf_rows
 from sync.mapping_step import helper_pool
 
-__all__ = ["BatchPreparer", "Staged", "contact_of", "keyed"]
+__all__ = ["BatchPreparer", "Keyed", "Staged", "contact_of", "keyed", "rows_json"]
 
 HELPER_AFTER = 50_000  # contacts prepared here before the helper starts (small batches never pay)
 CHUNK = 2_000  # contacts a chunk
@@ -71,12 +74,27 @@ def _invalid(staged: Staged, error: str) -> DedupeError:
     )
 
 
-def keyed(record: Prepared) -> tuple[list[KeyRow], list[KeyRow]]:
-    """A contact's blocking keys, and its other match_key rows (term frequencies): together
-    what the incremental path stores for it."""
+class Keyed(NamedTuple):
+    """A contact's keys as the batch takes them."""
+
+    used: list[KeyRow]  # the blocking keys the batch's `KeyIndex` holds
+    flags: bytes  # their probe flags (`dedupe.cluster.index_parts`)
+    rows: list[KeyRow]  # its match_key rows: all blocking keys, then term-frequency rows
+    rows_json: str  # the rows as `KeyRows` keeps them
+
+
+def keyed(record: Prepared) -> Keyed:
+    """A contact's keys: blocking keys for the batch's index, and the match_key rows the
+    incremental path stores for it (blocking keys and term-frequency rows)."""
     own = key_tuples(record)
-    rows = dict.fromkeys([*own, *tf_rows(tf_values(record))])
-    return own, list(rows)[len(own) :]
+    rows = list(dict.fromkeys([*own, *tf_rows(tf_values(record))]))
+    return Keyed(*index_parts(record, own), rows, rows_json(rows))
+
+
+def rows_json(rows: list[KeyRow]) -> str:
+    """A contact's match_key rows as `KeyRows` keeps them. As str: orjson's bytes keep their
+    4 KB output buffer (measured), a str is exact."""
+    return orjson.dumps(rows).decode()
 
 
 def prepare_texts(texts: list[str]) -> bytes:
@@ -84,8 +102,7 @@ def prepare_texts(texts: list[str]) -> bytes:
     marshalled columns; it stops at a text that is not a valid contact and names its place
     and the error."""
     prepared: list[tuple[Any, ...]] = []
-    owns: list[list[KeyRow]] = []
-    extras: list[list[KeyRow]] = []
+    keys: list[Keyed] = []
     failed: tuple[int, str] | None = None
     for at, text in enumerate(texts):
         try:
@@ -94,14 +111,13 @@ def prepare_texts(texts: list[str]) -> bytes:
             failed = (at, exc.__class__.__name__)
             break
         record = prepare(contact)
-        own, extra = keyed(record)
         prepared.append(_FIELDS(record))
-        owns.append(own)
-        extras.append(extra)
-    return marshal.dumps((prepared, owns, extras, failed))
+        keys.append(keyed(record))
+    # marshal writes a key shared by `used` and `rows` once (a reference the second time)
+    return marshal.dumps((prepared, [tuple(k) for k in keys], failed))
 
 
-PreparedContact = tuple[Staged, Prepared, list[KeyRow], list[KeyRow]]
+PreparedContact = tuple[Staged, Prepared, Keyed]
 
 
 class BatchPreparer:
@@ -133,8 +149,7 @@ class BatchPreparer:
             self._ready.result()
 
     def prepared(self, staged: Iterable[Staged]) -> Iterator[PreparedContact]:
-        """(staged, prepared form, blocking keys, other match_key rows) for each contact, in
-        the order given."""
+        """(staged, prepared form, keys) for each contact, in the order given."""
         pending: deque[tuple[list[Staged], Future[bytes] | None]] = deque()
         read = 0
         for chunk in _chunks(staged, CHUNK):
@@ -182,12 +197,12 @@ class BatchPreparer:
         if blob is None:
             for staged in chunk:
                 record = prepare(contact_of(staged))
-                yield (staged, record, *keyed(record))
+                yield staged, record, keyed(record)
             return
-        prepared, owns, extras, failed = marshal.loads(blob)
+        prepared, keys, failed = marshal.loads(blob)
         self.on_helper += len(prepared)
-        for staged, values, own, extra in zip(chunk, prepared, owns, extras, strict=False):
-            yield staged, Prepared(*values), own, extra
+        for staged, values, parts in zip(chunk, prepared, keys, strict=False):
+            yield staged, Prepared(*values), Keyed(*parts)
         if failed is not None:
             raise _invalid(chunk[failed[0]], failed[1])
 

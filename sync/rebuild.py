@@ -37,7 +37,7 @@ from dedupe.cluster import KeyIndex, cluster_prepared, collection_paused, freque
 from dedupe.matcher import FellegiSunterMatcher
 from dedupe.normalize import Prepared
 from dedupe.scoring import MIN_POPULATION, Params
-from sync.batch_prepare import BatchPreparer, Staged, contact_of
+from sync.batch_prepare import BatchPreparer, Staged, contact_of, rows_json
 from sync.golden import MAX_BLOCK
 from sync.mapping_step import MappedRecord, Rejected, map_records
 from sync.model_params import active_params
@@ -96,9 +96,12 @@ class KeyRows:
 
     def add(self, record_id: int, keys: Iterable[tuple[str, str]]) -> None:
         rows = list(keys)
+        self.add_encoded(record_id, rows_json(rows), rows)
+
+    def add_encoded(self, record_id: int, blob: str, rows: Sequence[tuple[str, str]]) -> None:
+        """`add`, with the rows as JSON text made already (`rows_json`, on another process)."""
         self._ids.append(record_id)
-        # As str: orjson's bytes keep their 4 KB output buffer (measured), a str is exact.
-        self._blobs.append(orjson.dumps(rows).decode())
+        self._blobs.append(blob)
         self._sums.append(sum(map(hash, rows)) & _MASK)
         self._counts.append(len(rows))
 
@@ -226,16 +229,19 @@ def _remap(
     dropped chunk by chunk: a 1M-record store never holds them all at once. Without `remap`
     the staged data is taken as it is (payloads are not even read), as the store's JSON
     text: validating a contact from text is faster than decoding it first."""
-    payload = source_record.c.payload if remap else literal(None).label("payload")
+    # Without `remap`, the columns only a re-mapping compares are not even read.
+    only_remap = (
+        source_record.c.external_id,
+        source_record.c.payload,
+        source_record.c.source_updated_at,
+    )
     rows = conn.execute(
         select(
             source_record.c.id,
             source_record.c.source,
             source_record.c.kind,
-            source_record.c.external_id,
-            payload,
             cast(source_record.c.data, Text).label("data"),
-            source_record.c.source_updated_at,
+            *(c if remap else literal(None).label(c.name) for c in only_remap),
         )
         .where(source_record.c.deleted == 0)
         .order_by(source_record.c.id)
@@ -356,12 +362,12 @@ def _collect(conn: Connection, settings: Settings, plan: RebuildPlan, remap: boo
                 batch.sources.append(one.source)
                 plan.keys.add(one.record_id, found)
             return batch
-        for one, record, own, extra in preparer.prepared(staged):
-            batch.index.add(len(batch.ids), record, own)
+        for one, record, keys in preparer.prepared(staged):
+            batch.index.add_parts(len(batch.ids), keys.used, keys.flags)
             batch.ids.append(one.record_id)
             batch.sources.append(one.source)
             batch.records.append(record)
-            plan.keys.add(one.record_id, own + extra)
+            plan.keys.add_encoded(one.record_id, keys.rows_json, keys.rows)
     plan.timings["prepared_on_helper"] = preparer.on_helper
     return batch
 
