@@ -16,7 +16,7 @@ import marshal
 import os
 from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import fields
 from operator import attrgetter
@@ -126,7 +126,7 @@ class BatchPreparer:
 
     def __init__(self, helper: bool = True) -> None:
         self._helper = helper and (os.cpu_count() or 1) > 1
-        self._pool: Any = None
+        self._pool: ProcessPoolExecutor | None = None
         self._ready: Future[bool] | None = None
         self._queued: deque[Future[bytes]] = deque()
         self.on_helper = 0  # contacts the helper prepared
@@ -165,7 +165,8 @@ class BatchPreparer:
     def _submit(self, chunk: list[Staged]) -> Future[bytes] | None:
         """The chunk sent to the helper, or None to prepare it here: the helper is not
         started yet, or has enough waiting."""
-        if not self._helper or self._ready is None or not self._ready.done():
+        ready = self._ready
+        if not self._helper or self._pool is None or ready is None or not ready.done():
             return None
         while self._queued and self._queued[0].done():
             self._queued.popleft()
