@@ -24,7 +24,6 @@ def _staged(count: int) -> list[Staged]:
     out = []
     for i, row in enumerate(rows):
         data = record_data(contact(row))
-        data["city"] = row["city"] or None  # some cities, accents and all
         out.append(Staged(i + 1, row["source"], data if i % 50 == 0 else json_text(data)))
     return out
 
