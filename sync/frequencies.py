@@ -4,7 +4,9 @@ Common values are weaker evidence: two "James Smith"s agree on a name thousands 
 counts come from `match_key`: blocking keys count emails and phones, and each contact also
 stores `tf:<kind>` rows for the values that are not blocking keys (first and last names,
 company, email user name). Counts are fetched per page for the page's own values, so a
-comparison never queries the store.
+comparison never queries the store. Counts of common values (COMMON holders or more) are
+kept in `key_frequency`, written by every batch and by pages that count one afresh, so a
+process does not walk thousands of index entries for "john" again.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, func, literal, select
+from sqlalchemy.dialects import postgresql, sqlite
 
 from sync.key_lookup import key_counts
-from sync.store import match_key, source_record
+from sync.store import key_frequency, match_key, source_record
 
-__all__ = ["TF_ROW_KINDS", "StoreFrequencies", "tf_rows"]
+__all__ = ["TF_ROW_KINDS", "StoreFrequencies", "store_common_counts", "tf_rows"]
 
 # Matcher kind -> the match_key kind its counts are stored under.
 _STORED_AS = {
@@ -34,8 +37,12 @@ TF_ROW_KINDS = ("first", "last", "company", "local")
 # between; only other processes' additions wait for it, and a few percent more or less do not
 # change a term-frequency weight.
 RECOUNT_SECONDS = 600.0
-# A value held this often has its count reused until the next recount.
+# A value held this often has its count reused until the next recount, and kept in the
+# key_frequency table for other processes and later recounts.
 COMMON = 1000
+# A kept count is used while the store's contact count is within this share of the one it
+# was taken at: what weighs is a value's share of the store, and a count moves with it.
+KEPT_WITHIN = 0.1
 
 
 def tf_rows(values: dict[str, tuple[str, ...]]) -> list[tuple[str, str]]:
@@ -81,18 +88,23 @@ class StoreFrequencies:
             )
             self._counted_at = now
             self._since = self._pending = 0  # the count includes this page's staged rows
-            self._common = {}
+            self._common = _kept_counts(conn, self._counted)
         else:
             self._pending = added
         wanted_keys = {(_STORED_AS.get(kind, kind), value) for kind, value in wanted}
         self._counts = {key: self._common[key] for key in wanted_keys if key in self._common}
         missing = sorted(wanted_keys - self._counts.keys())
+        common: dict[tuple[str, str], int] = {}
         for key, count in key_counts(conn, missing).items():
             self._counts[key] = count
             if count >= COMMON:
-                self._common[key] = count
+                common[key] = count
         for key in missing:
             self._counts.setdefault(key, 0)
+        if common:
+            self._common.update(common)
+            if conn.get_execution_options().get("write"):  # a page's write transaction
+                _keep_counts(conn, common, self.total)
 
     def recount(self) -> None:
         """Take the store-wide count afresh at the next prefetch (after a batch of pages this
@@ -126,3 +138,55 @@ class StoreFrequencies:
         )
         self._counts[(stored, value)] = count
         return count
+
+
+def store_common_counts(conn: Connection, contacts: int) -> None:
+    """Replace the kept counts with those of every value held COMMON times or more, from
+    match_key as it stands (a batch that has just written it all: one scan of its index).
+    `contacts`: the live contacts the rows are of."""
+    conn.execute(key_frequency.delete())
+    held = func.count()
+    conn.execute(
+        key_frequency.insert().from_select(
+            ["key_kind", "key_value", "holders", "contacts"],
+            select(match_key.c.key_kind, match_key.c.key_value, held, literal(contacts))
+            .group_by(match_key.c.key_kind, match_key.c.key_value)
+            .having(held >= COMMON),
+        )
+    )
+
+
+def _kept_counts(conn: Connection, contacts: int) -> dict[tuple[str, str], int]:
+    """Kept counts taken when the store was within KEPT_WITHIN of `contacts` contacts."""
+    rows = conn.execute(
+        select(
+            key_frequency.c.key_kind,
+            key_frequency.c.key_value,
+            key_frequency.c.holders,
+            key_frequency.c.contacts,
+        )
+    )
+    return {
+        (kind, value): int(holders)
+        for kind, value, holders, at in rows
+        if abs(contacts - at) <= KEPT_WITHIN * max(at, 1)
+    }
+
+
+def _keep_counts(conn: Connection, counts: dict[tuple[str, str], int], contacts: int) -> None:
+    """Store (or refresh) counts just taken, with the store's contact count now."""
+    insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    statement = insert(key_frequency)
+    conn.execute(
+        statement.on_conflict_do_update(
+            index_elements=["key_kind", "key_value"],
+            set_={
+                "holders": statement.excluded.holders,
+                "contacts": statement.excluded.contacts,
+            },
+        ),
+        [
+            {"key_kind": kind, "key_value": value, "holders": n, "contacts": contacts}
+            for (kind, value), n in sorted(counts.items())
+        ],
+    )

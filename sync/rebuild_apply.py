@@ -18,6 +18,7 @@ from sqlalchemy import Connection, Engine, bindparam, select
 from crmhub.settings import Settings
 from sync.activities import index_activities
 from sync.configure import configure
+from sync.frequencies import store_common_counts
 from sync.golden import (
     GOLDEN_COLUMNS,
     MEMBERSHIP_COLUMNS,
@@ -127,7 +128,8 @@ def write_keys(conn: Connection, keys: KeyRows) -> None:
     """Replace every match_key row with `keys`. Rows go in record order, which is the
     primary key's; the lookup index (key kind, value) would take them in random order, one
     page miss each once it outgrows the cache, so for a large store it is dropped and built
-    again afterwards (a sort), inside the same transaction."""
+    again afterwards (a sort), inside the same transaction. The counts of common values are
+    kept from the new rows (`sync.frequencies.store_common_counts`)."""
     conn.execute(match_key.delete())
     rebuild_indexes = len(keys) >= REINDEX_FROM_CONTACTS
     if rebuild_indexes:
@@ -153,6 +155,7 @@ def write_keys(conn: Connection, keys: KeyRows) -> None:
     if rebuild_indexes:
         for index in sorted(match_key.indexes, key=lambda i: str(i.name)):
             index.create(conn)
+    store_common_counts(conn, len(keys))
 
 
 def _write_data(conn: Connection, plan: RebuildPlan) -> None:

@@ -67,6 +67,7 @@ __all__ = [
     "inbox",
     "insert_rows",
     "json_text",
+    "key_frequency",
     "login_failure",
     "make_engine",
     "match_key",
@@ -169,6 +170,18 @@ match_key = Table(
     Index("ix_match_key_lookup", "key_kind", "key_value"),
     # SQLite: the primary key is the table (two b-trees per key row instead of three).
     sqlite_with_rowid=False,
+)
+
+# How many match_key rows hold each common (key_kind, key_value), counted when the store held
+# `contacts` live contacts: counting "john" walks thousands of index entries, so counts of
+# common values are kept across processes (sync/frequencies.py).
+key_frequency = Table(
+    "key_frequency",
+    metadata,
+    Column("key_kind", String(20), primary_key=True),
+    Column("key_value", String(300), primary_key=True),
+    Column("holders", Integer, nullable=False),
+    Column("contacts", Integer, nullable=False),
 )
 
 golden_record = Table(

@@ -1,0 +1,122 @@
+"""Counts of common values kept across processes (sync/frequencies.py, key_frequency)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from sqlalchemy import Connection, Engine, select
+
+import sync.frequencies as frequencies
+from sync.frequencies import StoreFrequencies
+from sync.rebuild import KeyRows
+from sync.rebuild_apply import write_keys
+from sync.store import bulk_insert, key_frequency, match_key, source_record, write_transaction
+
+NOW = datetime(2026, 12, 6, tzinfo=UTC)
+
+
+def _contacts(conn: Connection, ids: range) -> None:
+    bulk_insert(
+        conn,
+        source_record,
+        [
+            {
+                "id": rid,
+                "source": "leads",
+                "kind": "contact",
+                "external_id": f"L-{rid}",
+                "content_hash": str(rid),
+                "payload": {},
+                "data": {},
+                "source_updated_at": None,
+                "staged_at": NOW,
+                "deleted": 0,
+            }
+            for rid in ids
+        ],
+    )
+
+
+@pytest.fixture
+def counted(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """COMMON lowered to 3, and every pair the store is asked to count, recorded."""
+    monkeypatch.setattr(frequencies, "COMMON", 3)
+    asked: list[tuple[str, str]] = []
+    real = frequencies.key_counts
+
+    def recording(conn: Connection, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        asked.extend(pairs)
+        return real(conn, pairs)
+
+    monkeypatch.setattr(frequencies, "key_counts", recording)
+    return asked
+
+
+def _kept(db: Engine) -> dict[tuple[str, str], tuple[int, int]]:
+    with db.connect() as conn:
+        rows = conn.execute(select(key_frequency)).all()
+    return {(r.key_kind, r.key_value): (r.holders, r.contacts) for r in rows}
+
+
+def test_a_batch_keeps_common_counts_for_later_processes(
+    db: Engine, counted: list[tuple[str, str]]
+) -> None:
+    keys = KeyRows()
+    for rid in range(1, 11):
+        own = [("tf:first", "john" if rid <= 6 else f"name{rid}"), ("email", f"p{rid}@x.com")]
+        keys.add(rid, own + ([("phone", "+15550100")] if rid <= 3 else []))
+    with write_transaction(db) as conn:
+        _contacts(conn, range(1, 11))
+        write_keys(conn, keys)
+    # Held 3 times or more: kept, with the contacts they are counts among.
+    assert _kept(db) == {("tf:first", "john"): (6, 10), ("phone", "+15550100"): (3, 10)}
+
+    fresh = StoreFrequencies()  # another process: nothing counted yet
+    with write_transaction(db) as conn:
+        fresh.prefetch(conn, [("first", "john"), ("first", "name7"), ("phone", "+15550100")])
+    assert fresh.count("first", "john") == 6
+    assert fresh.stored("phone", "+15550100") == 3
+    assert fresh.count("first", "name7") == 1
+    assert counted == [("tf:first", "name7")]  # the kept ones were not counted again
+
+
+def test_kept_counts_expire_when_the_store_has_grown(
+    db: Engine, counted: list[tuple[str, str]]
+) -> None:
+    with write_transaction(db) as conn:
+        _contacts(conn, range(1, 11))
+        bulk_insert(
+            conn,
+            match_key,
+            [
+                {"record_id": rid, "key_kind": "tf:last", "key_value": "smith"}
+                for rid in range(1, 5)
+            ],
+        )
+        conn.execute(
+            key_frequency.insert().values(
+                key_kind="tf:last", key_value="smith", holders=4, contacts=10
+            )
+        )
+    within = StoreFrequencies()
+    with db.connect() as conn:  # 10 contacts: the count taken at 10 holds
+        within.prefetch(conn, [("last", "smith")])
+    assert within.count("last", "smith") == 4
+    assert counted == []
+
+    with write_transaction(db) as conn:
+        _contacts(conn, range(11, 13))  # 12 contacts: more than 10% past the count's 10
+        bulk_insert(
+            conn, match_key, [{"record_id": 11, "key_kind": "tf:last", "key_value": "smith"}]
+        )
+    with db.connect() as conn:  # read-only: counted afresh, not stored
+        StoreFrequencies().prefetch(conn, [("last", "smith")])
+    assert counted == [("tf:last", "smith")]
+    assert _kept(db) == {("tf:last", "smith"): (4, 10)}
+
+    grown = StoreFrequencies()
+    with write_transaction(db) as conn:  # a page's write transaction: stored for the next
+        grown.prefetch(conn, [("last", "smith")])
+    assert grown.count("last", "smith") == 5
+    assert _kept(db) == {("tf:last", "smith"): (5, 12)}
