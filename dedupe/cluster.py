@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 from array import array
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -59,6 +60,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 PAIRS_PER_STEP = 1 << 22  # candidate pairs built per NumPy step (bounds the temporaries)
+# Threads scoring a batch's candidate pairs (each holds one chunk's temporaries, ~80 MB).
+SCORING_THREADS = min(4, os.cpu_count() or 1)
 PROBE_MARKERS = frozenset(PROBE_KINDS.values())
 
 
@@ -520,7 +523,7 @@ def cluster_prepared(
     `index`: the records' blocking keys when the caller built them already (`KeyIndex`).
     """
     pairs = candidate_pairs(records, max_block, index=index)
-    probs = matcher.probabilities(Columns.of(records), pairs.ia, pairs.ib)
+    probs = matcher.probabilities(Columns.of(records), pairs.ia, pairs.ib, threads=SCORING_THREADS)
     # Strongest first; ties broken by the records' content, not their position, so that the
     # clusters do not depend on input order (tests/dedupe/test_order_independence.py).
     strong = np.flatnonzero(probs >= matcher.review)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import Any, Literal, NamedTuple, Protocol
 
@@ -396,16 +397,40 @@ class FellegiSunterMatcher:
         return [Decision(self.action(float(p)), float(p)) for p in probs]
 
     def probabilities(
-        self, cols: Columns, ia: npt.NDArray[np.int64], ib: npt.NDArray[np.int64]
+        self,
+        cols: Columns,
+        ia: npt.NDArray[np.int64],
+        ib: npt.NDArray[np.int64],
+        *,
+        threads: int = 1,
     ) -> npt.NDArray[np.float64]:
         """Match probability for each pair of prepared records (vectorised, in chunks so the
-        per-pair temporaries stay small however many pairs there are)."""
+        per-pair temporaries stay small however many pairs there are).
+
+        `threads`: chunks scored on this many threads at once; NumPy and rapidfuzz release
+        the GIL for most of a chunk's work. Only with in-memory frequencies (the batch
+        path): a store's are counted through one database connection.
+        """
         out = np.empty(len(ia), dtype=np.float64)
-        for lo in range(0, len(ia), PAIR_CHUNK):
+
+        def score(lo: int) -> None:
             a, b = ia[lo : lo + PAIR_CHUNK], ib[lo : lo + PAIR_CHUNK]
             out[lo : lo + len(a)] = self.probabilities_from_levels(
                 cols, a, b, levels_many(cols, a, b)
             )
+
+        starts = range(0, len(ia), PAIR_CHUNK)
+        if threads <= 1 or len(starts) < 3:
+            for lo in starts:
+                score(lo)
+            return out
+        # The first chunk alone: it builds the lookups all chunks share (nickname pairs, the
+        # term-frequency tables). Later chunks may add counts to those tables, each the same
+        # whichever thread adds it.
+        score(starts[0])
+        with ThreadPoolExecutor(threads, thread_name_prefix="crmhub-score") as pool:
+            for _ in pool.map(score, starts[1:]):
+                pass  # re-raises a chunk's error
         return out
 
     def tf_many(

@@ -229,7 +229,7 @@ def _load_contacts(
     for rid, digest, data in _in_chunks(conn, text, source_record.c.id, ids - set(into)):
         found = cache.get((rid, digest))
         if found is None:
-            contact = Contact.model_validate(orjson.loads(data))
+            contact = Contact.model_validate_json(data)
             found = (contact, compare.prepared(rid, contact) if compare.uses_prepared else None)
             cache.put((rid, digest), found)
         into[rid] = found[0]

@@ -209,6 +209,29 @@ def test_vectorised_probabilities_equal_scalar_on_random_pairs() -> None:
         assert one == pytest.approx(float(batch[k]), abs=1e-9)
 
 
+def test_scoring_on_threads_gives_the_same_probabilities(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batch path scores chunks of pairs on several threads: every chunk's probabilities
+    land where they would on one thread, term frequencies counted as the threads ask."""
+    import random
+
+    import numpy as np
+
+    import dedupe.matcher as matcher_module
+    from dedupe.comparators import Columns
+    from tests.dedupe.test_comparators import _random_contact
+
+    rng = random.Random(23)
+    records = [prepare(_random_contact(rng)) for _ in range(500)]
+    ia = np.array([rng.randrange(500) for _ in range(20_000)], dtype=np.int64)
+    ib = np.array([rng.randrange(500) for _ in range(20_000)], dtype=np.int64)
+    one = FellegiSunterMatcher(frequencies=frequency_table(records))
+    alone = one.probabilities(Columns.of(records), ia, ib)
+    monkeypatch.setattr(matcher_module, "PAIR_CHUNK", 700)  # 29 chunks
+    threaded = FellegiSunterMatcher(frequencies=frequency_table(records))
+    assert np.array_equal(threaded.probabilities(Columns.of(records), ia, ib, threads=3), alone)
+    assert np.array_equal(threaded.probabilities(Columns.of(records), ia, ib), alone)
+
+
 def test_a_number_shared_at_one_company_counts_among_that_company() -> None:
     """Colleagues share a switchboard: when two records name the same company, a number held
     by several of its records is weak evidence even if it is rare in the whole store."""
