@@ -463,7 +463,9 @@ class _Adjacency:
         both[:m], both[m:] = ia, ib
         start = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(np.bincount(both, minlength=n), out=start[1:])
-        order = np.argsort(both, kind="stable")
+        # Unstable: a record's neighbours may come in any order (`_between` only takes their
+        # minimum and mean), and NumPy's stable sort of int32 is twice as slow.
+        order = np.argsort(both)
         both[:m], both[m:] = ib, ia
         nbr = both[order]
         del both
