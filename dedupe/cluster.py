@@ -523,6 +523,8 @@ def cluster_prepared(
     scored link (a confirmed merge); no link ever joins two clusters holding a `cannot_link`
     pair (a do-not-merge), and such a link is not sent to review either (a steward decided).
     `index`: the records' blocking keys when the caller built them already (`KeyIndex`).
+    Pairs are scored on SCORING_THREADS threads, so `matcher.frequencies`, if any, must be
+    in memory (`frequency_table`), not counted through a database connection.
     """
     pairs = candidate_pairs(records, max_block, index=index)
     probs = matcher.probabilities(Columns.of(records), pairs.ia, pairs.ib, threads=SCORING_THREADS)
