@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import pytest
 from sqlalchemy import Connection, Engine, select
 
@@ -11,31 +9,8 @@ import sync.frequencies as frequencies
 from sync.frequencies import StoreFrequencies
 from sync.rebuild import KeyRows
 from sync.rebuild_apply import write_keys
-from sync.store import bulk_insert, key_frequency, match_key, source_record, write_transaction
-
-NOW = datetime(2026, 12, 6, tzinfo=UTC)
-
-
-def _contacts(conn: Connection, ids: range) -> None:
-    bulk_insert(
-        conn,
-        source_record,
-        [
-            {
-                "id": rid,
-                "source": "leads",
-                "kind": "contact",
-                "external_id": f"L-{rid}",
-                "content_hash": str(rid),
-                "payload": {},
-                "data": {},
-                "source_updated_at": None,
-                "staged_at": NOW,
-                "deleted": 0,
-            }
-            for rid in ids
-        ],
-    )
+from sync.store import bulk_insert, key_frequency, match_key, write_transaction
+from tests.sync.test_key_lookup import _records
 
 
 @pytest.fixture
@@ -67,7 +42,7 @@ def test_a_batch_keeps_common_counts_for_later_processes(
         own = [("tf:first", "john" if rid <= 6 else f"name{rid}"), ("email", f"p{rid}@x.com")]
         keys.add(rid, own + ([("phone", "+15550100")] if rid <= 3 else []))
     with write_transaction(db) as conn:
-        _contacts(conn, range(1, 11))
+        _records(conn, list(range(1, 11)))
         write_keys(conn, keys)
     # Held 3 times or more: kept, with the contacts they are counts among.
     assert _kept(db) == {("tf:first", "john"): (6, 10), ("phone", "+15550100"): (3, 10)}
@@ -85,7 +60,7 @@ def test_kept_counts_expire_when_the_store_has_grown(
     db: Engine, counted: list[tuple[str, str]]
 ) -> None:
     with write_transaction(db) as conn:
-        _contacts(conn, range(1, 11))
+        _records(conn, list(range(1, 11)))
         bulk_insert(
             conn,
             match_key,
@@ -106,7 +81,7 @@ def test_kept_counts_expire_when_the_store_has_grown(
     assert counted == []
 
     with write_transaction(db) as conn:
-        _contacts(conn, range(11, 13))  # 12 contacts: more than 10% past the count's 10
+        _records(conn, [11, 12])  # 12 contacts: more than 10% past the count's 10
         bulk_insert(
             conn, match_key, [{"record_id": 11, "key_kind": "tf:last", "key_value": "smith"}]
         )
