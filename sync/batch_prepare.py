@@ -16,7 +16,7 @@ import marshal
 import os
 from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import fields
 from operator import attrgetter
@@ -32,7 +32,7 @@ from dedupe.matcher import key_tuples
 from dedupe.normalize import Prepared, prepare
 from dedupe.scoring import tf_values
 from sync.frequencies import tf_rows
-from sync.mapping_step import helper_pool
+from sync.helper import HelperProcess, helper_pool
 
 __all__ = ["BatchPreparer", "Keyed", "Staged", "contact_of", "keyed", "rows_json"]
 
@@ -126,7 +126,7 @@ class BatchPreparer:
 
     def __init__(self, helper: bool = True) -> None:
         self._helper = helper and (os.cpu_count() or 1) > 1
-        self._pool: ProcessPoolExecutor | None = None
+        self._pool: HelperProcess | None = None
         self._ready: Future[bool] | None = None
         self._queued: deque[Future[bytes]] = deque()
         self.on_helper = 0  # contacts the helper prepared

@@ -8,13 +8,9 @@ function is the same either way; small pages (webhooks, demos) never pay for the
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import marshal
-import multiprocessing
 import os
-import signal
-import sys
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
@@ -28,9 +24,9 @@ from crmhub.mapping import Mapping, content_hash, json_text, load_mapping, recor
 from crmhub.records import Activity, Contact, RawRecord
 from dedupe import ExactMatcher
 from dedupe.survivorship import solo
-from sync.collector import tune_for_bulk
+from sync.helper import helper_pool
 
-__all__ = ["MappedRecord", "PageMapper", "Rejected", "helper_pool", "map_records"]
+__all__ = ["MappedRecord", "PageMapper", "Rejected", "map_records"]
 
 # Below this many records a page is mapped in-process: the round trip (about 1 us a record
 # each way) costs more than it saves. Vendor APIs page by 100, so they use the helper.
@@ -244,31 +240,6 @@ def _unpack(packed: bytes) -> list[MappedRecord | Rejected]:
     return items
 
 
-def _helper_started(parent: int) -> None:
-    """In a helper process: end with the process that started it (a SIGKILLed sync or
-    worker would otherwise leave it waiting forever), and collect garbage for bulk work."""
-    if sys.platform == "linux":
-        # PR_SET_PDEATHSIG: SIGTERM when the parent's thread that spawned us ends.
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
-    if os.getppid() != parent:  # it ended before the request was in place
-        os._exit(1)
-    tune_for_bulk()
-
-
-def helper_pool() -> tuple[ProcessPoolExecutor, Future[bool]]:
-    """A helper process for bulk work, and a future that is done once it has started (it
-    imports for a second or more; callers work on here until then). It ends with this
-    process."""
-    # spawn: a forked copy of a process with threads and open connections is unsafe.
-    pool = ProcessPoolExecutor(
-        1,
-        mp_context=multiprocessing.get_context("spawn"),
-        initializer=_helper_started,
-        initargs=(os.getpid(),),
-    )
-    return pool, pool.submit(_ready)
-
-
 class PageMapper:
     """Maps pages, on a helper process when a page is big and there is a core to spare."""
 
@@ -315,7 +286,3 @@ class PageMapper:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
             self._ready = None
-
-
-def _ready() -> bool:
-    return True
