@@ -95,7 +95,8 @@ def _parsed_number(text: str, region: str) -> str:
     ):
         raise ValueError(f"not a valid phone number for region {region}")
     formatted = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
-    assert _E164.fullmatch(formatted)
+    if not _E164.fullmatch(formatted):  # phonenumbers accepts some longer German numbers
+        raise ValueError("longer than the 15 digits an E.164 phone number may have")
     return formatted
 
 
@@ -136,7 +137,8 @@ def _plain_number(text: str, region: str) -> str | None:
         or phonenumbers.is_valid_number(number)
     ):
         return None
-    return f"+{country_code}{national}"
+    formatted = f"+{country_code}{national}"
+    return formatted if _E164.fullmatch(formatted) else None
 
 
 def _split_country_code(digits: str) -> tuple[int, str]:

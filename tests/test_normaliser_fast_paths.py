@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import phonenumbers
+import pytest
 from email_validator import validate_email
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -100,3 +101,12 @@ def test_international_addresses_take_the_fast_path():
     assert not _plain_international("chloe\u0301@gmail.com")  # not NFC: the validator's path
     assert not _plain_international("x@bücher.de")  # an IDN domain: the validator's path
     assert normalise_email("Chloe\u0301@Gmail.com") == "chlo\u00e9@gmail.com"
+
+
+@pytest.mark.parametrize("text", ["20100000000000", "+49 20100000000000"])
+def test_a_number_longer_than_e164_is_invalid_not_a_crash(text: str):
+    """phonenumbers calls this German number valid, but +49 and 14 digits is 16 digits,
+    one more than E.164 allows: a field issue for the record, not an AssertionError."""
+    assert _plain_number(text, "DE") is None
+    with pytest.raises(ValueError, match="15 digits"):
+        normalise_phone(text, "DE")
