@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -379,7 +380,23 @@ class SyncEngine:
         self._pending_checked = time.monotonic()
         if not first_load.is_pending(self.db):
             return
-        done = await asyncio.to_thread(first_load.cluster_pending, self.db, self.settings, own)
+        stop = threading.Event()
+        # A plain future (not a task): what the thread raises is raised here, as from
+        # `asyncio.to_thread`, instead of out of the event loop.
+        batch = asyncio.get_running_loop().run_in_executor(
+            None, first_load.cluster_pending, self.db, self.settings, own, stop
+        )
+        try:
+            done = await asyncio.shield(batch)
+        except asyncio.CancelledError:
+            # Ctrl-C, or a job cancelled: the batch's thread cannot be cancelled, and its
+            # transaction holds the store (on SQLite the write lock) until it ends, so the run
+            # could not even be marked interrupted. It stops at its next step and rolls back.
+            stop.set()
+            log.warning("stopping the first load's batch; it runs again at the next sync")
+            with contextlib.suppress(BaseException):
+                await batch
+            raise
         if done is not None:
             counts.goldens_created += done.goldens_created
             counts.goldens_merged += done.goldens_merged

@@ -20,6 +20,7 @@ store every few seconds while it loads (what they match meanwhile is clustered a
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -98,10 +99,16 @@ def mark_pending(conn: Connection, source: str, now: datetime) -> None:
         conn.execute(insert(pending_match).values(source=source, since=now))
 
 
-def cluster_pending(db: Engine, settings: Settings, own: str | None = None) -> BatchOutcome | None:
+def cluster_pending(
+    db: Engine,
+    settings: Settings,
+    own: str | None = None,
+    stop: threading.Event | None = None,
+) -> BatchOutcome | None:
     """Cluster the whole store in one batch if a first load is pending, in one transaction
     that also clears it; None when nothing was pending (or another process did it), or when
-    every pending source is still loading in a run other than `own`'s."""
+    every pending source is still loading in a run other than `own`'s. A set `stop` ends it
+    with `sync.rebuild.BatchStopped` at its next step, and nothing of it is written."""
     now = datetime.now(UTC)
     with write_transaction(db) as conn:
         if conn.dialect.name == "postgresql":
@@ -116,7 +123,7 @@ def cluster_pending(db: Engine, settings: Settings, own: str | None = None) -> B
         )
         if not pending - loading:
             return None
-        plan = plan_rebuild(conn, settings, remap=False, write_keys=write_keys)
+        plan = plan_rebuild(conn, settings, remap=False, write_keys=write_keys, stop=stop)
         new = [r for r in plan.target if r not in plan.current]
         sizes = Counter(plan.target.values())
         outcome = BatchOutcome(
@@ -127,7 +134,7 @@ def cluster_pending(db: Engine, settings: Settings, own: str | None = None) -> B
             reviews_queued=len(plan.reviews),
         )
         applying = time.perf_counter()
-        apply_plan(conn, plan, ACTOR, now)
+        apply_plan(conn, plan, ACTOR, now, stop)
         outcome.reviews_settled = plan.reviews_settled
         _attach_aliases(conn, now)
         conn.execute(pending_match.delete())

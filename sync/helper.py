@@ -186,7 +186,10 @@ def _serve(tasks: Connection, results: Connection, parent: int) -> None:
 
 def _helper_started(parent: int) -> None:
     """In a helper process: end with the process that started it (a SIGKILLed sync or
-    worker would otherwise leave it waiting forever), and collect garbage for bulk work."""
+    worker would otherwise leave it waiting forever), and collect garbage for bulk work.
+    Ctrl-C reaches the whole process group: the process that started it decides what to do
+    (it ends the helper by closing the pipes), so the helper does not die with a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform == "linux":
         # PR_SET_PDEATHSIG: SIGTERM when the parent's thread that spawned us ends.
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)

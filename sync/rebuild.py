@@ -17,6 +17,7 @@ split keeps it, and when clusters merge the older id survives.
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from array import array
 from collections import Counter, defaultdict
@@ -45,12 +46,14 @@ from sync.sources import load_source
 from sync.store import match_key, membership, merge_constraint, review_item, source_record
 
 __all__ = [
+    "BatchStopped",
     "Failure",
     "KeyRows",
     "RebuildPlan",
     "RebuildRefusedError",
     "SourceCounts",
     "plan_rebuild",
+    "stop_if_asked",
 ]
 
 CHUNK_ROWS = 5_000  # stored records read and re-mapped at a time
@@ -345,7 +348,26 @@ class _Batch:
     holders: dict[tuple[str, str], list[int]] = field(default_factory=lambda: defaultdict(list))
 
 
-def _collect(conn: Connection, settings: Settings, plan: RebuildPlan, remap: bool = True) -> _Batch:
+class BatchStopped(Exception):
+    """A batch was asked to stop (its `stop` event set) and did at its next step; raised
+    inside its transaction, which rolls back."""
+
+
+STOP_CHECK_EVERY = 2_000  # contacts collected between two looks at the stop event
+
+
+def stop_if_asked(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise BatchStopped("the batch was asked to stop; nothing of it was written")
+
+
+def _collect(
+    conn: Connection,
+    settings: Settings,
+    plan: RebuildPlan,
+    remap: bool = True,
+    stop: threading.Event | None = None,
+) -> _Batch:
     """Re-map, validate and prepare every contact (a share on a helper process in a big
     batch: sync/batch_prepare.py), keeping only what matching and the match_key rows need (a
     contact's data, payload and `Contact` are dropped as soon as it is prepared)."""
@@ -364,6 +386,8 @@ def _collect(conn: Connection, settings: Settings, plan: RebuildPlan, remap: boo
                 plan.keys.add(one.record_id, found)
             return batch
         for one, record, keys in preparer.prepared(staged):
+            if len(batch.ids) % STOP_CHECK_EVERY == 0:
+                stop_if_asked(stop)
             batch.index.add_parts(len(batch.ids), keys.used, keys.flags)
             batch.ids.append(one.record_id)
             batch.sources.append(one.source)
@@ -482,6 +506,7 @@ def plan_rebuild(
     *,
     remap: bool = True,
     write_keys: KeyWriter | None = None,
+    stop: threading.Event | None = None,
 ) -> RebuildPlan:
     """What `crmhub rebuild` would change, computed from the store and the settings; reads
     only, unless the apply passes its `write_keys`: then the plan's match_key rows are
@@ -489,10 +514,13 @@ def plan_rebuild(
     the index build outside the GIL, so both cores work: at 1M contacts the 17.6M rows and
     their index took 70 s on their own) and the plan says `keys_written`. Call inside the
     apply's transaction to apply exactly what was planned. Without `remap` the records keep
-    their staged data and only the matching is done again."""
+    their staged data and only the matching is done again. A set `stop` ends it with
+    `BatchStopped` at its next step (between phases, every `STOP_CHECK_EVERY` contacts
+    collected; the clustering itself runs to its end)."""
     plan = RebuildPlan()
     started = time.perf_counter()
-    batch = _collect(conn, settings, plan, remap)
+    batch = _collect(conn, settings, plan, remap, stop)
+    stop_if_asked(stop)
     clustering = time.perf_counter()
     plan.timings["collect_seconds"] = round(clustering - started, 1)
     ids = batch.ids
@@ -511,6 +539,7 @@ def plan_rebuild(
             plan.timings["match_seconds"] = round(time.perf_counter() - clustering, 1)
         writing.result()
         plan.keys_written = True
+    stop_if_asked(stop)
     plan.timings["cluster_seconds"] = round(time.perf_counter() - clustering, 1)
     batch.records, batch.holders = [], {}  # prepared forms are done with: release them
     plan.current = {

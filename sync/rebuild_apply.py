@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,7 +27,7 @@ from sync.golden import (
     fold_golden,
     recompute_goldens,
 )
-from sync.rebuild import KeyRows, RebuildPlan, RebuildRefusedError, plan_rebuild
+from sync.rebuild import KeyRows, RebuildPlan, RebuildRefusedError, plan_rebuild, stop_if_asked
 from sync.staging import chunks
 from sync.store import (
     allocate_ids,
@@ -91,8 +92,16 @@ def rebuild(db: Engine, settings: Settings, *, actor: str, confirm: bool = False
     return plan
 
 
-def apply_plan(conn: Connection, plan: RebuildPlan, actor: str, now: datetime) -> None:
-    """Write `plan` (from `plan_rebuild` in this transaction); `actor` goes to the audit log."""
+def apply_plan(
+    conn: Connection,
+    plan: RebuildPlan,
+    actor: str,
+    now: datetime,
+    stop: threading.Event | None = None,
+) -> None:
+    """Write `plan` (from `plan_rebuild` in this transaction); `actor` goes to the audit log.
+    A set `stop` ends it with `BatchStopped` after any slice of golden records."""
+    stop_if_asked(stop)
     _write_data(conn, plan)
     _write_letters(conn, plan, now)
     if not plan.keys_written:
@@ -107,6 +116,7 @@ def apply_plan(conn: Connection, plan: RebuildPlan, actor: str, now: datetime) -
     goldens = sorted(set(plan.target.values()))
     for part in chunks(goldens, GOLDENS_PER_RECOMPUTE):
         recompute_goldens(conn, set(part), now)
+        stop_if_asked(stop)
     conn.execute(
         audit_log.insert().values(
             at=now,

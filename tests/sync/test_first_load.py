@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,8 @@ from bench.matching.__main__ import write_data
 from bench.matching.generate import generate
 from crmhub.records import RawRecord
 from crmhub.settings import Settings
-from sync import first_load
+from sync import first_load, rebuild_apply
+from sync import rebuild as planning
 from sync.engine import SyncEngine
 from sync.migrate import upgrade
 from sync.rebuild_apply import rebuild
@@ -213,4 +216,47 @@ async def test_a_first_load_still_running_elsewhere_is_left_to_its_own_run(
     finally:
         engine.close()
     assert result.state == "succeeded"
+    assert _unmatched(db) == 0
+
+
+@pytest.mark.parametrize("phase", ["collect", "cluster", "apply"])
+async def test_a_cancelled_run_stops_its_batch_which_writes_nothing_and_runs_again(
+    tmp_path, db, store_url, monkeypatch, phase
+):
+    """Ctrl-C (or a cancelled job) during the batch: its thread cannot be cancelled and its
+    transaction holds the store, so it is asked to stop at its next step; it rolls back, the
+    run is marked interrupted, and the next run clusters everything."""
+    settings = _settings(tmp_path, store_url, _contacts_csv(tmp_path), batch=150)
+    reached, go_on = threading.Event(), threading.Event()
+    target = {"collect": planning, "cluster": planning, "apply": rebuild_apply}[phase]
+    name = {"collect": "_remap", "cluster": "_cluster", "apply": "recompute_goldens"}[phase]
+    original = getattr(target, name)
+
+    def held(*args: object, **kwargs: object) -> object:
+        reached.set()  # in the batch's thread: hold it here until the run is cancelled
+        assert go_on.wait(30)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, held)
+    engine = SyncEngine(settings, db)
+    try:
+        run = asyncio.ensure_future(engine.run("crm"))
+        assert await asyncio.to_thread(reached.wait, 30), "the batch never started"
+        run.cancel()
+        await asyncio.sleep(0.2)  # the engine asks the batch to stop ...
+        go_on.set()  # ... and it does at its next step
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(run, 60)
+    finally:
+        engine.close()
+    with db.connect() as conn:
+        assert conn.execute(select(sync_run.c.state)).scalars().all() == ["interrupted"]
+        assert conn.execute(select(func.count()).select_from(pending_match)).scalar_one() == 1
+    assert _unmatched(db) > 0  # the batch wrote nothing
+    monkeypatch.setattr(target, name, original)
+    engine = SyncEngine(settings, db)
+    try:
+        assert (await engine.run("crm")).state == "succeeded"
+    finally:
+        engine.close()
     assert _unmatched(db) == 0

@@ -122,3 +122,13 @@ def test_shutdown_cancels_queued_tasks_and_ends_the_helper():
     assert helper._process.exitcode == 0
     with pytest.raises(RuntimeError, match="after shutdown"):
         helper.submit(_echo, 1)
+
+
+def test_ctrl_c_is_left_to_the_process_that_started_it():
+    with HelperProcess() as helper:
+        assert helper.submit(_echo, "up").result(timeout=WAIT) == "up"
+        running = helper.submit(_sleep, 0.5)
+        assert helper._process.pid is not None
+        os.kill(helper._process.pid, signal.SIGINT)
+        assert running.result(timeout=WAIT) == 0.5
+        assert helper.submit(_echo, "still here").result(timeout=WAIT) == "still here"
