@@ -8,9 +8,11 @@ function is the same either way; small pages (webhooks, demos) never pay for the
 from __future__ import annotations
 
 import asyncio
+import logging
 import marshal
 import os
 from concurrent.futures import Executor, Future
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
@@ -27,6 +29,8 @@ from dedupe.survivorship import solo
 from sync.helper import helper_pool
 
 __all__ = ["MappedRecord", "PageMapper", "Rejected", "map_records"]
+
+log = logging.getLogger("crmhub.sync")
 
 # Below this many records a page is mapped in-process: the round trip (about 1 us a record
 # each way) costs more than it saves. Vendor APIs page by 100, so they use the helper.
@@ -279,7 +283,15 @@ class PageMapper:
             return map_records(*where, records, *options)
         loop = asyncio.get_running_loop()
         page = _pack_raw(records)
-        return _unpack(await loop.run_in_executor(self._pool, _map_packed, *where, page, *options))
+        try:
+            packed = await loop.run_in_executor(self._pool, _map_packed, *where, page, *options)
+        except BrokenProcessPool:
+            # The helper was killed (the out-of-memory killer): a worker keeps its mapper for
+            # good, so this page is mapped here and the next big one starts a new helper.
+            log.warning("the mapping helper process ended; mapping here, starting a new one")
+            self.close()
+            return map_records(*where, records, *options)
+        return _unpack(packed)
 
     def close(self) -> None:
         if self._pool is not None:

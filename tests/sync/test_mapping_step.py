@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from datetime import UTC, date, datetime, timedelta, timezone
 
 from crmhub.mapping import BUILTIN_MAPPINGS
@@ -98,3 +100,34 @@ def test_a_page_marshal_cannot_take_travels_as_records():
     assert _pack_raw(records) is records
     here = map_records(str(CSV_MAPPING), 0, "US", records, True, False, True)
     assert _unpack(_map_packed(str(CSV_MAPPING), 0, "US", records, True, False, True)) == here
+
+
+async def test_a_killed_helper_costs_one_page_on_this_process_then_a_new_helper_takes_over():
+    """A worker keeps its mapper for its whole life: a helper killed (the OOM killer) must not
+    fail every later page. The page in hand is mapped here; the next big one starts another."""
+    from crmhub.mapping import load_mapping
+
+    mapping = load_mapping(CSV_MAPPING)
+    path, mtime = str(CSV_MAPPING), CSV_MAPPING.stat().st_mtime_ns
+    page = _page(POOL_THRESHOLD + 10)
+    expected = map_records(path, mtime, "US", page, True, True, True)
+    mapper = PageMapper("US", exact_keys=True)
+    try:
+        await mapper.map(mapping, page)  # starts the helper
+        assert mapper._pool is not None
+        assert mapper._ready is not None
+        assert await asyncio.wrap_future(mapper._ready)
+        first = mapper._pool._process.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        mapper._pool._process.join(30)
+        assert await mapper.map(mapping, page) == expected  # mapped here
+        assert mapper._pool is None
+        await mapper.map(mapping, page)  # a new helper starts ...
+        assert mapper._pool is not None
+        assert mapper._ready is not None
+        assert await asyncio.wrap_future(mapper._ready)
+        assert mapper._pool._process.pid != first
+        assert await mapper.map(mapping, page) == expected  # ... and maps
+    finally:
+        mapper.close()
