@@ -13,7 +13,7 @@ import logging
 import os
 from array import array
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 PAIRS_PER_STEP = 1 << 22  # candidate pairs built per NumPy step (bounds the temporaries)
 # Threads scoring a batch's candidate pairs (each holds one chunk's temporaries, ~80 MB).
 SCORING_THREADS = min(4, os.cpu_count() or 1)
+LINKS_PER_CHECK = 65_536  # strong links taken between two calls of a `check_stop`
 PROBE_MARKERS = frozenset(PROBE_KINDS.values())
 
 
@@ -511,6 +512,7 @@ def cluster_prepared(
     index: KeyIndex | None = None,
     must_link: Sequence[tuple[int, int]] = (),
     cannot_link: Sequence[tuple[int, int]] = (),
+    check_stop: Callable[[], None] | None = None,
 ) -> ClusterResult:
     """Block, score and cluster prepared records with `matcher`'s params and thresholds.
 
@@ -525,9 +527,17 @@ def cluster_prepared(
     `index`: the records' blocking keys when the caller built them already (`KeyIndex`).
     Pairs are scored on SCORING_THREADS threads, so `matcher.frequencies`, if any, must be
     in memory (`frequency_table`), not counted through a database connection.
+    `check_stop` is called between steps, before each chunk of pairs scored and every
+    `LINKS_PER_CHECK` links; what it raises abandons the clustering (a caller asked to stop:
+    at 1M records this function runs for minutes).
     """
+    stop = check_stop or _go_on
     pairs = candidate_pairs(records, max_block, index=index)
-    probs = matcher.probabilities(Columns.of(records), pairs.ia, pairs.ib, threads=SCORING_THREADS)
+    stop()
+    probs = matcher.probabilities(
+        Columns.of(records), pairs.ia, pairs.ib, threads=SCORING_THREADS, check_stop=stop
+    )
+    stop()
     # Strongest first; ties broken by the records' content, not their position, so that the
     # clusters do not depend on input order (tests/dedupe/test_order_independence.py).
     strong = np.flatnonzero(probs >= matcher.review)
@@ -545,6 +555,7 @@ def cluster_prepared(
     del joinable
     adjacency = _Adjacency.of(len(records), pairs.ia[kept], pairs.ib[kept], probs[kept])
     del kept
+    stop()
     clusters = _Clusters(len(records))
     for a, b in must_link:
         ra, rb = clusters.find(a), clusters.find(b)
@@ -555,7 +566,9 @@ def cluster_prepared(
     links = zip(
         pairs.ia[strong].tolist(), pairs.ib[strong].tolist(), probs[strong].tolist(), strict=True
     )
-    for a, b, p in links:
+    for done, (a, b, p) in enumerate(links):
+        if done % LINKS_PER_CHECK == 0:
+            stop()
         ra, rb = clusters.find(a), clusters.find(b)
         if ra == rb or not clusters.allowed(ra, rb):
             continue
@@ -569,6 +582,10 @@ def cluster_prepared(
             continue
         clusters.union(ra, rb)
     return ClusterResult(clusters.groups(), review, pairs.capped, pairs, probs)
+
+
+def _go_on() -> None:
+    """A `check_stop` that never stops."""
 
 
 def link(

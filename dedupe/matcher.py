@@ -403,6 +403,7 @@ class FellegiSunterMatcher:
         ib: npt.NDArray[np.int64],
         *,
         threads: int = 1,
+        check_stop: Callable[[], None] | None = None,
     ) -> npt.NDArray[np.float64]:
         """Match probability for each pair of prepared records (vectorised, in chunks so the
         per-pair temporaries stay small however many pairs there are).
@@ -410,10 +411,14 @@ class FellegiSunterMatcher:
         `threads`: chunks scored on this many threads at once; NumPy and rapidfuzz release
         the GIL for most of a chunk's work. Only with in-memory frequencies (the batch
         path): a store's are counted through one database connection.
+        `check_stop`: called before each chunk (on any of the threads); what it raises ends
+        the scoring (a caller asked to stop: `cluster_prepared`).
         """
         out = np.empty(len(ia), dtype=np.float64)
 
         def score(lo: int) -> None:
+            if check_stop is not None:
+                check_stop()
             a, b = ia[lo : lo + PAIR_CHUNK], ib[lo : lo + PAIR_CHUNK]
             out[lo : lo + len(a)] = self.probabilities_from_levels(
                 cols, a, b, levels_many(cols, a, b)

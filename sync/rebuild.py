@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 import orjson
@@ -404,8 +405,10 @@ def _cluster(
     must: list[tuple[int, int]],
     cannot: list[tuple[int, int]],
     plan: RebuildPlan,
+    stop: threading.Event | None = None,
 ) -> list[list[int]]:
-    """Clusters of indices into `batch.ids`; fills the plan's reviews and matcher."""
+    """Clusters of indices into `batch.ids`; fills the plan's reviews and matcher. A set
+    `stop` ends it with `BatchStopped` at the clustering's next step."""
     m = settings.matching
     if m.method == "exact":
         pairs = [
@@ -432,6 +435,7 @@ def _cluster(
         index=batch.index,
         must_link=must,
         cannot_link=cannot,
+        check_stop=partial(stop_if_asked, stop),
     )
     ids = batch.ids
     plan.reviews = [
@@ -497,7 +501,8 @@ def _assign(clusters: list[list[int]], current: dict[int, int], plan: RebuildPla
     plan.clusters = {k: tally[k] for k in ("kept", "changed", "merged", "new")}
 
 
-KeyWriter = Callable[[Connection, KeyRows], None]  # replaces every match_key row
+# Replaces every match_key row; a set event ends it with `BatchStopped`.
+KeyWriter = Callable[[Connection, KeyRows, threading.Event | None], None]
 
 
 def plan_rebuild(
@@ -516,7 +521,7 @@ def plan_rebuild(
     apply's transaction to apply exactly what was planned. Without `remap` the records keep
     their staged data and only the matching is done again. A set `stop` ends it with
     `BatchStopped` at its next step (between phases, every `STOP_CHECK_EVERY` contacts
-    collected; the clustering itself runs to its end)."""
+    collected, and within the clustering: `cluster_prepared`'s `check_stop`)."""
     plan = RebuildPlan()
     started = time.perf_counter()
     batch = _collect(conn, settings, plan, remap, stop)
@@ -529,13 +534,13 @@ def plan_rebuild(
     must, cannot, plan.steward = _constraints(conn, index)
     params = active_params(conn)
     if write_keys is None:
-        clusters = _cluster(settings, params, batch, must, cannot, plan)
+        clusters = _cluster(settings, params, batch, must, cannot, plan, stop)
     else:
         plan.keys_outdated = _outdated_keys(conn, plan.keys)  # what is stored before it goes
         # The connection is the writer's alone until it is done: clustering does no I/O.
         with ThreadPoolExecutor(1, thread_name_prefix="crmhub-keys") as pool:
-            writing = pool.submit(write_keys, conn, plan.keys)
-            clusters = _cluster(settings, params, batch, must, cannot, plan)
+            writing = pool.submit(write_keys, conn, plan.keys, stop)
+            clusters = _cluster(settings, params, batch, must, cannot, plan, stop)
             plan.timings["match_seconds"] = round(time.perf_counter() - clustering, 1)
         writing.result()
         plan.keys_written = True

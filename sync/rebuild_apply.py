@@ -105,7 +105,7 @@ def apply_plan(
     _write_data(conn, plan)
     _write_letters(conn, plan, now)
     if not plan.keys_written:
-        write_keys(conn, plan.keys)
+        write_keys(conn, plan.keys, stop)
     created = _create_goldens(conn, plan, now)
     _write_memberships(conn, plan, now)
     for alias, survivor in sorted(plan.aliases.items()):
@@ -134,12 +134,13 @@ _INSERT_KEYS_FROM_JSON = (
 )
 
 
-def write_keys(conn: Connection, keys: KeyRows) -> None:
+def write_keys(conn: Connection, keys: KeyRows, stop: threading.Event | None = None) -> None:
     """Replace every match_key row with `keys`. Rows go in record order, which is the
     primary key's; the lookup index (key kind, value) would take them in random order, one
     page miss each once it outgrows the cache, so for a large store it is dropped and built
     again afterwards (a sort), inside the same transaction. The counts of common values are
-    kept from the new rows (`sync.frequencies.store_common_counts`)."""
+    kept from the new rows (`sync.frequencies.store_common_counts`). A set `stop` ends it
+    with `BatchStopped` after its next slice of rows (the caller's transaction rolls back)."""
     conn.execute(match_key.delete())
     rebuild_indexes = len(keys) >= REINDEX_FROM_CONTACTS
     if rebuild_indexes:
@@ -152,6 +153,7 @@ def write_keys(conn: Connection, keys: KeyRows) -> None:
         # GIL is free, where an executemany takes the GIL back for every row and slows the
         # clustering beside it (a first load runs the two side by side; docs/benchmarks.md).
         for text in keys.json_slices(ROWS_PER_INSERT):
+            stop_if_asked(stop)
             conn.exec_driver_sql(_INSERT_KEYS_FROM_JSON, (text,))
     else:
         columns = ("record_id", "key_kind", "key_value")
@@ -159,9 +161,11 @@ def write_keys(conn: Connection, keys: KeyRows) -> None:
         for rid, own in keys.items():
             rows += [(rid, kind, value) for kind, value in own]
             if len(rows) >= ROWS_PER_INSERT:
+                stop_if_asked(stop)
                 insert_rows(conn, match_key, columns, rows)  # COPY on PostgreSQL
                 rows = []
         insert_rows(conn, match_key, columns, rows)
+    stop_if_asked(stop)
     if rebuild_indexes:
         for index in sorted(match_key.indexes, key=lambda i: str(i.name)):
             index.create(conn)

@@ -1,8 +1,13 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+
+import pytest
 
 from crmhub.records import Contact
+from dedupe import cluster as cluster_module
+from dedupe import matcher as matcher_module
 from dedupe.cluster import candidate_pairs, cluster, cluster_prepared, link, train
 from dedupe.matcher import FellegiSunterMatcher
 from dedupe.normalize import prepare
@@ -109,3 +114,40 @@ def test_steward_constraints_bind_the_batch_clusterer() -> None:
     assert link(4, [(0, 1), (1, 2)]) == [[0, 1, 2], [3]]
     assert link(4, [(0, 1), (1, 2)], cannot_link=[(0, 2)]) == [[0, 1], [2], [3]]
     assert link(4, [], must_link=[(2, 3)]) == [[0], [1], [2, 3]]
+
+
+def test_check_stop_is_asked_per_chunk_scored_and_per_block_of_links(monkeypatch) -> None:
+    """A caller can end a long clustering (Ctrl-C during a first load) between any two
+    chunks of pairs scored or blocks of links taken: `check_stop` raises, and the error
+    comes out of `cluster_prepared`."""
+    monkeypatch.setattr(matcher_module, "PAIR_CHUNK", 16)
+    monkeypatch.setattr(cluster_module, "LINKS_PER_CHECK", 8)
+    names = ("Ann", "Bob", "Cy", "Di", "Ed", "Flo", "Gus", "Hal")
+    people = [
+        Contact(first_name=f, last_name=s, emails=[f"{f}.{s}@gmail.com".lower()])
+        for f in names
+        for s in ("Lee", "Moss", "Ng", "Orr")
+    ]
+    records = [prepare(c) for c in people * 2]
+    matcher = FellegiSunterMatcher()
+    calls: list[int] = []
+    result = cluster_prepared(records, matcher, check_stop=lambda: calls.append(1))
+    assert result.clusters == cluster_prepared(records, matcher).clusters  # asked, unchanged
+    scored, linked = len(result.pairs.ia), len(people)  # each person's two records link
+    assert len(calls) >= scored // 16 + linked // 8
+
+    class Stopped(Exception):
+        pass
+
+    def stop_at(n: int) -> Callable[[], None]:
+        def check() -> None:
+            if len(asked) == n:
+                raise Stopped
+            asked.append(1)
+
+        asked: list[int] = []
+        return check
+
+    for n in (0, len(calls) // 2, len(calls) - 1):  # at blocking, scoring, linking
+        with pytest.raises(Stopped):
+            cluster_prepared(records, matcher, check_stop=stop_at(n))

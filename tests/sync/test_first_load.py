@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, func, select
@@ -13,6 +14,10 @@ from bench.matching.__main__ import write_data
 from bench.matching.generate import generate
 from crmhub.records import RawRecord
 from crmhub.settings import Settings
+from dedupe import matcher as matcher_module
+from dedupe.comparators import Columns
+from dedupe.matcher import FellegiSunterMatcher
+from dedupe.normalize import Prepared
 from sync import first_load, rebuild_apply
 from sync import rebuild as planning
 from sync.engine import SyncEngine
@@ -238,6 +243,47 @@ async def test_a_cancelled_run_stops_its_batch_which_writes_nothing_and_runs_aga
         return original(*args, **kwargs)
 
     monkeypatch.setattr(target, name, held)
+    await _cancel_the_held_batch(settings, db, reached, go_on)
+    monkeypatch.setattr(target, name, original)
+    await _runs_again(settings, db)
+
+
+async def test_a_cancelled_run_stops_its_batch_between_two_chunks_of_scoring(
+    tmp_path, db, store_url, monkeypatch
+):
+    """The clustering itself stops at its next step too (at 1M contacts it runs for
+    minutes): here the batch is held in its first chunk of pairs scored, and none of the
+    many chunks after it is scored."""
+    settings = _settings(tmp_path, store_url, _contacts_csv(tmp_path), batch=150)
+    monkeypatch.setattr(matcher_module, "PAIR_CHUNK", 64)  # many chunks
+    reached, go_on = threading.Event(), threading.Event()
+    chunks: list[int] = []
+    cluster = planning.cluster_prepared
+
+    def holding(records: list[Prepared], matcher: FellegiSunterMatcher, **kw: Any) -> object:
+        score = matcher.probabilities_from_levels
+
+        def held(cols: Columns, ia: Any, *args: Any) -> object:
+            chunks.append(len(ia))
+            reached.set()
+            assert go_on.wait(30)
+            return score(cols, ia, *args)
+
+        matcher.probabilities_from_levels = held  # type: ignore[method-assign]
+        return cluster(records, matcher, **kw)
+
+    monkeypatch.setattr(planning, "cluster_prepared", holding)
+    await _cancel_the_held_batch(settings, db, reached, go_on)
+    assert chunks == [64]  # the first chunk only, of many
+    monkeypatch.setattr(planning, "cluster_prepared", cluster)
+    await _runs_again(settings, db)
+
+
+async def _cancel_the_held_batch(
+    settings: Settings, db: Engine, reached: threading.Event, go_on: threading.Event
+) -> None:
+    """Run a sync, cancel it once its batch is `reached`, then let the batch `go_on`: the
+    run ends cancelled and marked interrupted, and the batch wrote nothing."""
     engine = SyncEngine(settings, db)
     try:
         run = asyncio.ensure_future(engine.run("crm"))
@@ -253,7 +299,9 @@ async def test_a_cancelled_run_stops_its_batch_which_writes_nothing_and_runs_aga
         assert conn.execute(select(sync_run.c.state)).scalars().all() == ["interrupted"]
         assert conn.execute(select(func.count()).select_from(pending_match)).scalar_one() == 1
     assert _unmatched(db) > 0  # the batch wrote nothing
-    monkeypatch.setattr(target, name, original)
+
+
+async def _runs_again(settings: Settings, db: Engine) -> None:
     engine = SyncEngine(settings, db)
     try:
         assert (await engine.run("crm")).state == "succeeded"

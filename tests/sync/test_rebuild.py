@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 from sqlalchemy import Engine, func, inspect, select
@@ -15,7 +16,7 @@ from sync import rebuild as rebuild_plan
 from sync import rebuild_apply, review
 from sync.engine import SyncEngine
 from sync.queries import resolve_golden_id
-from sync.rebuild import RebuildRefusedError
+from sync.rebuild import BatchStopped, KeyRows, RebuildRefusedError
 from sync.rebuild_apply import preview, rebuild
 from sync.store import (
     audit_log,
@@ -26,9 +27,11 @@ from sync.store import (
     metadata,
     review_item,
     source_record,
+    write_transaction,
 )
 from tests.conftest import make_settings
 from tests.steward_data import seed_reviews
+from tests.sync.test_key_lookup import _records
 
 
 def _snapshot(db: Engine) -> dict[str, list[tuple]]:
@@ -395,3 +398,37 @@ async def test_switching_to_the_exact_matcher_reclusters_by_shared_identifiers(
         kinds = set(conn.execute(select(match_key.c.key_kind)).scalars())
     assert kinds <= {"email", "phone"}
     assert not preview(db, settings).changes_anything
+
+
+class _SetAfter(threading.Event):
+    """An event that reads as set from its `looks`+1-th look on."""
+
+    def __init__(self, looks: int) -> None:
+        super().__init__()
+        self.looks = looks
+
+    def is_set(self) -> bool:
+        self.looks -= 1
+        return self.looks < 0
+
+
+def test_a_stopped_key_writer_ends_after_its_slice_and_its_rows_roll_back(
+    db: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch's match_key writer runs beside the clustering; asked to stop, it ends after
+    the slice in hand instead of writing millions of rows first."""
+    monkeypatch.setattr(rebuild_apply, "ROWS_PER_INSERT", 4)
+    before, after = KeyRows(), KeyRows()
+    for rid in range(1, 21):
+        before.add(rid, [("email", f"p{rid}@x.com")])
+        after.add(rid, [("email", f"new{rid}@x.com"), ("phone", f"+155501{rid:05}")])
+    with write_transaction(db) as conn:
+        _records(conn, list(range(1, 21)))
+        rebuild_apply.write_keys(conn, before)
+    stop = _SetAfter(looks=2)  # 40 rows in slices of 4: stops before the third slice
+    with pytest.raises(BatchStopped), write_transaction(db) as conn:
+        rebuild_apply.write_keys(conn, after, stop)
+    assert stop.looks == -1
+    with db.connect() as conn:
+        values = conn.execute(select(match_key.c.key_value)).scalars().all()
+    assert sorted(values) == sorted(f"p{rid}@x.com" for rid in range(1, 21))
