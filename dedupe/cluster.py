@@ -464,7 +464,7 @@ class _Adjacency:
         both[:m], both[m:] = ia, ib
         start = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(np.bincount(both, minlength=n), out=start[1:])
-        # Unstable: a record's neighbours may come in any order (`_between` only takes their
+        # Unstable: a record's neighbours may come in any order (`should_join` only takes their
         # minimum and mean), and NumPy's stable sort of int32 is twice as slow.
         order = np.argsort(both)
         both[:m], both[m:] = ib, ia
@@ -473,16 +473,50 @@ class _Adjacency:
         return cls(start, nbr, np.take(probs, order, mode="wrap") if m else probs)
 
 
-def _between(clusters: _Clusters, adjacency: _Adjacency, ra: int, rb: int) -> list[float]:
-    """Probabilities of the scored pairs between two clusters."""
-    small, other = (ra, rb) if clusters.size[ra] <= clusters.size[rb] else (rb, ra)
-    out: list[float] = []
-    for x in clusters.members(small):
-        lo, hi = int(adjacency.start[x]), int(adjacency.start[x + 1])
-        for y, p in zip(adjacency.nbr[lo:hi].tolist(), adjacency.prob[lo:hi].tolist(), strict=True):
-            if clusters.find(y) == other:
-                out.append(p)
-    return out
+LOOKUPS_PER_JOIN = 4_096  # member pairs looked up one by one when two clusters may join
+
+
+@dataclass(slots=True)
+class _ScoredPairs:
+    """Scored pairs by code (min * n + max, sorted, as `candidate_pairs` gives them) with
+    their probabilities. Two small clusters (nearly every join) look up each pair of their
+    members by binary search; a table of each record's neighbours (`_Adjacency`, a sort of
+    all pairs: 7 s at 1M records) is built only if two clusters big enough to need it meet,
+    where trying every pair of members would grow with the product of their sizes."""
+
+    n: int
+    codes: npt.NDArray[np.int64]
+    probs: npt.NDArray[np.float64]
+    adjacency: _Adjacency | None = None
+
+    def between(self, clusters: _Clusters, ra: int, rb: int) -> list[float]:
+        """Probabilities of the scored pairs between two clusters (their roots)."""
+        xs, ys = clusters.members(ra), clusters.members(rb)
+        if len(xs) * len(ys) > LOOKUPS_PER_JOIN:
+            small, other = (xs, rb) if len(xs) <= len(ys) else (ys, ra)
+            return self._by_neighbours(clusters, small, other)
+        a, b = np.array(xs, dtype=np.int64)[:, None], np.array(ys, dtype=np.int64)[None, :]
+        wanted = (np.minimum(a, b) * self.n + np.maximum(a, b)).ravel()
+        at = np.searchsorted(self.codes, wanted)
+        at[at == len(self.codes)] = 0  # past the end: looked up, and not equal, below
+        found = at[self.codes[at] == wanted] if len(self.codes) else at[:0]
+        probs: list[float] = self.probs[found].tolist()
+        return probs
+
+    def _by_neighbours(self, clusters: _Clusters, small: list[int], other: int) -> list[float]:
+        """The scored pairs from the members `small` into the cluster rooted at `other`."""
+        if self.adjacency is None:
+            self.adjacency = _Adjacency.of(
+                self.n, self.codes // self.n, self.codes % self.n, self.probs
+            )
+        start, nbr, prob = self.adjacency.start, self.adjacency.nbr, self.adjacency.prob
+        out: list[float] = []
+        for x in small:
+            lo, hi = int(start[x]), int(start[x + 1])
+            for y, p in zip(nbr[lo:hi].tolist(), prob[lo:hi].tolist(), strict=True):
+                if clusters.find(y) == other:
+                    out.append(p)
+        return out
 
 
 def _content_rank(
@@ -547,13 +581,14 @@ def cluster_prepared(
         np.lexsort((np.maximum(rank_a, rank_b), np.minimum(rank_a, rank_b), -probs[strong]))
     ]
     # Only records with an auto-merge link ever join a cluster, so only pairs between two such
-    # records can lie between clusters: the guard's adjacency holds just those.
+    # records can lie between clusters: the guard looks up just those.
     joinable = np.zeros(len(records), dtype=bool)
     sure = probs >= matcher.auto_merge
     joinable[pairs.ia[sure]] = joinable[pairs.ib[sure]] = True
     kept = joinable[pairs.ia] & joinable[pairs.ib]
     del joinable
-    adjacency = _Adjacency.of(len(records), pairs.ia[kept], pairs.ib[kept], probs[kept])
+    n = max(len(records), 1)
+    scored = _ScoredPairs(n, pairs.ia[kept] * n + pairs.ib[kept], probs[kept])
     del kept
     stop()
     clusters = _Clusters(len(records))
@@ -576,7 +611,7 @@ def cluster_prepared(
             review.append((a, b, p))
             continue
         if clusters.size[ra] + clusters.size[rb] > 2 and not should_join(
-            _between(clusters, adjacency, ra, rb), matcher.review, matcher.auto_merge
+            scored.between(clusters, ra, rb), matcher.review, matcher.auto_merge
         ):
             review.append((a, b, p))
             continue

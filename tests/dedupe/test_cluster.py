@@ -2,7 +2,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import pytest
 
 from crmhub.records import Contact
@@ -151,3 +154,55 @@ def test_check_stop_is_asked_per_chunk_scored_and_per_block_of_links(monkeypatch
     for n in (0, len(calls) // 2, len(calls) - 1):  # at blocking, scoring, linking
         with pytest.raises(Stopped):
             cluster_prepared(records, matcher, check_stop=stop_at(n))
+
+
+class _GivenScores(FellegiSunterMatcher):
+    """The shipped matcher with each candidate pair's probability given by the test."""
+
+    def __init__(self, given: dict[tuple[int, int], float]) -> None:
+        super().__init__()
+        self.given = given
+
+    def probabilities(self, cols: Any, ia: Any, ib: Any, **_: Any) -> npt.NDArray[np.float64]:
+        return np.array([self.given[a, b] for a, b in zip(ia.tolist(), ib.tolist(), strict=True)])
+
+
+def test_the_chain_guard_weighs_every_scored_pair_between_two_clusters() -> None:
+    """{0, 1} and {2, 3} are each one person; the strong link 1-2 would join them, but 0 and 3
+    are surely different people: the link goes to review. Without that contradiction the
+    clusters join."""
+    records = [prepare(Contact(first_name="Jo", last_name="Smith")) for _ in range(4)]
+    sure, apart = {(0, 1): 0.99, (2, 3): 0.99, (1, 2): 0.98}, {(0, 2): 0.5, (1, 3): 0.5}
+    held = cluster_prepared(records, _GivenScores({**sure, **apart, (0, 3): 0.001}))
+    assert held.clusters == [[0, 1], [2, 3]]
+    assert [(a, b) for a, b, _ in held.review] == [(1, 2)]
+    joined = cluster_prepared(records, _GivenScores({**sure, **apart, (0, 3): 0.2}))
+    assert joined.clusters == [[0, 1, 2, 3]]  # low, but not a contradiction
+
+
+@pytest.mark.parametrize("lookups", [1_000_000, 0])  # by binary search, by neighbours
+def test_scored_pairs_between_two_clusters_are_all_found(monkeypatch, lookups: int) -> None:
+    from dedupe.cluster import _Clusters, _ScoredPairs
+
+    monkeypatch.setattr(cluster_module, "LOOKUPS_PER_JOIN", lookups)
+    rng = np.random.default_rng(5)
+    n = 300
+    codes = np.unique(rng.integers(0, n, 5_000) * n + rng.integers(0, n, 5_000))
+    ia, ib = codes // n, codes % n
+    ia, ib = ia[ia < ib], ib[ia < ib]
+    probs = rng.random(len(ia))
+    scored = _ScoredPairs(n, ia * n + ib, probs)
+    by_pair = dict(zip(zip(ia.tolist(), ib.tolist(), strict=True), probs.tolist(), strict=True))
+    for _ in range(100):
+        clusters = _Clusters(n)
+        groups = np.split(rng.permutation(n), np.sort(rng.choice(n, 60, replace=False)))
+        for group in groups:
+            for x in group[1:].tolist():
+                clusters.union(clusters.find(int(group[0])), clusters.find(x))
+        xs, ys = (g.tolist() for g in groups[1:3])
+        between = [(min(x, y), max(x, y)) for x in xs for y in ys]
+        want = sorted(by_pair[pair] for pair in between if pair in by_pair)
+        got = scored.between(clusters, clusters.find(xs[0]), clusters.find(ys[0]))
+        assert sorted(got) == want
+    none = _ScoredPairs(n, codes[:0], probs[:0])
+    assert none.between(_Clusters(n), 1, 2) == []
