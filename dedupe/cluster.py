@@ -563,7 +563,7 @@ def cluster_prepared(
     in memory (`frequency_table`), not counted through a database connection.
     `check_stop` is called between steps, before each chunk of pairs scored and every
     `LINKS_PER_CHECK` links; what it raises abandons the clustering (a caller asked to stop:
-    at 1M records this function runs for minutes).
+    at 1M records this function runs for over a minute).
     """
     stop = check_stop or _go_on
     pairs = candidate_pairs(records, max_block, index=index)

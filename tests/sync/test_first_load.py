@@ -251,8 +251,8 @@ async def test_a_cancelled_run_stops_its_batch_which_writes_nothing_and_runs_aga
 async def test_a_cancelled_run_stops_its_batch_between_two_chunks_of_scoring(
     tmp_path, db, store_url, monkeypatch
 ):
-    """The clustering itself stops at its next step too (at 1M contacts it runs for
-    minutes): here the batch is held in its first chunk of pairs scored, and none of the
+    """The clustering itself stops at its next step too (at 1M contacts it runs for over a
+    minute): here the batch is held in its first chunk of pairs scored, and none of the
     many chunks after it is scored."""
     settings = _settings(tmp_path, store_url, _contacts_csv(tmp_path), batch=150)
     monkeypatch.setattr(matcher_module, "PAIR_CHUNK", 64)  # many chunks
