@@ -238,7 +238,7 @@ def candidate_pairs(
             members = owner[at[lo : lo + per, None] + np.arange(size)]
             # members are in key order, not by index: either column may hold the smaller one
             left, right = members[:, ti].ravel(), members[:, tj].ravel()
-            chunks.append(np.minimum(left, right) * n + np.maximum(left, right))
+            chunks.append(_pair_codes(left, right, n))
             del members, left, right
     budget = max_block * max_block // 2
     for s, size in zip(
@@ -255,7 +255,7 @@ def candidate_pairs(
             continue
         pa, pb = np.repeat(probes, size), np.tile(members, len(probes))
         pa, pb = pa[pa != pb], pb[pa != pb]
-        chunks.append(np.minimum(pa, pb) * n + np.maximum(pa, pb))
+        chunks.append(_pair_codes(pa, pb, n))
     capped = [(_key_of(records, int(owner[s]), int(h[s])), size) for s, size in capped_at]
     if capped:
         # The kind only: a key's value is an email or phone (PII stays out of logs; the
@@ -284,6 +284,13 @@ _PROBE_FLAGS = (
     {"initial": 1, "surname": 2},
     {"initial": 2, "surname": 1},
 )
+
+
+def _pair_codes(
+    a: npt.NDArray[np.int64], b: npt.NDArray[np.int64], n: np.int64
+) -> npt.NDArray[np.int64]:
+    """Each pair of record indices as one code, min * n + max (`n`: the number of records)."""
+    return np.minimum(a, b) * n + np.maximum(a, b)
 
 
 def _distinct(values: npt.NDArray[np.int64], *, in_place: bool = False) -> npt.NDArray[np.int64]:
@@ -495,12 +502,13 @@ class _ScoredPairs:
         if len(xs) * len(ys) > LOOKUPS_PER_JOIN:
             small, other = (xs, rb) if len(xs) <= len(ys) else (ys, ra)
             return self._by_neighbours(clusters, small, other)
+        if not len(self.codes):
+            return []
         a, b = np.array(xs, dtype=np.int64)[:, None], np.array(ys, dtype=np.int64)[None, :]
-        wanted = (np.minimum(a, b) * self.n + np.maximum(a, b)).ravel()
-        at = np.searchsorted(self.codes, wanted)
-        at[at == len(self.codes)] = 0  # past the end: looked up, and not equal, below
-        found = at[self.codes[at] == wanted] if len(self.codes) else at[:0]
-        probs: list[float] = self.probs[found].tolist()
+        wanted = _pair_codes(a, b, np.int64(self.n)).ravel()
+        # a code past the last one is looked up there, and is not equal to it
+        at = np.minimum(np.searchsorted(self.codes, wanted), len(self.codes) - 1)
+        probs: list[float] = self.probs[at[self.codes[at] == wanted]].tolist()
         return probs
 
     def _by_neighbours(self, clusters: _Clusters, small: list[int], other: int) -> list[float]:
@@ -587,7 +595,7 @@ def cluster_prepared(
     joinable[pairs.ia[sure]] = joinable[pairs.ib[sure]] = True
     kept = joinable[pairs.ia] & joinable[pairs.ib]
     del joinable
-    n = max(len(records), 1)
+    n = max(len(records), 1)  # as in candidate_pairs, whose pairs have ia < ib
     scored = _ScoredPairs(n, pairs.ia[kept] * n + pairs.ib[kept], probs[kept])
     del kept
     stop()
