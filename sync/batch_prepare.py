@@ -31,6 +31,7 @@ from dedupe.cluster import index_parts
 from dedupe.matcher import key_tuples
 from dedupe.normalize import Prepared, prepare
 from dedupe.scoring import tf_values
+from sync.forms import form_row
 from sync.frequencies import tf_rows
 from sync.helper import HelperProcess, helper_pool
 
@@ -81,14 +82,16 @@ class Keyed(NamedTuple):
     flags: bytes  # their probe flags (`dedupe.cluster.index_parts`)
     rows: list[KeyRow]  # its match_key rows: all blocking keys, then term-frequency rows
     rows_json: str  # the rows as `KeyRows` keeps them
+    form: str  # its contact_form row (`sync.forms.form_row`)
 
 
-def keyed(record: Prepared) -> Keyed:
+def keyed(record: Prepared, data_text: str) -> Keyed:
     """A contact's keys: blocking keys for the batch's index, and the match_key rows the
-    incremental path stores for it (blocking keys and term-frequency rows)."""
+    incremental path stores for it (blocking keys and term-frequency rows), with its
+    prepared form's row for the data it was prepared from (the store's text)."""
     own = key_tuples(record)
     rows = list(dict.fromkeys([*own, *tf_rows(tf_values(record))]))
-    return Keyed(*index_parts(record, own), rows, rows_json(rows))
+    return Keyed(*index_parts(record, own), rows, rows_json(rows), form_row(data_text, record))
 
 
 def rows_json(rows: list[KeyRow]) -> str:
@@ -112,7 +115,7 @@ def prepare_texts(texts: list[str]) -> bytes:
             break
         record = prepare(contact)
         prepared.append(_FIELDS(record))
-        keys.append(keyed(record))
+        keys.append(keyed(record, text))
     # marshal writes a key shared by `used` and `rows` once (a reference the second time)
     return marshal.dumps((prepared, [tuple(k) for k in keys], failed))
 
@@ -172,7 +175,7 @@ class BatchPreparer:
             self._queued.popleft()
         if len(self._queued) >= HELPER_QUEUE:
             return None
-        texts = [s.data if isinstance(s.data, str) else json_text(s.data) for s in chunk]
+        texts = [_text(s) for s in chunk]
         try:
             future: Future[bytes] = self._pool.submit(prepare_texts, texts)
         except BrokenProcessPool:
@@ -198,7 +201,7 @@ class BatchPreparer:
         if blob is None:
             for staged in chunk:
                 record = prepare(contact_of(staged))
-                yield staged, record, keyed(record)
+                yield staged, record, keyed(record, _text(staged))
             return
         prepared, keys, failed = marshal.loads(blob)
         self.on_helper += len(prepared)
@@ -206,6 +209,11 @@ class BatchPreparer:
             yield staged, Prepared(*values), Keyed(*parts)
         if failed is not None:
             raise _invalid(chunk[failed[0]], failed[1])
+
+
+def _text(staged: Staged) -> str:
+    """The contact's data as the store's `data` column holds (or will hold) it."""
+    return staged.data if isinstance(staged.data, str) else json_text(staged.data)
 
 
 def _chunks(items: Iterable[Staged], size: int) -> Iterator[list[Staged]]:

@@ -45,6 +45,7 @@ from sync.staging import Staged, StageItem, chunks, stage
 from sync.state import load_cursor, save_cursor
 from sync.store import (
     bulk_insert,
+    contact_form,
     dead_letter,
     json_text,
     match_key,
@@ -685,6 +686,9 @@ class SyncEngine:
                 .values(deleted=1, staged_at=now)
             )
             conn.execute(match_key.delete().where(one_of(conn, match_key.c.record_id, id_part)))
+            conn.execute(
+                contact_form.delete().where(one_of(conn, contact_form.c.record_id, id_part))
+            )
             goldens.update(
                 conn.execute(
                     select(membership.c.golden_id).where(

@@ -26,12 +26,14 @@ from dedupe.normalize import Prepared, prepare
 from dedupe.scoring import MIN_POPULATION, tf_values
 from sync import writeback
 from sync.configure import survivorship_for
+from sync.forms import data_digest, form_from_json, store_forms
 from sync.frequencies import StoreFrequencies, tf_rows
 from sync.key_lookup import key_counts, key_holders
 from sync.staging import LONG_CHUNK, chunks
 from sync.store import (
     allocate_ids,
     bind_values,
+    contact_form,
     field_choice,
     golden_record,
     insert_rows,
@@ -176,63 +178,99 @@ class _Comparer:
             return [(k.kind, k.value) for k in lookup(item.contact)]
         return sorted(stored)
 
-    def __call__(self, a: int, contact_a: Contact, b: int, contact_b: Contact) -> Decision:
+    def form(self, record_id: int, contacts: _Contacts) -> Prepared:
+        """`prepared`, asking `contacts` for the record's `Contact` only if it has no form."""
+        found = self._prepared.get(record_id)
+        if found is None:
+            found = self._prepared[record_id] = prepare(contacts[record_id])
+        return found
+
+    def __call__(self, a: int, b: int, contacts: _Contacts) -> Decision:
         if self._compare_prepared is None:
-            return self.matcher.compare(contact_a, contact_b)
-        decision: Decision = self._compare_prepared(
-            self.prepared(a, contact_a), self.prepared(b, contact_b)
-        )
+            return self.matcher.compare(contacts[a], contacts[b])
+        decision: Decision = self._compare_prepared(self.form(a, contacts), self.form(b, contacts))
         return decision
 
 
 class CandidateCache:
-    """Stored records recently compared, as `Contact` and prepared form, across pages.
+    """Stored records recently compared, as data text and prepared form, across pages.
 
-    Candidates recur (everyone called Smith is a candidate of every new Smith), and loading,
-    decoding, validating and preparing one costs several times comparing it. Entries are keyed
-    by record id and content hash, so a record staged again since (by any process) is a miss.
+    Candidates recur (everyone called Smith is a candidate of every new Smith), and reading
+    and decoding one costs more than comparing it. Entries are keyed by record id and the
+    digest of its stored data (`sync.forms.data_digest`), so a record staged or re-mapped
+    since (by any process) is a miss.
     """
 
     def __init__(self, size: int = 10_000) -> None:
         self.size = size
-        self._items: OrderedDict[tuple[int, str], tuple[Contact, Prepared | None]] = OrderedDict()
+        self._items: OrderedDict[tuple[int, str], tuple[str, Prepared | None]] = OrderedDict()
 
-    def get(self, key: tuple[int, str]) -> tuple[Contact, Prepared | None] | None:
+    def get(self, key: tuple[int, str]) -> tuple[str, Prepared | None] | None:
         found = self._items.get(key)
         if found is not None:
             self._items.move_to_end(key)
         return found
 
-    def put(self, key: tuple[int, str], value: tuple[Contact, Prepared | None]) -> None:
+    def put(self, key: tuple[int, str], value: tuple[str, Prepared | None]) -> None:
         self._items[key] = value
         if len(self._items) > self.size:
             self._items.popitem(last=False)
 
 
+class _Contacts(dict[int, Contact]):
+    """Contacts by record id. Candidates read with their prepared form are compared through
+    it and rarely need their `Contact` (an explanation, a matcher without prepared forms):
+    their data text waits in `texts` and is validated on first use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.texts: dict[int, str] = {}
+
+    def __missing__(self, record_id: int) -> Contact:
+        contact = self[record_id] = Contact.model_validate_json(self.texts.pop(record_id))
+        return contact
+
+    def known(self) -> set[int]:
+        return set(self) | set(self.texts)
+
+
 def _load_contacts(
     conn: Connection,
     ids: set[int],
-    into: dict[int, Contact],
+    into: _Contacts,
     compare: _Comparer | None = None,
     cache: CandidateCache | None = None,
 ) -> None:
     """Stored contacts `ids` into `into`; with a `cache`, their prepared forms into `compare`
-    too, decoding only the records the cache does not hold."""
+    too: from the cache, else from their stored form (`contact_form`) when it was made from
+    the data they hold, else prepared here."""
+    wanted = ids - into.known()
     if cache is None or compare is None:
         query = select(source_record.c.id, source_record.c.data)
-        for rid, data in _in_chunks(conn, query, source_record.c.id, ids - set(into)):
+        for rid, data in _in_chunks(conn, query, source_record.c.id, wanted):
             into[rid] = Contact.model_validate(data)
         return
-    text = select(
-        source_record.c.id, source_record.c.content_hash, cast(source_record.c.data, Text)
-    )
-    for rid, digest, data in _in_chunks(conn, text, source_record.c.id, ids - set(into)):
+    query = select(
+        source_record.c.id,
+        cast(source_record.c.data, Text),
+        contact_form.c.digest,
+        contact_form.c.form,
+    ).outerjoin(contact_form, contact_form.c.record_id == source_record.c.id)
+    for rid, text, stored, form in _in_chunks(conn, query, source_record.c.id, wanted):
+        digest = data_digest(text)
         found = cache.get((rid, digest))
         if found is None:
-            contact = Contact.model_validate_json(data)
-            found = (contact, compare.prepared(rid, contact) if compare.uses_prepared else None)
+            into.texts[rid] = text
+            if not compare.uses_prepared:
+                prepared = None
+            elif stored == digest:
+                prepared = form_from_json(form)
+            else:  # no form, or one made from other data or by older code
+                prepared = compare.prepared(rid, into[rid])
+            found = (text, prepared)
             cache.put((rid, digest), found)
-        into[rid] = found[0]
+        else:
+            into.texts[rid] = found[0]
         if found[1] is not None:
             compare.remember(rid, found[1])
 
@@ -243,7 +281,7 @@ def _scores_between(
     record: int,
     golden_a: int,
     golden_b: int,
-    contacts: dict[int, Contact],
+    contacts: _Contacts,
 ) -> list[float]:
     """Probabilities of every pair between `golden_a` joined by `record` and `golden_b`, for
     the chain guard. Members are sampled (GUARD_SAMPLE each): a big cluster costs a bounded
@@ -259,11 +297,7 @@ def _scores_between(
             members[golden].append(rid)
     _load_contacts(conn, set(members[golden_a]) | set(members[golden_b]), contacts)
     side_a = [*members[golden_a], record]
-    scores = [
-        compare(a, contacts[a], b, contacts[b]).probability
-        for a in side_a
-        for b in members[golden_b]
-    ]
+    scores = [compare(a, b, contacts).probability for a in side_a for b in members[golden_b]]
     return scores
 
 
@@ -322,6 +356,7 @@ def _batch_keys(
     changed = [i.record_id for i in inputs if i.status == "changed"]
     for part in chunks(changed):
         conn.execute(match_key.delete().where(one_of(conn, match_key.c.record_id, part)))
+        conn.execute(contact_form.delete().where(one_of(conn, contact_form.c.record_id, part)))
     return keys
 
 
@@ -343,6 +378,11 @@ def _store_keys(
             )
         ]
     insert_rows(conn, match_key, ("record_id", "key_kind", "key_value"), rows)
+    if compare.uses_prepared:
+        store_forms(
+            conn,
+            ((i.record_id, i.data_json, compare.prepared(i.record_id, i.contact)) for i in inputs),
+        )
 
 
 def _candidates(
@@ -480,7 +520,7 @@ def match_and_merge(
     # The exact matcher merges every pair that shares a key, and candidates share one by
     # construction: its contacts are loaded only for the chain guard, if it ever asks.
     exact = isinstance(matcher, ExactMatcher)
-    contacts: dict[int, Contact] = {}
+    contacts = _Contacts()
     if not exact:
         contacts.update((rid, batch[rid].contact) for rid in candidate_ids & set(batch))
         _load_contacts(conn, candidate_ids - set(batch), contacts, compare, cache)
@@ -507,11 +547,7 @@ def match_and_merge(
     # batch record -> golden record -> its strongest merge decision (and with which member)
     links: dict[int, dict[int, tuple[Decision, int]]] = defaultdict(dict)
     for a, b in ordered:
-        decision = (
-            _SHARES_A_KEY
-            if exact
-            else scored.get((a, b)) or compare(a, contacts[a], b, contacts[b])
-        )
+        decision = _SHARES_A_KEY if exact else scored.get((a, b)) or compare(a, b, contacts)
         if decision.action == "review":
             reviews[(a, b)] = decision
         elif decision.action == "merge":
@@ -543,7 +579,7 @@ def match_and_merge(
             else:
                 if not decision.explanation:  # a shortcut's decision: explain it now
                     _load_contacts(conn, {other}, contacts)
-                    decision = compare(rid, contacts[rid], other, contacts[other])
+                    decision = compare(rid, other, contacts)
                 average = sum(scores) / len(scores)
                 held = (
                     f"held for review: this record would join two golden records ({joined[0]} "
@@ -639,7 +675,7 @@ def _score_pairs(
     compare: _Comparer,
     matcher: FellegiSunterMatcher,
     pairs: list[tuple[int, int]],
-    contacts: dict[int, Contact],
+    contacts: _Contacts,
 ) -> dict[tuple[int, int], Decision]:
     """The page's candidate pairs scored at once (`FellegiSunterMatcher.probabilities`, the
     batch clusterer's vectorised path: the same probabilities as `compare_prepared`, many
@@ -647,7 +683,7 @@ def _score_pairs(
     decisions carry none (the chain guard works one out if it needs it)."""
     ids = sorted({rid for pair in pairs for rid in pair})
     index = {rid: i for i, rid in enumerate(ids)}
-    cols = Columns.of([compare.prepared(rid, contacts[rid]) for rid in ids])
+    cols = Columns.of([compare.form(rid, contacts) for rid in ids])
     # Term frequencies: the values pairs agree on are mostly the page's own, prefetched; the
     # others (a candidate's nickname or swapped name) are counted as the matcher asks for them
     # (`dedupe.comparators.TfCounts`), each by one `matcher.frequencies.count` query.
@@ -656,11 +692,7 @@ def _score_pairs(
     out: dict[tuple[int, int], Decision] = {}
     for (a, b), p in zip(pairs, matcher.probabilities(cols, ia, ib).tolist(), strict=True):
         action = matcher.action(p)
-        out[(a, b)] = (
-            compare(a, contacts[a], b, contacts[b])
-            if action == "review"
-            else Decision(action, p, {})
-        )
+        out[(a, b)] = compare(a, b, contacts) if action == "review" else Decision(action, p, {})
     return out
 
 

@@ -40,6 +40,7 @@ from dedupe.matcher import FellegiSunterMatcher
 from dedupe.normalize import Prepared
 from dedupe.scoring import MIN_POPULATION, Params
 from sync.batch_prepare import BatchPreparer, Staged, contact_of, rows_json
+from sync.forms import split_row
 from sync.golden import MAX_BLOCK
 from sync.mapping_step import MappedRecord, Rejected, map_records
 from sync.model_params import active_params
@@ -88,13 +89,15 @@ class KeyRows:
     """Every contact's match_key rows (kind, value), compact: one JSON string per contact
     (about 0.5 KB for the usual 17 rows, against 2.3 KB as tuples of strings; 1M contacts
     took several GB that way), and an order-free fingerprint of each (sum of hashes, count)
-    to compare with the stored rows."""
+    to compare with the stored rows; and each contact's prepared form for `contact_form`
+    (sync/forms.py), when the matcher prepares contacts."""
 
-    __slots__ = ("_blobs", "_counts", "_ids", "_sums")
+    __slots__ = ("_blobs", "_counts", "_forms", "_ids", "_sums")
 
     def __init__(self) -> None:
         self._ids: list[int] = []
         self._blobs: list[str] = []
+        self._forms: list[str] = []  # `sync.forms.form_row`s; "" for none
         self._sums = array("Q")
         self._counts = array("I")
 
@@ -102,10 +105,14 @@ class KeyRows:
         rows = list(keys)
         self.add_encoded(record_id, rows_json(rows), rows)
 
-    def add_encoded(self, record_id: int, blob: str, rows: Sequence[tuple[str, str]]) -> None:
-        """`add`, with the rows as JSON text made already (`rows_json`, on another process)."""
+    def add_encoded(
+        self, record_id: int, blob: str, rows: Sequence[tuple[str, str]], form: str = ""
+    ) -> None:
+        """`add`, with the rows as JSON text made already (`rows_json`, on another process),
+        and the contact's form row."""
         self._ids.append(record_id)
         self._blobs.append(blob)
+        self._forms.append(form)
         self._sums.append(sum(map(hash, rows)) & _MASK)
         self._counts.append(len(rows))
 
@@ -129,6 +136,24 @@ class KeyRows:
             if count >= rows:
                 yield f"[{','.join(part)}]"
                 part, count = [], 0
+        if part:
+            yield f"[{','.join(part)}]"
+
+    def forms(self) -> Iterator[tuple[int, str, str]]:
+        """(record id, digest, form) of the contacts that have a form, in the order added."""
+        for rid, row in zip(self._ids, self._forms, strict=True):
+            if row:
+                yield rid, *split_row(row)
+
+    def form_slices(self, rows: int) -> Iterator[str]:
+        """The forms as JSON text, `[[record id, "digest", [fields...]], ...]`, `rows` a
+        slice (SQLite inserts a slice in one statement, as `json_slices`)."""
+        part: list[str] = []
+        for rid, digest, form in self.forms():
+            part.append(f'[{rid},"{digest}",{form}]')
+            if len(part) >= rows:
+                yield f"[{','.join(part)}]"
+                part = []
         if part:
             yield f"[{','.join(part)}]"
 
@@ -393,7 +418,7 @@ def _collect(
             batch.ids.append(one.record_id)
             batch.sources.append(one.source)
             batch.records.append(record)
-            plan.keys.add_encoded(one.record_id, keys.rows_json, keys.rows)
+            plan.keys.add_encoded(one.record_id, keys.rows_json, keys.rows, keys.form)
     plan.timings["prepared_on_helper"] = preparer.on_helper
     return batch
 

@@ -12,6 +12,7 @@ import json
 import logging
 import threading
 from datetime import UTC, datetime
+from itertools import islice
 from typing import Any
 
 from sqlalchemy import Connection, Engine, bindparam, select
@@ -34,6 +35,7 @@ from sync.store import (
     audit_log,
     bind_values,
     bulk_insert,
+    contact_form,
     dead_letter,
     golden_record,
     insert_rows,
@@ -132,6 +134,11 @@ _INSERT_KEYS_FROM_JSON = (
     "SELECT json_extract(r.value, '$[0]'), json_extract(k.value, '$[0]'), "
     "json_extract(k.value, '$[1]') FROM json_each(?) AS r, json_each(r.value, '$[1]') AS k"
 )
+_INSERT_FORMS_FROM_JSON = (
+    "INSERT INTO contact_form (record_id, digest, form) SELECT json_extract(value, '$[0]'), "
+    "json_extract(value, '$[1]'), json_extract(value, '$[2]') FROM json_each(?)"
+)
+FORMS_PER_INSERT = 20_000  # contact_form rows written at a time (about 150 bytes each)
 
 
 def write_keys(conn: Connection, keys: KeyRows, stop: threading.Event | None = None) -> None:
@@ -170,6 +177,21 @@ def write_keys(conn: Connection, keys: KeyRows, stop: threading.Event | None = N
         for index in sorted(match_key.indexes, key=lambda i: str(i.name)):
             index.create(conn)
     store_common_counts(conn, len(keys))
+    _write_forms(conn, keys, stop)
+
+
+def _write_forms(conn: Connection, keys: KeyRows, stop: threading.Event | None) -> None:
+    """Replace every contact_form row with the plan's (sync/forms.py)."""
+    conn.execute(contact_form.delete())
+    if conn.dialect.name == "sqlite":
+        for text in keys.form_slices(FORMS_PER_INSERT):
+            stop_if_asked(stop)
+            conn.exec_driver_sql(_INSERT_FORMS_FROM_JSON, (text,))
+        return
+    forms = keys.forms()
+    while part := list(islice(forms, FORMS_PER_INSERT)):
+        stop_if_asked(stop)
+        insert_rows(conn, contact_form, ("record_id", "digest", "form"), part)
 
 
 def _write_data(conn: Connection, plan: RebuildPlan) -> None:

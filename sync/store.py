@@ -61,6 +61,7 @@ __all__ = [
     "blank_overwrite",
     "bulk_insert",
     "connector_state",
+    "contact_form",
     "dead_letter",
     "field_choice",
     "golden_record",
@@ -170,6 +171,17 @@ match_key = Table(
     Index("ix_match_key_lookup", "key_kind", "key_value"),
     # SQLite: the primary key is the table (two b-trees per key row instead of three).
     sqlite_with_rowid=False,
+)
+
+# Each contact's prepared form (`dedupe.normalize.Prepared` as JSON), written with its
+# match_key rows and valid for the data whose digest it carries (sync/forms.py): candidates
+# are read back prepared instead of being validated and prepared again for every probe.
+contact_form = Table(
+    "contact_form",
+    metadata,
+    Column("record_id", ForeignKey("source_record.id", ondelete="CASCADE"), primary_key=True),
+    Column("digest", String(16), nullable=False),
+    Column("form", Text, nullable=False),
 )
 
 # How many match_key rows hold each common (key_kind, key_value), counted when the store held
