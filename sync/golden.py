@@ -15,7 +15,7 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import orjson
-from sqlalchemy import Connection, Text, cast, or_, select
+from sqlalchemy import Connection, Text, cast, or_, select, text
 
 from crmhub.records import Contact
 from dedupe import Decision, ExactMatcher, Matcher, Member, survive
@@ -256,18 +256,18 @@ def _load_contacts(
         contact_form.c.digest,
         contact_form.c.form,
     ).outerjoin(contact_form, contact_form.c.record_id == source_record.c.id)
-    for rid, text, stored, form in _in_chunks(conn, query, source_record.c.id, wanted):
-        digest = data_digest(text)
+    for rid, data_text, stored, form in _in_chunks(conn, query, source_record.c.id, wanted):
+        digest = data_digest(data_text)
         found = cache.get((rid, digest))
         if found is None:
-            into.texts[rid] = text
+            into.texts[rid] = data_text
             if not compare.uses_prepared:
                 prepared = None
             elif stored == digest:
                 prepared = form_from_json(form)
             else:  # no form, or one made from other data or by older code
                 prepared = compare.prepared(rid, into[rid])
-            found = (text, prepared)
+            found = (data_text, prepared)
             cache.put((rid, digest), found)
         else:
             into.texts[rid] = found[0]
@@ -723,6 +723,36 @@ def fold_golden(conn: Connection, alias: int, survivor: int, now: datetime) -> N
     )
 
 
+# Open items settled by a page: both records are members of one golden record among those the
+# page touched or its records belong to. One statement: from those goldens' members (the
+# golden_id index) to the items that list them first (the (record_a, record_b) index) and the
+# other record's membership; the id lists travel as one parameter each. SQLite is kept off the
+# status index (`+r.status`): without statistics it would walk every open item instead.
+_SETTLED_SQL = (
+    "WITH g(id) AS ({goldens} UNION SELECT golden_id FROM membership WHERE record_id IN "
+    "({records})) SELECT r.id FROM g JOIN membership a ON a.golden_id = g.id "
+    "JOIN review_item r ON r.record_a = a.record_id "
+    "JOIN membership b ON b.record_id = r.record_b "
+    "WHERE {status} = 'open' AND b.golden_id = a.golden_id"
+)
+_SETTLED = {
+    "sqlite": text(
+        _SETTLED_SQL.format(
+            goldens="SELECT value FROM json_each(:goldens)",
+            records="SELECT value FROM json_each(:records)",
+            status="+r.status",
+        )
+    ),
+    "postgresql": text(
+        _SETTLED_SQL.format(
+            goldens="SELECT unnest(CAST(:goldens AS bigint[]))",
+            records="SELECT unnest(CAST(:records AS bigint[]))",
+            status="r.status",
+        )
+    ),
+}
+
+
 def _settle_reviews(
     conn: Connection, record_ids: set[int], goldens: set[int], now: datetime
 ) -> int:
@@ -735,35 +765,14 @@ def _settle_reviews(
         is None
     ):
         return 0  # nothing open: skip the membership lookups
-    goldens = set(goldens)
-    for part in chunks(sorted(record_ids)):
-        goldens.update(
-            conn.execute(
-                select(membership.c.golden_id).where(one_of(conn, membership.c.record_id, part))
-            ).scalars()
-        )
-    # Both records of a settled item are members of one of `goldens`, so its record_a is one
-    # of their members: found through the (record_a, record_b) index, instead of walking the
-    # whole open queue (tens of thousands of items in a big store) for every page.
-    member_of = dict(
-        _in_chunks(
-            conn,
-            select(membership.c.record_id, membership.c.golden_id),
-            membership.c.golden_id,
-            goldens,
-        )
-    )
-    items = _in_chunks(
-        conn,
-        select(
-            review_item.c.id, review_item.c.record_a, review_item.c.record_b, review_item.c.status
-        ),
-        review_item.c.record_a,
-        member_of,
-    )
-    settled = [
-        int(i) for i, a, b, status in items if status == "open" and member_of.get(b) == member_of[a]
-    ]
+    if conn.dialect.name == "postgresql":
+        lists: dict[str, Any] = {"goldens": sorted(goldens), "records": sorted(record_ids)}
+    else:
+        lists = {
+            "goldens": orjson.dumps(sorted(goldens)).decode(),
+            "records": orjson.dumps(sorted(record_ids)).decode(),
+        }
+    settled = sorted(set(conn.execute(_SETTLED[conn.dialect.name], lists).scalars()))
     for part in chunks(settled):
         conn.execute(
             review_item.update()

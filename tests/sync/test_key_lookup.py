@@ -82,9 +82,10 @@ def test_counts_and_holders_of_many_kinds_in_one_statement(db: Engine) -> None:
 
 def test_settling_finds_items_by_record_in_either_order(db: Engine) -> None:
     """Open items whose two records now share a golden record are settled; the others stay
-    open, whichever of the two records the item lists first."""
+    open, whichever of the two records the item lists first. The golden records looked at
+    are the page's records' and the ones it touched."""
     with write_transaction(db) as conn:
-        _records(conn, [1, 2, 3, 4])
+        _records(conn, [1, 2, 3, 4, 5, 6])
         golden = {"fields": {}, "lineage": {}, "version": 1, "created_at": NOW, "updated_at": NOW}
         bulk_insert(conn, golden_record, [{"id": 10, **golden}, {"id": 20, **golden}])
         bulk_insert(
@@ -98,7 +99,7 @@ def test_settling_finds_items_by_record_in_either_order(db: Engine) -> None:
                     "probability": None,
                     "decided_at": NOW,
                 }
-                for r, g in ((1, 10), (2, 10), (3, 10), (4, 20))
+                for r, g in ((1, 10), (2, 10), (3, 10), (4, 20), (5, 20), (6, 20))
             ],
         )
         item = {"probability": 0.9, "explanation": {}, "status": "open", "created_at": NOW}
@@ -110,10 +111,15 @@ def test_settling_finds_items_by_record_in_either_order(db: Engine) -> None:
                 {"id": 2, "record_a": 3, "record_b": 1, **item},
                 {"id": 3, "record_a": 1, "record_b": 4, **item},
                 {"id": 4, "record_a": 2, "record_b": 3, **item, "status": "rejected"},
+                {"id": 5, "record_a": 6, "record_b": 5, **item},
             ],
         )
-        _settle_reviews(conn, {1}, set(), NOW)
+        assert _settle_reviews(conn, {1}, set(), NOW) == 2
         status = dict(conn.execute(select(review_item.c.id, review_item.c.status)).all())
         decided = dict(conn.execute(select(review_item.c.id, review_item.c.decided_by)).all())
-    assert status == {1: "merged", 2: "merged", 3: "open", 4: "rejected"}
-    assert decided[1] == decided[2] == "matcher"
+        assert status == {1: "merged", 2: "merged", 3: "open", 4: "rejected", 5: "open"}
+        assert decided[1] == decided[2] == "matcher"
+        assert _settle_reviews(conn, set(), {20}, NOW) == 1  # a golden record the page touched
+        item_5 = select(review_item.c.status).where(review_item.c.id == 5)
+        assert conn.execute(item_5).scalar() == "merged"
+        assert _settle_reviews(conn, {4}, set(), NOW) == 0  # nothing open is settled twice
