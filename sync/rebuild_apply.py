@@ -142,7 +142,8 @@ FORMS_PER_INSERT = 20_000  # contact_form rows written at a time (about 150 byte
 
 
 def write_keys(conn: Connection, keys: KeyRows, stop: threading.Event | None = None) -> None:
-    """Replace every match_key row with `keys`. Rows go in record order, which is the
+    """Replace every match_key row with `keys` (and every contact_form row with their
+    prepared forms). Rows go in record order, which is the
     primary key's; the lookup index (key kind, value) would take them in random order, one
     page miss each once it outgrows the cache, so for a large store it is dropped and built
     again afterwards (a sort), inside the same transaction. The counts of common values are
