@@ -114,29 +114,31 @@ async def test_pages_and_batches_store_each_contacts_form(tmp_path, db, store_ur
     assert _forms_match_data(db) == len(people) - 1
 
 
-async def _probe(tmp_path: Path, store_url: str, db: Engine, name: str, row: dict) -> set[int]:
-    """Sync one contact from a source of its own with a new engine (no cache from earlier
-    runs); the ids of the records in its golden record."""
+async def _sync_csv(tmp_path: Path, store_url: str, db: Engine, name: str, rows: list) -> None:
+    """Sync `rows` from a CSV source `name` with a new engine (no cache from earlier runs)."""
     src = tmp_path / f"{name}.csv"
-    _write_csv(src, [row])
+    _write_csv(src, rows)
     settings = make_settings(tmp_path, store_url, {name: {"type": "csv", "path": str(src)}})
     engine = SyncEngine(settings, db)
     try:
         await engine.run(name)
     finally:
         engine.close()
+
+
+async def _probe(tmp_path: Path, store_url: str, db: Engine, name: str, row: dict) -> set[int]:
+    """Sync one contact from a source of its own; the ids of the records in its golden
+    record."""
+    await _sync_csv(tmp_path, store_url, db, name, [row])
     with db.connect() as conn:
         rid = conn.execute(
             select(source_record.c.id).where(source_record.c.source == name)
         ).scalar_one()
         golden = select(membership.c.golden_id).where(membership.c.record_id == rid)
-        return set(
-            conn.execute(
-                select(membership.c.record_id).where(
-                    membership.c.golden_id == golden.scalar_subquery()
-                )
-            ).scalars()
+        members = select(membership.c.record_id).where(
+            membership.c.golden_id == golden.scalar_subquery()
         )
+        return set(conn.execute(members).scalars())
 
 
 PERSON = {
@@ -159,14 +161,7 @@ async def test_candidates_are_compared_through_their_stored_forms(
     """A probe prepares only itself when its candidates have forms for the data they hold;
     a doctored form is what it compares with (so forms are read, not re-derived), and one
     whose digest no longer fits the data (re-staged or re-mapped since) is not used."""
-    src = tmp_path / "people.csv"
-    _write_csv(src, [*OTHERS, {"id": "9", **PERSON}])
-    settings = make_settings(tmp_path, store_url, {"people": {"type": "csv", "path": str(src)}})
-    engine = SyncEngine(settings, db)
-    try:
-        await engine.run("people")
-    finally:
-        engine.close()
+    await _sync_csv(tmp_path, store_url, db, "people", [*OTHERS, {"id": "9", **PERSON}])
     with db.connect() as conn:
         stored = conn.execute(
             select(source_record.c.id).where(source_record.c.external_id == "9")
