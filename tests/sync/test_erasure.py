@@ -9,7 +9,14 @@ from crmhub.records import Contact
 from sync import review
 from sync.erasure import forget, is_suppressed
 from sync.queries import search_golden
-from sync.store import audit_log, golden_record, review_item, source_record, suppression
+from sync.store import (
+    audit_log,
+    contact_form,
+    golden_record,
+    review_item,
+    source_record,
+    suppression,
+)
 from tests.steward_data import seed_reviews
 
 
@@ -36,6 +43,9 @@ async def test_forget_erases_the_person_and_keeps_only_hashes(tmp_path, db, stor
             before[1] - 2,
         )
         assert search_golden(conn, "Keller") == []
+        forms = conn.execute(select(contact_form.c.form)).scalars().all()
+        assert forms  # the other family's prepared forms (they hold names and emails too)
+        assert not any("keller" in form for form in forms)
         assert _count(conn, review_item) == 1  # the other family's pair stays
         assert _count(conn, suppression) == 4
         hashes = conn.execute(select(suppression.c.hash)).scalars().all()
