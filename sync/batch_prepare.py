@@ -18,8 +18,6 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import fields
-from operator import attrgetter
 from typing import Any, NamedTuple
 
 import orjson
@@ -31,7 +29,7 @@ from dedupe.cluster import index_parts
 from dedupe.matcher import key_tuples
 from dedupe.normalize import Prepared, prepare
 from dedupe.scoring import tf_values
-from sync.forms import form_row
+from sync.forms import form_row, prepared_values
 from sync.frequencies import tf_rows
 from sync.helper import HelperProcess, helper_pool
 
@@ -45,7 +43,6 @@ HELPER_QUEUE = 3  # chunks waiting for the helper at most; the others are prepar
 log = logging.getLogger("crmhub.sync")
 
 KeyRow = tuple[str, str]
-_FIELDS = attrgetter(*(f.name for f in fields(Prepared)))
 
 
 class Staged(NamedTuple):
@@ -114,7 +111,7 @@ def prepare_texts(texts: list[str]) -> bytes:
             failed = (at, exc.__class__.__name__)
             break
         record = prepare(contact)
-        prepared.append(_FIELDS(record))
+        prepared.append(prepared_values(record))
         keys.append(keyed(record, text))
     # marshal writes a key shared by `used` and `rows` once (a reference the second time)
     return marshal.dumps((prepared, [tuple(k) for k in keys], failed))

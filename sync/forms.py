@@ -20,6 +20,7 @@ import hashlib
 from collections.abc import Iterable
 from dataclasses import fields
 from importlib.metadata import version
+from operator import attrgetter
 
 import orjson
 from sqlalchemy import Connection
@@ -29,22 +30,31 @@ from sync.store import contact_form, insert_rows
 
 __all__ = [
     "DIGEST_CHARS",
+    "FORM_COLUMNS",
     "FORM_VERSION",
     "data_digest",
     "form_from_json",
     "form_json",
     "form_row",
+    "prepared_values",
     "split_row",
     "store_forms",
 ]
 
 FORM_VERSION = 1
-# Newer name data or transliteration tables can change `prepare`'s output too.
-_SALT = ":".join(
-    [f"crmhub-form-{FORM_VERSION}", *(version(lib) for lib in ("nicknames", "anyascii")), ""]
-).encode()
-_NAMES = tuple(f.name for f in fields(Prepared))
+FORM_COLUMNS = ("record_id", "digest", "form")
 DIGEST_CHARS = 16  # hex digits of an 8-byte digest
+# A `Prepared`'s field values, in declaration order (what `Prepared(*values)` takes back).
+prepared_values = attrgetter(*(f.name for f in fields(Prepared)))
+
+
+def _salt(form_version: int) -> bytes:
+    # Newer name data or transliteration tables can change `prepare`'s output too.
+    libraries = [version(lib) for lib in ("nicknames", "anyascii")]
+    return ":".join([f"crmhub-form-{form_version}", *libraries, ""]).encode()
+
+
+_SALT = _salt(FORM_VERSION)
 
 
 def data_digest(data_text: str) -> str:
@@ -54,7 +64,7 @@ def data_digest(data_text: str) -> str:
 
 def form_json(record: Prepared) -> str:
     """The prepared form as a JSON array of its fields (sets sorted, so it is stable)."""
-    values = [getattr(record, name) for name in _NAMES]
+    values = prepared_values(record)
     return orjson.dumps([sorted(v) if isinstance(v, frozenset) else v for v in values]).decode()
 
 
@@ -93,6 +103,6 @@ def store_forms(conn: Connection, rows: Iterable[tuple[int, str, Prepared]]) -> 
     insert_rows(
         conn,
         contact_form,
-        ("record_id", "digest", "form"),
+        FORM_COLUMNS,
         [(rid, data_digest(text), form_json(record)) for rid, text, record in rows],
     )

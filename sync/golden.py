@@ -181,9 +181,7 @@ class _Comparer:
     def form(self, record_id: int, contacts: _Contacts) -> Prepared:
         """`prepared`, asking `contacts` for the record's `Contact` only if it has no form."""
         found = self._prepared.get(record_id)
-        if found is None:
-            found = self._prepared[record_id] = prepare(contacts[record_id])
-        return found
+        return found if found is not None else self.prepared(record_id, contacts[record_id])
 
     def __call__(self, a: int, b: int, contacts: _Contacts) -> Decision:
         if self._compare_prepared is None:
@@ -193,25 +191,25 @@ class _Comparer:
 
 
 class CandidateCache:
-    """Stored records recently compared, as data text and prepared form, across pages.
+    """Prepared forms of stored records recently compared, across pages.
 
-    Candidates recur (everyone called Smith is a candidate of every new Smith), and reading
-    and decoding one costs more than comparing it. Entries are keyed by record id and the
-    digest of its stored data (`sync.forms.data_digest`), so a record staged or re-mapped
-    since (by any process) is a miss.
+    Candidates recur (everyone called Smith is a candidate of every new Smith): a form kept
+    here is not decoded again. Entries are keyed by record id and the digest of its stored
+    data (`sync.forms.data_digest`), so a record staged or re-mapped since (by any process)
+    is a miss.
     """
 
     def __init__(self, size: int = 10_000) -> None:
         self.size = size
-        self._items: OrderedDict[tuple[int, str], tuple[str, Prepared | None]] = OrderedDict()
+        self._items: OrderedDict[tuple[int, str], Prepared] = OrderedDict()
 
-    def get(self, key: tuple[int, str]) -> tuple[str, Prepared | None] | None:
+    def get(self, key: tuple[int, str]) -> Prepared | None:
         found = self._items.get(key)
         if found is not None:
             self._items.move_to_end(key)
         return found
 
-    def put(self, key: tuple[int, str], value: tuple[str, Prepared | None]) -> None:
+    def put(self, key: tuple[int, str], value: Prepared) -> None:
         self._items[key] = value
         if len(self._items) > self.size:
             self._items.popitem(last=False)
@@ -257,22 +255,18 @@ def _load_contacts(
         contact_form.c.form,
     ).outerjoin(contact_form, contact_form.c.record_id == source_record.c.id)
     for rid, data_text, stored, form in _in_chunks(conn, query, source_record.c.id, wanted):
+        into.texts[rid] = data_text
+        if not compare.uses_prepared:
+            continue  # the matcher compares `Contact`s, validated as it asks for them
         digest = data_digest(data_text)
-        found = cache.get((rid, digest))
-        if found is None:
-            into.texts[rid] = data_text
-            if not compare.uses_prepared:
-                prepared = None
-            elif stored == digest:
+        prepared = cache.get((rid, digest))
+        if prepared is None:
+            if stored == digest:
                 prepared = form_from_json(form)
-            else:  # no form, or one made from other data or by older code
+            else:  # no form, or one made from other data or by other code
                 prepared = compare.prepared(rid, into[rid])
-            found = (data_text, prepared)
-            cache.put((rid, digest), found)
-        else:
-            into.texts[rid] = found[0]
-        if found[1] is not None:
-            compare.remember(rid, found[1])
+            cache.put((rid, digest), prepared)
+        compare.remember(rid, prepared)
 
 
 def _scores_between(

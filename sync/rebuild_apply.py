@@ -20,6 +20,7 @@ from sqlalchemy import Connection, Engine, bindparam, select
 from crmhub.settings import Settings
 from sync.activities import index_activities
 from sync.configure import configure
+from sync.forms import FORM_COLUMNS
 from sync.frequencies import store_common_counts
 from sync.golden import (
     GOLDEN_COLUMNS,
@@ -142,11 +143,11 @@ FORMS_PER_INSERT = 20_000  # contact_form rows written at a time (about 150 byte
 
 
 def write_keys(conn: Connection, keys: KeyRows, stop: threading.Event | None = None) -> None:
-    """Replace every match_key row with `keys` (and every contact_form row with their
-    prepared forms). Rows go in record order, which is the
-    primary key's; the lookup index (key kind, value) would take them in random order, one
-    page miss each once it outgrows the cache, so for a large store it is dropped and built
-    again afterwards (a sort), inside the same transaction. The counts of common values are
+    """Replace every match_key row with `keys`, and every contact_form row with their
+    prepared forms. Rows go in record order, which is the primary key's; the lookup index
+    (key kind, value) would take them in random order, one page miss each once it outgrows
+    the cache, so for a large store it is dropped and built again afterwards (a sort),
+    inside the same transaction. The counts of common values are
     kept from the new rows (`sync.frequencies.store_common_counts`). A set `stop` ends it
     with `BatchStopped` after its next slice of rows (the caller's transaction rolls back)."""
     conn.execute(match_key.delete())
@@ -192,7 +193,7 @@ def _write_forms(conn: Connection, keys: KeyRows, stop: threading.Event | None) 
     forms = keys.forms()
     while part := list(islice(forms, FORMS_PER_INSERT)):
         stop_if_asked(stop)
-        insert_rows(conn, contact_form, ("record_id", "digest", "form"), part)
+        insert_rows(conn, contact_form, FORM_COLUMNS, part)
 
 
 def _write_data(conn: Connection, plan: RebuildPlan) -> None:

@@ -198,7 +198,11 @@ async def test_candidates_are_compared_through_their_stored_forms(
 
 
 def test_the_digest_is_salted_with_the_form_version(monkeypatch):
+    """Another FORM_VERSION (or name data version) gives every data text another digest, so
+    forms stored before it are prepared afresh."""
+    assert forms._salt(FORM_VERSION) == forms._SALT
+    assert forms._salt(FORM_VERSION + 1) != forms._SALT
     text = '{"first_name":"Ann"}'
     before = data_digest(text)
-    monkeypatch.setattr(forms, "_SALT", b"crmhub-form-999:")
+    monkeypatch.setattr(forms, "_SALT", forms._salt(FORM_VERSION + 1))
     assert data_digest(text) != before
