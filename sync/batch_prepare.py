@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
+from datetime import datetime
 from typing import Any, NamedTuple
 
 import orjson
@@ -46,11 +47,13 @@ KeyRow = tuple[str, str]
 
 
 class Staged(NamedTuple):
-    """One live contact's staged data: the store's JSON text, or the data a re-mapping gave."""
+    """One live contact's staged data: the store's JSON text, or the data a re-mapping gave;
+    and its `source_updated_at` (survivorship's recency)."""
 
     record_id: int
     source: str
     data: str | dict[str, Any]
+    updated_at: datetime | None = None
 
 
 def contact_of(staged: Staged) -> Contact:

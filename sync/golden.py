@@ -8,7 +8,7 @@ items. Steward constraints (do-not-merge) always win.
 from __future__ import annotations
 
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Container, Hashable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, NamedTuple
@@ -53,9 +53,12 @@ __all__ = [
     "CandidateCache",
     "MatchInput",
     "MatchOutcome",
+    "Survived",
+    "finish_goldens",
     "fold_golden",
     "match_and_merge",
     "recompute_goldens",
+    "write_survived",
 ]
 
 Node = tuple[Literal["r", "g"], int]
@@ -829,27 +832,52 @@ def recompute_goldens(conn: Connection, golden_ids: set[int], now: datetime | No
     ):
         members[golden_id].append(Member(rid, updated_at, data, source))
     policy = survivorship_for(conn)
+    write_survived(
+        conn,
+        {gid: survive(members[gid], policy) if members[gid] else ({}, {}) for gid in golden_ids},
+        now,
+    )
+    finish_goldens(conn, golden_ids, now)
+
+
+Survived = tuple[dict[str, Any], dict[str, int]]  # a golden record's fields and lineage
+
+
+def write_survived(
+    conn: Connection, survived: dict[int, Survived], now: datetime, created: Container[int] = ()
+) -> None:
+    """Store survivorship's fields and lineage (`survived`, by golden id): the golden records
+    in `created` are inserted (version 1), the others updated (version + 1)."""
     stamp = bind_values(conn, golden_record.c.updated_at, [now])[0]
-    rows: list[tuple[str, str, Any, int]] = []
-    for golden_id in golden_ids:
-        fields, lineage = survive(members[golden_id], policy) if members[golden_id] else ({}, {})
-        rows.append((json_text(fields), json_text(lineage), stamp, golden_id))
+    inserts: list[tuple[int, str, str, int, Any, Any]] = []
+    updates: list[tuple[str, str, Any, int]] = []
+    for golden_id, (fields, lineage) in survived.items():
+        fields_text, lineage_text = json_text(fields), json_text(lineage)
+        if golden_id in created:
+            inserts.append((golden_id, fields_text, lineage_text, 1, stamp, stamp))
+        else:
+            updates.append((fields_text, lineage_text, stamp, golden_id))
+    insert_rows(conn, golden_record, GOLDEN_COLUMNS, inserts)
     update_rows(
         conn,
         golden_record,
         ("fields", "lineage", "updated_at"),
         "id",
-        rows,
+        updates,
         also="version = version + 1",
     )
-    # Stewards' per-field choices override survivorship (imported here: review builds on
-    # this module).
+
+
+def finish_goldens(conn: Connection, golden_ids: set[int], now: datetime) -> None:
+    """After survivorship: stewards' per-field choices override its values, and the
+    write-back pushes the final values call for are queued, in this transaction."""
+    # Imported here: review builds on this module.
     from sync.review import apply_field_choices
 
     apply_field_choices(conn, golden_ids)
-    # Write-back: the pushes these values call for commit with them. Read back, so a
-    # steward's choice is what gets pushed; not at all when no connector writes back (a 1M
-    # first load would decode every golden record's fields again for nothing).
+    # Read back, so a steward's choice is what gets pushed; not at all when no connector
+    # writes back (a 1M first load would decode every golden record's fields again for
+    # nothing).
     if writeback.plan_for(conn) is None:
         return
     final = {

@@ -18,16 +18,17 @@ from typing import Any
 from sqlalchemy import Connection, Engine, bindparam, select
 
 from crmhub.settings import Settings
+from dedupe import survive
 from sync.activities import index_activities
-from sync.configure import configure
+from sync.configure import configure, survivorship_for
 from sync.forms import FORM_COLUMNS
 from sync.frequencies import store_common_counts
 from sync.golden import (
-    GOLDEN_COLUMNS,
     MEMBERSHIP_COLUMNS,
     MERGE_LOCK,
+    finish_goldens,
     fold_golden,
-    recompute_goldens,
+    write_survived,
 )
 from sync.rebuild import KeyRows, RebuildPlan, RebuildRefusedError, plan_rebuild, stop_if_asked
 from sync.staging import chunks
@@ -40,7 +41,6 @@ from sync.store import (
     dead_letter,
     golden_record,
     insert_rows,
-    json_text,
     match_key,
     membership,
     one_of,
@@ -55,7 +55,7 @@ __all__ = ["apply_plan", "preview", "rebuild", "write_keys"]
 log = logging.getLogger("crmhub.rebuild")
 
 ROWS_PER_INSERT = 50_000  # match_key and membership rows built and written at a time
-GOLDENS_PER_RECOMPUTE = 20_000  # golden records whose members are loaded at a time
+GOLDENS_PER_SLICE = 20_000  # golden records survived and finished at a time
 REINDEX_FROM_CONTACTS = 20_000  # from this many contacts, match_key's index is built after
 
 
@@ -109,17 +109,13 @@ def apply_plan(
     _write_letters(conn, plan, now)
     if not plan.keys_written:
         write_keys(conn, plan.keys, stop)
-    created = _create_goldens(conn, plan, now)
+    created = _survive_goldens(conn, plan, now, stop)
     _write_memberships(conn, plan, now)
     for alias, survivor in sorted(plan.aliases.items()):
         fold_golden(conn, alias, survivor, now)
     _write_reviews(conn, plan, now)
-    # A slice at a time: recompute_goldens loads every member's data of the goldens it is
-    # given (1M contacts' data at once would be several GB). Each golden is independent.
-    goldens = sorted(set(plan.target.values()))
-    for part in chunks(goldens, GOLDENS_PER_RECOMPUTE):
-        recompute_goldens(conn, set(part), now)
-        stop_if_asked(stop)
+    for part in chunks(sorted(set(plan.target.values())), GOLDENS_PER_SLICE):
+        finish_goldens(conn, set(part), now)
     conn.execute(
         audit_log.insert().values(
             at=now,
@@ -241,19 +237,29 @@ def _write_letters(conn: Connection, plan: RebuildPlan, now: datetime) -> None:
     )
 
 
-def _create_goldens(conn: Connection, plan: RebuildPlan, now: datetime) -> int:
-    """Allocate real ids for the plan's new golden records (negative placeholders)."""
+def _survive_goldens(
+    conn: Connection, plan: RebuildPlan, now: datetime, stop: threading.Event | None
+) -> int:
+    """Fields and lineage of every golden record of the plan, survived from the data the plan
+    read (its new golden records get real ids and are inserted with them; the others are
+    updated). Returns how many were created."""
+    if plan.staged is None:
+        raise ValueError("apply_plan needs a plan made for an apply: plan_rebuild(write_keys=...)")
     placeholders = sorted({g for g in plan.target.values() if g < 0}, reverse=True)
-    if not placeholders:
-        return 0
     ids = allocate_ids(conn, golden_record, len(placeholders))
     real = dict(zip(placeholders, ids, strict=True))
-    stamp = bind_values(conn, golden_record.c.created_at, [now])[0]
-    empty = json_text({})
-    # Version 0: recompute_goldens fills the fields in and bumps it to 1.
-    rows = [(gid, empty, empty, 0, stamp, stamp) for gid in ids]
-    insert_rows(conn, golden_record, GOLDEN_COLUMNS, rows)
     plan.target = {r: real.get(g, g) for r, g in plan.target.items()}
+    staged, created = plan.staged, set(ids)
+    groups = staged.members_of(plan.target)
+    policy = survivorship_for(conn)
+    # A slice at a time: its members' data is decoded for it (1M contacts' at once would be
+    # several GB). Each golden record is independent.
+    for part in chunks(sorted(groups), GOLDENS_PER_SLICE):
+        survived = {
+            golden: survive([staged.member(i) for i in groups[golden]], policy) for golden in part
+        }
+        write_survived(conn, survived, now, created)
+        stop_if_asked(stop)
     return len(ids)
 
 

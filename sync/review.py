@@ -33,6 +33,7 @@ from sync.store import (
     golden_record,
     membership,
     merge_constraint,
+    one_of,
     review_item,
     source_record,
     write_transaction,
@@ -541,7 +542,10 @@ def apply_field_choices(conn: Connection, golden_ids: set[int]) -> None:
                 membership.c.golden_id == field_choice.c.golden_id,
             ),
         )
-        .where(field_choice.c.golden_id.in_(sorted(golden_ids)), source_record.c.deleted == 0)
+        .where(
+            one_of(conn, field_choice.c.golden_id, sorted(golden_ids)),
+            source_record.c.deleted == 0,
+        )
     ).all()
     by_golden: dict[int, list[Any]] = {}
     for row in rows:

@@ -15,6 +15,7 @@ from dedupe import ExactMatcher
 from sync import rebuild as rebuild_plan
 from sync import rebuild_apply, review
 from sync.engine import SyncEngine
+from sync.golden import recompute_goldens
 from sync.queries import resolve_golden_id
 from sync.rebuild import BatchStopped, KeyRows, RebuildRefusedError
 from sync.rebuild_apply import preview, rebuild
@@ -231,6 +232,52 @@ async def test_a_changed_mapping_remaps_stored_payloads_on_apply(tmp_path, db, s
         letter = conn.execute(select(dead_letter)).one()
         assert (letter.source, letter.origin) == ("crm", "rebuild:3")
     assert preview(db, settings).remapped == {}
+
+
+async def test_the_apply_survives_from_the_plans_data_as_from_the_stored_members(
+    tmp_path, db, store_url
+):
+    """The apply survives golden records from the data the plan read, not from members read
+    back: a re-mapping's new data and recency (a zone other than UTC included) must give the
+    golden records survivorship of the stored members gives."""
+    await _synced_csv(
+        tmp_path,
+        store_url,
+        db,
+        "id,first_name,last_name,email,org,modified,optout\n"
+        "1,Rob,Lind,rob@lind.example,Lind AB,2026-03-01T10:00:00+02:00,\n"
+        "2,Robert,Lind,rob@lind.example,,2026-01-01T09:00:00Z,\n"
+        "3,Vera,Holm,vera@holm.example,Holm Oy,2026-02-01T01:00:00+01:00,unsubscribed\n",
+    )
+    override = tmp_path / "dated.toml"
+    override.write_text(
+        "version = 1\n[contacts]\nexternal_id = 'id'\nupdated_at = 'modified'\n"
+        "[contacts.fields]\nfirst_name = 'first_name'\nlast_name = 'last_name'\n"
+        "email = 'email'\ncompany = 'org'\nconsent = 'optout'\n",
+        encoding="utf-8",
+    )
+    settings = make_settings(
+        tmp_path,
+        store_url,
+        {"crm": {"type": "csv", "path": str(tmp_path / "crm.csv"), "mapping": str(override)}},
+    )
+    rebuild(db, settings, actor="sam")
+    query = select(golden_record.c.id, golden_record.c.fields, golden_record.c.lineage).where(
+        golden_record.c.merged_into.is_(None)
+    )
+    with db.connect() as conn:
+        applied = {g: (f, lin) for g, f, lin in conn.execute(query)}
+        ids = dict(conn.execute(select(source_record.c.external_id, source_record.c.id)).all())
+    rob = applied[_golden_of(db)["1"]]
+    # record 1 is the most recent now (10:00 at +02:00 is after 2 January)
+    assert (rob[0]["first_name"], rob[1]["first_name"]) == ("Rob", ids["1"])
+    assert (rob[0]["company"], rob[1]["company"]) == ("Lind AB", ids["1"])
+    # an opt-out without a time of its own is dated by the record's change, stored in UTC
+    assert applied[_golden_of(db)["3"]][0]["consent_at"] == "2026-02-01T00:00:00+00:00"
+    with db.connect() as conn, conn.begin():
+        recompute_goldens(conn, set(applied))
+        assert {g: (f, lin) for g, f, lin in conn.execute(query)} == applied
+        conn.rollback()
 
 
 async def test_outdated_match_keys_are_reported_and_rewritten(tmp_path, db, store_url):
