@@ -48,8 +48,10 @@ from sync.store import (
 )
 
 __all__ = [
+    "BUMP_VERSION",
     "GOLDEN_COLUMNS",
     "MEMBERSHIP_COLUMNS",
+    "SURVIVED_COLUMNS",
     "CandidateCache",
     "MatchInput",
     "MatchOutcome",
@@ -58,7 +60,7 @@ __all__ = [
     "fold_golden",
     "match_and_merge",
     "recompute_goldens",
-    "write_survived",
+    "survived_rows",
 ]
 
 Node = tuple[Literal["r", "g"], int]
@@ -810,6 +812,13 @@ def _queue_reviews(
         outcome.reviews_queued += len(rows)
 
 
+Survived = tuple[dict[str, Any], dict[str, int]]  # a golden record's fields and lineage
+
+
+SURVIVED_COLUMNS = ("fields", "lineage", "updated_at")  # what `survived_rows` updates
+BUMP_VERSION = "version = version + 1"
+
+
 def recompute_goldens(conn: Connection, golden_ids: set[int], now: datetime | None = None) -> None:
     """Recompute fields and lineage of `golden_ids` from their live members (survivorship)."""
     if not golden_ids:
@@ -832,23 +841,19 @@ def recompute_goldens(conn: Connection, golden_ids: set[int], now: datetime | No
     ):
         members[golden_id].append(Member(rid, updated_at, data, source))
     policy = survivorship_for(conn)
-    write_survived(
-        conn,
-        {gid: survive(members[gid], policy) if members[gid] else ({}, {}) for gid in golden_ids},
-        now,
-    )
+    survived = {g: survive(members[g], policy) if members[g] else ({}, {}) for g in golden_ids}
+    stamp = bind_values(conn, golden_record.c.updated_at, [now])[0]
+    _, updates = survived_rows(survived, stamp)
+    update_rows(conn, golden_record, SURVIVED_COLUMNS, "id", updates, also=BUMP_VERSION)
     finish_goldens(conn, golden_ids, now)
 
 
-Survived = tuple[dict[str, Any], dict[str, int]]  # a golden record's fields and lineage
-
-
-def write_survived(
-    conn: Connection, survived: dict[int, Survived], now: datetime, created: Container[int] = ()
-) -> None:
-    """Store survivorship's fields and lineage (`survived`, by golden id): the golden records
-    in `created` are inserted (version 1), the others updated (version + 1)."""
-    stamp = bind_values(conn, golden_record.c.updated_at, [now])[0]
+def survived_rows(
+    survived: dict[int, Survived], stamp: Any, created: Container[int] = ()
+) -> tuple[list[tuple[int, str, str, int, Any, Any]], list[tuple[str, str, Any, int]]]:
+    """Survivorship's fields and lineage (`survived`, by golden id) as rows for the store,
+    `stamp` (driver-ready) their time: `GOLDEN_COLUMNS` rows to insert for the golden records
+    in `created` (version 1), and (fields, lineage, updated_at, id) rows for the others."""
     inserts: list[tuple[int, str, str, int, Any, Any]] = []
     updates: list[tuple[str, str, Any, int]] = []
     for golden_id, (fields, lineage) in survived.items():
@@ -857,15 +862,7 @@ def write_survived(
             inserts.append((golden_id, fields_text, lineage_text, 1, stamp, stamp))
         else:
             updates.append((fields_text, lineage_text, stamp, golden_id))
-    insert_rows(conn, golden_record, GOLDEN_COLUMNS, inserts)
-    update_rows(
-        conn,
-        golden_record,
-        ("fields", "lineage", "updated_at"),
-        "id",
-        updates,
-        also="version = version + 1",
-    )
+    return inserts, updates
 
 
 def finish_goldens(conn: Connection, golden_ids: set[int], now: datetime) -> None:

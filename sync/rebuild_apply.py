@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from itertools import islice
 from typing import Any
@@ -24,11 +25,14 @@ from sync.configure import configure, survivorship_for
 from sync.forms import FORM_COLUMNS
 from sync.frequencies import store_common_counts
 from sync.golden import (
+    BUMP_VERSION,
+    GOLDEN_COLUMNS,
     MEMBERSHIP_COLUMNS,
     MERGE_LOCK,
+    SURVIVED_COLUMNS,
     finish_goldens,
     fold_golden,
-    write_survived,
+    survived_rows,
 )
 from sync.rebuild import KeyRows, RebuildPlan, RebuildRefusedError, plan_rebuild, stop_if_asked
 from sync.staging import chunks
@@ -41,12 +45,13 @@ from sync.store import (
     dead_letter,
     golden_record,
     insert_rows,
+    insert_rows_at_once,
     match_key,
     membership,
     one_of,
     review_item,
     source_record,
-    update_rows,
+    update_rows_at_once,
     write_transaction,
 )
 
@@ -54,7 +59,7 @@ __all__ = ["apply_plan", "preview", "rebuild", "write_keys"]
 
 log = logging.getLogger("crmhub.rebuild")
 
-ROWS_PER_INSERT = 50_000  # match_key and membership rows built and written at a time
+ROWS_PER_INSERT = 50_000  # match_key rows built and written at a time
 GOLDENS_PER_SLICE = 20_000  # golden records survived and finished at a time
 REINDEX_FROM_CONTACTS = 20_000  # from this many contacts, match_key's index is built after
 
@@ -109,8 +114,7 @@ def apply_plan(
     _write_letters(conn, plan, now)
     if not plan.keys_written:
         write_keys(conn, plan.keys, stop)
-    created = _survive_goldens(conn, plan, now, stop)
-    _write_memberships(conn, plan, now)
+    created = _write_goldens(conn, plan, now, stop)
     for alias, survivor in sorted(plan.aliases.items()):
         fold_golden(conn, alias, survivor, now)
     _write_reviews(conn, plan, now)
@@ -237,12 +241,14 @@ def _write_letters(conn: Connection, plan: RebuildPlan, now: datetime) -> None:
     )
 
 
-def _survive_goldens(
+def _write_goldens(
     conn: Connection, plan: RebuildPlan, now: datetime, stop: threading.Event | None
 ) -> int:
-    """Fields and lineage of every golden record of the plan, survived from the data the plan
-    read (its new golden records get real ids and are inserted with them; the others are
-    updated). Returns how many were created."""
+    """The plan's golden records and memberships. Fields and lineage are survived from the
+    data the plan read (no member is read back); new golden records get real ids and are
+    inserted with them, the others updated. A slice is written on a thread while the next is
+    survived: on SQLite each of its statements runs without the GIL (`insert_rows_at_once`),
+    so both cores work. Returns how many golden records were created."""
     if plan.staged is None:
         raise ValueError("apply_plan needs a plan made for an apply: plan_rebuild(write_keys=...)")
     placeholders = sorted({g for g in plan.target.values() if g < 0}, reverse=True)
@@ -252,47 +258,60 @@ def _survive_goldens(
     staged, created = plan.staged, set(ids)
     groups = staged.members_of(plan.target)
     policy = survivorship_for(conn)
-    # A slice at a time: its members' data is decoded for it (1M contacts' at once would be
-    # several GB). Each golden record is independent.
-    for part in chunks(sorted(groups), GOLDENS_PER_SLICE):
-        survived = {
-            golden: survive([staged.member(i) for i in groups[golden]], policy) for golden in part
-        }
-        write_survived(conn, survived, now, created)
-        stop_if_asked(stop)
+    stamp = bind_values(conn, golden_record.c.updated_at, [now])[0]
+    # The connection is the writer's alone while it writes a slice: surviving does no I/O.
+    with ThreadPoolExecutor(1, thread_name_prefix="crmhub-goldens") as pool:
+        writing: Future[None] | None = None
+        # A slice at a time: its members' data is decoded for it (1M contacts' at once would
+        # be several GB). Each golden record is independent.
+        for part in chunks(sorted(groups), GOLDENS_PER_SLICE):
+            survived = {
+                golden: survive([staged.member(i) for i in groups[golden]], policy)
+                for golden in part
+            }
+            goldens = survived_rows(survived, stamp, created)
+            members = _membership_rows(plan, staged.ids, [(g, groups[g]) for g in part], stamp)
+            if writing is not None:
+                writing.result()
+            stop_if_asked(stop)
+            writing = pool.submit(_write_slice, conn, goldens, members)
+        if writing is not None:
+            writing.result()
     return len(ids)
 
 
-def _write_memberships(conn: Connection, plan: RebuildPlan, now: datetime) -> None:
-    sizes: dict[int, int] = {}
-    for golden in plan.target.values():
-        sizes[golden] = sizes.get(golden, 0) + 1
-    stamp = bind_values(conn, membership.c.decided_at, [now])[0]
-    moved: list[tuple[int, str, Any, int]] = []
-    fresh: list[tuple[int, int, str, None, Any]] = []
-    for rid, golden in plan.target.items():
-        before = plan.current.get(rid)
-        if before == golden:
-            continue
-        method = "steward" if rid in plan.steward else "auto" if sizes[golden] > 1 else "new"
-        if before is None:
-            fresh.append((rid, golden, method, None, stamp))
-        else:
-            moved.append((golden, method, stamp, rid))
-        if len(fresh) + len(moved) >= ROWS_PER_INSERT:
-            _write_membership_rows(conn, moved, fresh)
-            moved, fresh = [], []
-    _write_membership_rows(conn, moved, fresh)
+Rows = tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]  # (to insert, to update)
+_MOVED_COLUMNS = ("golden_id", "method", "decided_at")  # a moved membership's update
 
 
-def _write_membership_rows(
-    conn: Connection,
-    moved: list[tuple[int, str, Any, int]],
-    fresh: list[tuple[int, int, str, None, Any]],
-) -> None:
-    columns = ("golden_id", "method", "decided_at")
-    update_rows(conn, membership, columns, "record_id", moved)
-    insert_rows(conn, membership, MEMBERSHIP_COLUMNS, fresh)
+def _membership_rows(
+    plan: RebuildPlan, ids: list[int], goldens: list[tuple[int, list[int]]], stamp: Any
+) -> Rows:
+    """Membership rows for `goldens` (golden id, its members' positions in `ids`):
+    `MEMBERSHIP_COLUMNS` rows for records with no golden record yet, (golden_id, method,
+    decided_at, record_id) for records that move; records that stay are left alone."""
+    fresh: list[tuple[Any, ...]] = []
+    moved: list[tuple[Any, ...]] = []
+    for golden, members in goldens:
+        for i in members:
+            rid = ids[i]
+            before = plan.current.get(rid)
+            if before == golden:
+                continue
+            method = "steward" if rid in plan.steward else "auto" if len(members) > 1 else "new"
+            if before is None:
+                fresh.append((rid, golden, method, None, stamp))
+            else:
+                moved.append((golden, method, stamp, rid))
+    return fresh, moved
+
+
+def _write_slice(conn: Connection, goldens: Rows, members: Rows) -> None:
+    """One slice of golden records (before the memberships naming them), then memberships."""
+    insert_rows_at_once(conn, golden_record, GOLDEN_COLUMNS, goldens[0])
+    update_rows_at_once(conn, golden_record, SURVIVED_COLUMNS, "id", goldens[1], also=BUMP_VERSION)
+    update_rows_at_once(conn, membership, _MOVED_COLUMNS, "record_id", members[1])
+    insert_rows_at_once(conn, membership, MEMBERSHIP_COLUMNS, members[0])
 
 
 def _write_reviews(conn: Connection, plan: RebuildPlan, now: datetime) -> None:

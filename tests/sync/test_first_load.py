@@ -234,7 +234,7 @@ async def test_a_cancelled_run_stops_its_batch_which_writes_nothing_and_runs_aga
     settings = _settings(tmp_path, store_url, _contacts_csv(tmp_path), batch=150)
     reached, go_on = threading.Event(), threading.Event()
     target = {"collect": planning, "cluster": planning, "apply": rebuild_apply}[phase]
-    name = {"collect": "_remap", "cluster": "_cluster", "apply": "write_survived"}[phase]
+    name = {"collect": "_remap", "cluster": "_cluster", "apply": "survived_rows"}[phase]
     original = getattr(target, name)
 
     def held(*args: object, **kwargs: object) -> object:
