@@ -38,8 +38,8 @@ __all__ = ["BatchPreparer", "Keyed", "Staged", "contact_of", "keyed", "rows_json
 
 HELPER_AFTER = 50_000  # contacts prepared here before the helper starts (small batches never pay)
 CHUNK = 2_000  # contacts a chunk
-LOOKAHEAD = 6  # chunks read ahead of the one being taken
-HELPER_QUEUE = 3  # chunks waiting for the helper at most; the others are prepared here
+LOOKAHEAD = 10  # chunks read ahead of the one being taken
+HELPER_QUEUE = 6  # chunks waiting for the helper at most; the others are prepared here
 
 log = logging.getLogger("crmhub.sync")
 

@@ -13,7 +13,9 @@ a time), so `submit` never waits for the helper; a receiver thread reads the res
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import multiprocessing
 import os
 import queue
@@ -36,6 +38,11 @@ Task = tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]
 # Tasks sent to the helper at once: one running, one waiting in the pipe so that it never
 # idles between tasks. The rest wait here, where `shutdown(cancel_futures=True)` can cancel them.
 IN_FLIGHT = 2
+# Bytes a pipe holds (Linux's default 64 KiB; 1 MiB is what an unprivileged process may ask).
+# A task or result of a few MB crosses a narrow pipe in dozens of reads or writes, and the
+# thread doing them takes the GIL back after each one, waiting up to the switch interval
+# (5 ms) while this process's main thread computes: the helper sat idle, blocked writing.
+PIPE_BYTES = 1 << 20
 
 
 class HelperProcess(Executor):
@@ -46,6 +53,8 @@ class HelperProcess(Executor):
         context = multiprocessing.get_context("spawn")
         task_out, task_in = context.Pipe(duplex=False)  # (receiving end, sending end)
         result_out, result_in = context.Pipe(duplex=False)
+        _widen(task_in)
+        _widen(result_out)
         self._process = context.Process(
             target=_serve, args=(task_out, result_in, os.getpid()), daemon=True
         )
@@ -160,6 +169,14 @@ class HelperProcess(Executor):
                 return
             if item[0].set_running_or_notify_cancel():
                 item[0].set_exception(BrokenProcessPool("the helper process ended"))
+
+
+def _widen(end: Connection) -> None:
+    """Make the pipe behind `end` hold `PIPE_BYTES` where the system allows it."""
+    setting = getattr(fcntl, "F_SETPIPE_SZ", None)  # Linux only
+    if setting is not None:
+        with contextlib.suppress(OSError):  # above the system's pipe-max-size: keep it
+            fcntl.fcntl(end.fileno(), setting, PIPE_BYTES)
 
 
 def _serve(tasks: Connection, results: Connection, parent: int) -> None:

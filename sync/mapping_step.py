@@ -11,7 +11,7 @@ import asyncio
 import logging
 import marshal
 import os
-from concurrent.futures import Executor, Future
+from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -26,7 +26,7 @@ from crmhub.mapping import Mapping, content_hash, json_text, load_mapping, recor
 from crmhub.records import Activity, Contact, RawRecord
 from dedupe import ExactMatcher
 from dedupe.survivorship import solo
-from sync.helper import helper_pool
+from sync.helper import HelperProcess, helper_pool
 
 __all__ = ["MappedRecord", "PageMapper", "Rejected", "map_records"]
 
@@ -35,6 +35,10 @@ log = logging.getLogger("crmhub.sync")
 # Below this many records a page is mapped in-process: the round trip (about 1 us a record
 # each way) costs more than it saves. Vendor APIs page by 100, so they use the helper.
 POOL_THRESHOLD = 64
+# The engine maps pages ahead while it writes one, so two can be mapping at once: with one
+# helper, a 1M-contact CSV's staging had the helper at a full core and this process at half
+# of one. A second helper starts only when a page finds the first busy.
+MAPPING_HELPERS = 2
 
 
 @dataclass(slots=True)
@@ -244,21 +248,30 @@ def _unpack(packed: bytes) -> list[MappedRecord | Rejected]:
     return items
 
 
+@dataclass(slots=True)
+class _Helper:
+    pool: HelperProcess
+    ready: Future[bool]  # done once it has started
+    busy: int = 0  # pages it is mapping or has waiting
+
+
 class PageMapper:
-    """Maps pages, on a helper process when a page is big and there is a core to spare."""
+    """Maps pages, on helper processes when a page is big and there is a core to spare."""
 
     def __init__(self, region: str, exact_keys: bool = False) -> None:
         self.region = region
         self.exact_keys = exact_keys
-        self._pool: Executor | None = None
-        self._ready: Future[bool] | None = None
+        self._helpers: list[_Helper] = []
         self._use_pool = (os.cpu_count() or 1) > 1
 
-    def _start(self) -> None:
-        """Start the helper process; it imports (a second or more) while pages are mapped
-        here, so the first big page is not held up by it."""
-        if self._pool is None:
-            self._pool, self._ready = helper_pool()
+    def _helper(self) -> _Helper | None:
+        """The least busy helper that has started. One is started for the first big page,
+        another (up to `MAPPING_HELPERS`) when a page finds every one busy. None until one
+        has started: it imports for a second or more, and pages are mapped here meanwhile."""
+        if len(self._helpers) < MAPPING_HELPERS and all(h.busy for h in self._helpers):
+            self._helpers.append(_Helper(*helper_pool()))
+        started = [h for h in self._helpers if h.ready.done()]
+        return min(started, key=attrgetter("busy"), default=None)
 
     async def map(
         self,
@@ -268,33 +281,38 @@ class PageMapper:
         inline: bool = False,
         with_solo: bool = True,
     ) -> list[MappedRecord | Rejected]:
-        """Map `records`; on the helper process for big pages unless `inline`. Until the
-        helper has started, pages are mapped here (this process has little else to do yet).
-        Without `with_solo` no lone golden record is worked out (pages only staged, whose
-        golden records a first load's batch makes)."""
+        """Map `records`; on a helper process for big pages unless `inline`. Without
+        `with_solo` no lone golden record is worked out (pages only staged, whose golden
+        records a first load's batch makes)."""
         path = str(mapping.path)
         mtime = mapping.path.stat().st_mtime_ns if mapping.path.exists() else 0
         where = (path, mtime, self.region)
         options = (True, self.exact_keys, with_solo)  # for the writer
         if inline or not self._use_pool or len(records) < POOL_THRESHOLD:
             return map_records(*where, records, *options)
-        self._start()
-        if self._ready is not None and not self._ready.done():
+        helper = self._helper()
+        if helper is None:
             return map_records(*where, records, *options)
         loop = asyncio.get_running_loop()
         page = _pack_raw(records)
+        helper.busy += 1
         try:
-            packed = await loop.run_in_executor(self._pool, _map_packed, *where, page, *options)
+            packed = await loop.run_in_executor(helper.pool, _map_packed, *where, page, *options)
         except BrokenProcessPool:
             # The helper was killed (the out-of-memory killer): a worker keeps its mapper for
-            # good, so this page is mapped here and the next big one starts a new helper.
-            log.warning("the mapping helper process ended; mapping here, starting a new one")
-            self.close()
+            # good, so this page is mapped here and a later big one starts a new helper.
+            log.warning("a mapping helper process ended; mapping here, starting a new one")
+            self._stop(helper)
             return map_records(*where, records, *options)
+        finally:
+            helper.busy -= 1
         return _unpack(packed)
 
+    def _stop(self, helper: _Helper) -> None:
+        if helper in self._helpers:
+            self._helpers.remove(helper)
+            helper.pool.shutdown(wait=True, cancel_futures=True)
+
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
-            self._ready = None
+        for helper in list(self._helpers):
+            self._stop(helper)

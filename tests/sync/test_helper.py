@@ -16,7 +16,7 @@ from types import FrameType
 
 import pytest
 
-from sync.helper import HelperProcess, _serve, helper_pool
+from sync.helper import PIPE_BYTES, HelperProcess, _serve, helper_pool
 
 WAIT = 60  # seconds: a hang fails the test instead of stalling the suite
 
@@ -63,6 +63,19 @@ def test_tasks_run_in_order_and_their_errors_come_back():
         with pytest.raises(RuntimeError, match="result not sendable"):
             unsendable.result(timeout=WAIT)
         assert after.result(timeout=WAIT) == "after"  # errors do not end the helper
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="pipe sizes are set on Linux only")
+def test_big_tasks_and_results_cross_pipes_widened_to_a_megabyte():
+    """A batch's chunk (a few MB each way) crosses in a few reads and writes, not dozens,
+    each of which would wait for the GIL while this process computes."""
+    import fcntl
+
+    with HelperProcess() as helper:
+        for end in (helper._tasks, helper._results):
+            assert fcntl.fcntl(end.fileno(), fcntl.F_GETPIPE_SZ) == PIPE_BYTES
+        big = os.urandom(3 << 20)
+        assert helper.submit(_echo, big).result(timeout=WAIT) == big
 
 
 async def test_it_serves_an_event_loop():

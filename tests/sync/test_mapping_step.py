@@ -11,6 +11,7 @@ from crmhub.mapping import BUILTIN_MAPPINGS
 from crmhub.records import RawRecord
 from sync import mapping_step
 from sync.mapping_step import (
+    MAPPING_HELPERS,
     POOL_THRESHOLD,
     MappedRecord,
     PageMapper,
@@ -73,8 +74,7 @@ async def test_pages_mapped_on_the_helper_process_equal_the_in_process_mapping(m
         # The first big page starts the helper (and is mapped here); once it is up, the next
         # goes to it (packed both ways).
         await mapper.map(mapping, first)
-        assert mapper._ready is not None
-        assert await asyncio.wrap_future(mapper._ready)
+        assert await asyncio.wrap_future(mapper._helpers[0].ready)
         packed: list[bytes] = []
 
         def watched(page: bytes) -> list[MappedRecord | Rejected]:
@@ -91,6 +91,32 @@ async def test_pages_mapped_on_the_helper_process_equal_the_in_process_mapping(m
     assert mapped == map_records(path, mtime, "US", second, True, True, True)
     times = {m.updated_at for m in mapped if isinstance(m, MappedRecord)}
     assert datetime(2026, 1, 2, 1, 4, 5, tzinfo=UTC) in times
+
+
+async def test_pages_mapped_at_once_go_to_a_second_helper_only_when_the_first_is_busy():
+    """Pages mapped one after another keep one helper; pages mapped together (the engine maps
+    ahead while it writes) start a second, and each page comes back as mapped here."""
+    from crmhub.mapping import load_mapping
+
+    mapping = load_mapping(CSV_MAPPING)
+    path, mtime = str(CSV_MAPPING), CSV_MAPPING.stat().st_mtime_ns
+    pages = [_page(POOL_THRESHOLD + n) for n in (10, 20, 30, 40)]
+    mapper = PageMapper("US", exact_keys=True)
+    try:
+        await mapper.map(mapping, pages[0])  # starts the first helper
+        assert await asyncio.wrap_future(mapper._helpers[0].ready)
+        await mapper.map(mapping, pages[1])
+        await mapper.map(mapping, pages[2])
+        assert len(mapper._helpers) == 1  # never busy when the next page came
+        together = await asyncio.gather(*(mapper.map(mapping, page) for page in pages))
+        assert len(mapper._helpers) == MAPPING_HELPERS
+        assert all(h.busy == 0 for h in mapper._helpers)
+        pids = {h.pool._process.pid for h in mapper._helpers}
+        assert len(pids) == MAPPING_HELPERS
+    finally:
+        mapper.close()
+    assert mapper._helpers == []
+    assert together == [map_records(path, mtime, "US", page, True, True, True) for page in pages]
 
 
 def test_a_page_marshal_cannot_take_travels_as_records():
@@ -114,20 +140,18 @@ async def test_a_killed_helper_costs_one_page_on_this_process_then_a_new_helper_
     mapper = PageMapper("US", exact_keys=True)
     try:
         await mapper.map(mapping, page)  # starts the helper
-        assert mapper._pool is not None
-        assert mapper._ready is not None
-        assert await asyncio.wrap_future(mapper._ready)
-        first = mapper._pool._process.pid
+        [helper] = mapper._helpers
+        assert await asyncio.wrap_future(helper.ready)
+        first = helper.pool._process.pid
         assert first is not None
         os.kill(first, signal.SIGKILL)
-        mapper._pool._process.join(30)
+        helper.pool._process.join(30)
         assert await mapper.map(mapping, page) == expected  # mapped here
-        assert mapper._pool is None
+        assert mapper._helpers == []
         await mapper.map(mapping, page)  # a new helper starts ...
-        assert mapper._pool is not None
-        assert mapper._ready is not None
-        assert await asyncio.wrap_future(mapper._ready)
-        assert mapper._pool._process.pid != first
+        [helper] = mapper._helpers
+        assert await asyncio.wrap_future(helper.ready)
+        assert helper.pool._process.pid != first
         assert await mapper.map(mapping, page) == expected  # ... and maps
     finally:
         mapper.close()
