@@ -813,8 +813,6 @@ def _queue_reviews(
 
 
 Survived = tuple[dict[str, Any], dict[str, int]]  # a golden record's fields and lineage
-
-
 SURVIVED_COLUMNS = ("fields", "lineage", "updated_at")  # what `survived_rows` updates
 BUMP_VERSION = "version = version + 1"
 

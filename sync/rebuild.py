@@ -579,11 +579,11 @@ def plan_rebuild(
     written on a thread while the contacts are clustered (the driver does the inserts and
     the index build outside the GIL, so both cores work: at 1M contacts the 17.6M rows and
     their index took 70 s on their own) and the plan says `keys_written`, and keeps every
-    contact's data for survivorship (`staged`). Call inside the
-    apply's transaction to apply exactly what was planned. Without `remap` the records keep
-    their staged data and only the matching is done again. A set `stop` ends it with
-    `BatchStopped` at its next step (between phases, every `STOP_CHECK_EVERY` contacts
-    collected, and within the clustering: `cluster_prepared`'s `check_stop`)."""
+    contact's data for survivorship (`staged`). Call inside the apply's transaction to apply
+    exactly what was planned. Without `remap` the records keep their staged data and only
+    the matching is done again. A set `stop` ends it with `BatchStopped` at its next step
+    (between phases, every `STOP_CHECK_EVERY` contacts collected, and within the
+    clustering: `cluster_prepared`'s `check_stop`)."""
     plan = RebuildPlan()
     started = time.perf_counter()
     batch = _collect(conn, settings, plan, remap, stop, keep_data=write_keys is not None)

@@ -514,11 +514,6 @@ def _methods(conn: Connection, record_ids: list[int]) -> dict[str, str]:
     }
 
 
-def _recompute(conn: Connection, golden_ids: set[int], now: datetime) -> None:
-    recompute_goldens(conn, golden_ids, now)
-    apply_field_choices(conn, golden_ids)
-
-
 def apply_field_choices(conn: Connection, golden_ids: set[int]) -> None:
     """Overlay stewards' per-field choices on freshly survived golden records.
 
@@ -662,7 +657,7 @@ def approve(
         resolved = [int(r.id) for r in inside if (r.record_a, r.record_b) not in stale]
         _decide(conn, resolved, "merged", actor, now)
         details["resolved"] = resolved
-        _recompute(conn, {survivor}, now)
+        recompute_goldens(conn, {survivor}, now)
         audit_id = _audit(conn, actor, "review.approve", details, now)
     log.info("review %s approved by %s: golden %s <- %s", review_id, actor, survivor, alias)
     return {
@@ -778,7 +773,7 @@ def unmerge(db: Engine, record_id: int, actor: str) -> dict[str, Any]:
                 field_choice.c.golden_id == golden_id, field_choice.c.record_id == record_id
             )
         )
-        _recompute(conn, {golden_id, new_id}, now)
+        recompute_goldens(conn, {golden_id, new_id}, now)
         audit_id = _audit(conn, actor, "golden.unmerge", details, now)
     log.info("record %s split off golden %s into %s by %s", record_id, golden_id, new_id, actor)
     return {
@@ -985,7 +980,7 @@ def _undo_approve(conn: Connection, details: dict[str, Any], actor: str, now: da
             )
     _reopen(conn, details)
     _decide(conn, [int(i) for i in details.get("resolved", [])], "open", None, None)
-    _recompute(conn, touched, now)
+    recompute_goldens(conn, touched, now)
 
 
 def _undo_unmerge(conn: Connection, details: dict[str, Any], actor: str, now: datetime) -> None:
@@ -1015,7 +1010,7 @@ def _undo_unmerge(conn: Connection, details: dict[str, Any], actor: str, now: da
                 golden_id=target, field=name, record_id=rid, created_by=actor, created_at=now
             )
         )
-    _recompute(conn, {target}, now)
+    recompute_goldens(conn, {target}, now)
 
 
 def audit_entries(
