@@ -40,6 +40,7 @@ Rule = Literal["most_recent", "most_complete", "most_frequent", "source_priority
 RULES: tuple[str, ...] = get_args(Rule)
 # Fields a policy may name: the scalar contact fields except consent (always most restrictive).
 CONFIGURABLE_FIELDS: tuple[str, ...] = tuple(f for f in SCALAR_CONTACT_FIELDS if f != "consent")
+_CONFIGURABLE = frozenset(CONFIGURABLE_FIELDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,12 +81,19 @@ def _general(members: list[Member], policy: Policy) -> tuple[dict[str, Any], dic
     """`survive` of any number of members; `_single` must agree with it on one."""
     # Most recent first: the order every rule falls back on.
     ordered = sorted(members, key=lambda m: (m.updated_at or _EPOCH, m.record_id), reverse=True)
+    # Each field's holders (members with a value), most recent first, in one pass over the
+    # members' data, which holds only the fields they have (a batch survives 1M contacts).
+    holders: dict[str, list[Member]] = {}
+    for member in ordered:
+        for name, value in member.data.items():
+            if name in _CONFIGURABLE and value is not None and value != "":
+                holders.setdefault(name, []).append(member)
     fields: dict[str, Any] = {}
     lineage: dict[str, int] = {}
-    for name in CONFIGURABLE_FIELDS:
-        holders = [m for m in ordered if m.data.get(name) not in (None, "")]
-        if holders:
-            chosen = _CHOOSERS[policy.rule(name)](holders, name, policy)
+    for name in CONFIGURABLE_FIELDS:  # in this order, whichever order the data has
+        found = holders.get(name)
+        if found:
+            chosen = _CHOOSERS[policy.rule(name)](found, name, policy)
             fields[name] = chosen.data[name]
             lineage[name] = chosen.record_id
     _survive_consent(ordered, fields, lineage)
@@ -172,7 +180,13 @@ def _survive_consent(
     ordered: list[Member], fields: dict[str, Any], lineage: dict[str, int]
 ) -> None:
     """Set `consent`, `consent_at` and their lineage from `ordered` (most recent first)."""
-    decider = ordered[0] if len(ordered) == 1 else _decide_consent(ordered)
+    if len(ordered) == 1:
+        decider = ordered[0]
+    elif any(m.data.get("consent") for m in ordered):
+        decider = _decide_consent(ordered)
+    else:  # nobody says anything (most golden records): no status to weigh
+        fields["consent"] = "unknown"
+        return
     status = decider.data.get("consent") or "unknown"
     fields["consent"] = status
     if status == "unknown":

@@ -20,6 +20,7 @@ from sqlalchemy import Connection, Engine, bindparam, select
 
 from crmhub.settings import Settings
 from dedupe import survive
+from dedupe.cluster import collection_paused
 from sync.activities import index_activities
 from sync.configure import configure, survivorship_for
 from sync.forms import FORM_COLUMNS
@@ -260,7 +261,9 @@ def _write_goldens(
     policy = survivorship_for(conn)
     stamp = bind_values(conn, golden_record.c.updated_at, [now])[0]
     # The connection is the writer's alone while it writes a slice: surviving does no I/O.
-    with ThreadPoolExecutor(1, thread_name_prefix="crmhub-goldens") as pool:
+    # Surviving makes no cyclic garbage, and the collector would re-scan the batch's
+    # millions of live objects (a sixth of the time at 1M): paused.
+    with collection_paused(), ThreadPoolExecutor(1, thread_name_prefix="crmhub-goldens") as pool:
         writing: Future[None] | None = None
         # A slice at a time: its members' data is decoded for it (1M contacts' at once would
         # be several GB). Each golden record is independent.

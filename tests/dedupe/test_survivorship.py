@@ -200,3 +200,28 @@ def test_the_singleton_fast_path_matches_the_general_path(
     assert survive([member]) == want
     # The mapping process's form of it: the same fields, the lineage keys in the same order.
     assert solo(data, member.updated_at) == (want[0], list(want[1]))
+
+
+def test_fields_come_out_in_one_order_whatever_order_the_data_lists_them() -> None:
+    """Golden fields are stored as JSON text: two members listing their fields in another
+    order (and blanks of every kind) must not change the text."""
+    a = {"city": "Boston", "company": "", "first_name": "Ann", "job_title": None, "phones": []}
+    b = {"last_name": "Lee", "first_name": "Anne", "company": "Acme", "city": ""}
+    forward = survive([Member(1, at(1), a, "crm"), Member(2, at(2), b, "forms")])
+    backward = survive(
+        [
+            Member(1, at(1), dict(reversed(a.items())), "crm"),
+            Member(2, at(2), dict(reversed(b.items())), "forms"),
+        ]
+    )
+    assert forward == backward
+    assert list(forward[0]) == [
+        "first_name",
+        "last_name",
+        "company",
+        "city",
+        "consent",
+        "emails",
+        "phones",
+    ]
+    assert forward[1] == {"first_name": 2, "last_name": 2, "company": 2, "city": 1}
