@@ -234,6 +234,7 @@ class RebuildPlan:
 
     def summary(self) -> dict[str, Any]:
         """The plan as JSON-ready figures: ids and counts, never personal data."""
+        moved = len(self.moved)  # a pass over every contact: once
         return {
             "matcher": self.matcher,
             "contacts": self.contacts,
@@ -250,8 +251,8 @@ class RebuildPlan:
             "goldens_split": self.goldens_split,
             "goldens_merged": len(self.aliases),
             "aliases": {str(a): s for a, s in sorted(self.aliases.items())},
-            "records_moved": len(self.moved),
-            "moved_share": round(self.moved_share, 6),
+            "records_moved": moved,
+            "moved_share": round(moved / self.contacts if self.contacts else 0.0, 6),
             "reviews": len(self.reviews),
             "per_source": {
                 name: {
