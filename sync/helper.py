@@ -41,7 +41,8 @@ IN_FLIGHT = 2
 # Bytes a pipe holds (Linux's default 64 KiB; 1 MiB is what an unprivileged process may ask).
 # A task or result of a few MB crosses a narrow pipe in dozens of reads or writes, and the
 # thread doing them takes the GIL back after each one, waiting up to the switch interval
-# (5 ms) while this process's main thread computes: the helper sat idle, blocked writing.
+# (5 ms) while this process's main thread computes. With 64 KiB pipes a batch's preparing
+# helper ran at 0.7 of a core; with 1 MiB, at 0.92 (docs/benchmarks.md, twelfth stop).
 PIPE_BYTES = 1 << 20
 
 

@@ -226,7 +226,10 @@ class RebuildPlan:
 
     @property
     def moved_share(self) -> float:
-        return len(self.moved) / self.contacts if self.contacts else 0.0
+        return self._share(len(self.moved))
+
+    def _share(self, count: int) -> float:
+        return count / self.contacts if self.contacts else 0.0
 
     @property
     def changes_anything(self) -> bool:
@@ -252,7 +255,7 @@ class RebuildPlan:
             "goldens_merged": len(self.aliases),
             "aliases": {str(a): s for a, s in sorted(self.aliases.items())},
             "records_moved": moved,
-            "moved_share": round(moved / self.contacts if self.contacts else 0.0, 6),
+            "moved_share": round(self._share(moved), 6),
             "reviews": len(self.reviews),
             "per_source": {
                 name: {
