@@ -60,9 +60,14 @@ def fence(conn: Connection, connector: str) -> None:
     """
     if conn.dialect.name != "postgresql":
         return
+    conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": fence_key(connector)})
+
+
+def fence_key(connector: str) -> int:
+    """The advisory lock key `fence` takes: `pg_locks` shows who holds it (classid is its
+    high 32 bits, objid its low 32 bits)."""
     digest = hashlib.blake2b(f"crmhub:sync:{connector}".encode(), digest_size=8).digest()
-    key = int.from_bytes(digest, "big", signed=True)
-    conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+    return int.from_bytes(digest, "big", signed=True)
 
 
 class LeaseLost(Exception):

@@ -244,9 +244,17 @@ async def test_two_workers_never_run_one_connector_at_once(
             )
         await asyncio.sleep(0.25)
 
-    def settled() -> bool:
+    async def settled() -> bool:
+        # A job the lease refused waits in the queue (deferred) with no run row of its own
+        # while it shares the row it claimed: the queue must hold no sync job either.
+        jobs = await queue.zrange(queue_name(settings), 0, -1)
+        ours = (namespace + "sync:", namespace + "dup:")
         rows = run_rows(db)
-        return bool(rows) and all(r.state == "succeeded" for r in rows)
+        return (
+            not any(j.decode().startswith(ours) for j in jobs)
+            and bool(rows)
+            and all(r.state == "succeeded" for r in rows)
+        )
 
     # Requests refused by the lock stay queued and are run later: every run ends succeeded.
     await wait_for("every run to end", settled, 300, pool)

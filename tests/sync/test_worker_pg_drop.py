@@ -19,6 +19,7 @@ from sqlalchemy import func, select
 
 from crmhub.settings import load_settings
 from sync.jobs import enqueue_sync
+from sync.locks import fence_key
 from sync.store import make_engine, membership, source_record
 from tests.conftest import PG_ADMIN_URL
 from tests.sync.worker_kit import (
@@ -43,20 +44,22 @@ pytestmark = [
 ROWS = 2000
 PAGE = 50
 
-# A backend inside a page's transaction: it has one open and its last statement wrote (or
-# fenced) the connector's data. Not the run bookkeeping, not the planner statistics.
+# The backend inside a page's transaction: it holds the connector's page fence (`sync.locks`)
+# and has written (a transaction id). Matching the last statement's text could also pick a reader
+# idle in its transaction (the likely cause of a CI run where the run went on and pulled all).
 _PAGE_WRITER = """
-SELECT pid FROM pg_stat_activity
-WHERE datname = %s AND pid <> pg_backend_pid() AND backend_type = 'client backend'
-  AND xact_start IS NOT NULL AND state IN ('active', 'idle in transaction')
-  AND query ~* '(source_record|match_key|golden_record|membership|connector_state|advisory)'
-  AND query !~* '(sync_run|^\\s*analyze|count\\()'
+SELECT a.pid FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE a.datname = %s AND a.backend_xid IS NOT NULL
+  AND l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+  AND l.classid::bigint = %s AND l.objid::bigint = %s
 LIMIT 1
 """
 
 
 def terminate_page_writer(admin: psycopg.Connection, database: str) -> int | None:
-    row = admin.execute(_PAGE_WRITER, [database]).fetchone()
+    key = fence_key("leads")
+    high, low = (key >> 32) & 0xFFFFFFFF, key & 0xFFFFFFFF
+    row = admin.execute(_PAGE_WRITER, [database, high, low]).fetchone()
     if row is None:
         return None
     killed = admin.execute("SELECT pg_terminate_backend(%s)", [row[0]]).fetchone()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import inspect
 import json
 import os
 import signal
@@ -156,9 +157,12 @@ def run_rows(db: Engine) -> list[Any]:
 async def wait_for(
     what: str, check: Callable[[], Any], seconds: float, workers: Workers | None = None
 ) -> Any:
+    """Poll `check` (a function, or one returning an awaitable) until it returns a truthy value."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         value = check()
+        if inspect.isawaitable(value):
+            value = await value
         if value:
             return value
         await asyncio.sleep(0.1)
