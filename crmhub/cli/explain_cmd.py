@@ -38,24 +38,30 @@ def register(app: typer.Typer) -> None:
         """Show, field by field, why two records match or not (levels, weights, reasons)."""
         from crmhub.records import Contact
         from sync.engine import SyncEngine
+        from sync.explain import decide_now
         from sync.queries import find_contact_record
 
         settings = state(ctx).settings
         db = open_store(settings)
+        matcher = SyncEngine(settings, db).matcher
         with db.connect() as conn:
             left, right = find_contact_record(conn, a), find_contact_record(conn, b)
-        for ref, found in ((a, left), (b, right)):
-            if found is None:
-                die(
-                    f"no contact record {ref!r} (use a record id from `crmhub golden show`, "
-                    "or source:external_id)"
-                )
-        assert left is not None
-        assert right is not None
-        matcher = SyncEngine(settings, db).matcher
-        decision = matcher.compare(
-            Contact.model_validate(left["data"]), Contact.model_validate(right["data"])
-        )
+            for ref, found in ((a, left), (b, right)):
+                if found is None:
+                    die(
+                        f"no contact record {ref!r} (use a record id from `crmhub golden "
+                        "show`, or source:external_id)"
+                    )
+            assert left is not None
+            assert right is not None
+            # Weighed as a sync would now: the store's term frequencies and size.
+            decision = decide_now(
+                conn,
+                matcher,
+                Contact.model_validate(left["data"]),
+                Contact.model_validate(right["data"]),
+            )
+            explanation = decision.explanation
         if as_json:
             print_json(
                 {
@@ -63,7 +69,7 @@ def register(app: typer.Typer) -> None:
                     "b": right,
                     "action": decision.action,
                     "probability": decision.probability,
-                    "explanation": decision.explanation,
+                    "explanation": explanation,
                 }
             )
             return
@@ -74,23 +80,29 @@ def register(app: typer.Typer) -> None:
         )
         for column in ("field", "A", "B", "level", "weight", "why"):
             table.add_column(column, justify="right" if column == "weight" else "left")
-        fields = decision.explanation.get("fields", {})
+        fields = explanation.get("fields", {})
         for name, info in fields.items():
-            weight = info.get("weight", 0.0)
+            rarity = info.get("tf_adjustment", 0.0)
+            weight = info.get("weight", 0.0) + rarity
             colour = "green" if weight > 0 else "red" if weight < 0 else "dim"
+            why = [str(info["normalisation"])] if info.get("normalisation") else []
+            if rarity:  # how rare the shared value is in the store
+                why.append(f"{'rare' if rarity > 0 else 'common'} value {rarity:+.2f}")
             table.add_row(
                 name,
                 _value(left["data"], name),
                 _value(right["data"], name),
                 str(info.get("level", "")),
                 f"[{colour}]{weight:+.2f}[/]",
-                str(info.get("normalisation", "")),
+                "; ".join(why),
             )
         console.print(table)
         if not fields:
-            console.print(f"shared identifiers: {decision.explanation}")
+            console.print(f"shared identifiers: {explanation}")
+        elif "prior_weight" in explanation:
+            console.print(f"prior for this store's size: {explanation['prior_weight']:+.2f}")
         same = left["golden_id"] == right["golden_id"]
-        model = decision.explanation.get("model", getattr(matcher, "version", ""))
+        model = explanation.get("model", getattr(matcher, "version", ""))
         console.print(
             f"decision: [bold]{decision.action}[/] (probability {decision.probability:.4f}, "
             f"model {model}); "

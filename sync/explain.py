@@ -1,0 +1,36 @@
+"""A pair's decision as a sync would take it now (`crmhub explain`).
+
+The pipeline scores a pair with the store's term frequencies and a prior for the store's size
+(sync/golden.py, from MIN_POPULATION contacts on); a bare `matcher.compare` has neither and
+would show a steward other weights, and another probability, than the ones that decided.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Connection
+
+from crmhub.records import Contact
+from dedupe.matcher import Decision, FellegiSunterMatcher, Matcher
+from dedupe.normalize import prepare
+from dedupe.scoring import MIN_POPULATION, tf_values
+from sync.frequencies import StoreFrequencies
+
+__all__ = ["decide_now"]
+
+
+def decide_now(conn: Connection, matcher: Matcher, a: Contact, b: Contact) -> Decision:
+    """`matcher`'s decision on `a` and `b` with the store's counts as `conn` sees them."""
+    if not isinstance(matcher, FellegiSunterMatcher):
+        return matcher.compare(a, b)  # the exact matcher counts nothing
+    left, right = prepare(a), prepare(b)
+    frequencies = StoreFrequencies()
+    frequencies.prefetch(
+        conn, [(kind, v) for r in (left, right) for kind, vs in tf_values(r).items() for v in vs]
+    )
+    scoring = FellegiSunterMatcher(
+        matcher.params,
+        auto_merge=matcher.auto_merge,
+        review=matcher.review,
+        frequencies=frequencies if frequencies.total >= MIN_POPULATION else None,
+    )
+    return scoring.compare_prepared(left, right)
