@@ -37,6 +37,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Show, field by field, why two records match or not (levels, weights, reasons)."""
         from crmhub.records import Contact
+        from dedupe.explain import render
         from sync.engine import SyncEngine
         from sync.explain import decide_now
         from sync.queries import find_contact_record
@@ -78,23 +79,19 @@ def register(app: typer.Typer) -> None:
             f"{right['source']}:{right['external_id']}",
             title_justify="left",
         )
-        for column in ("field", "A", "B", "level", "weight", "why"):
+        for column in ("field", "A", "B", "found", "weight", "why"):
             table.add_column(column, justify="right" if column == "weight" else "left")
         fields = explanation.get("fields", {})
-        for name, info in fields.items():
-            rarity = info.get("tf_adjustment", 0.0)
-            weight = info.get("weight", 0.0) + rarity
+        for row in render(explanation):  # weights with their term-frequency adjustment
+            weight = row["weight"]
             colour = "green" if weight > 0 else "red" if weight < 0 else "dim"
-            why = [str(info["normalisation"])] if info.get("normalisation") else []
-            if rarity:  # how rare the shared value is in the store
-                why.append(f"{'rare' if rarity > 0 else 'common'} value {rarity:+.2f}")
             table.add_row(
-                name,
-                _value(left["data"], name),
-                _value(right["data"], name),
-                str(info.get("level", "")),
+                row["label"],
+                _value(left["data"], row["field"]),
+                _value(right["data"], row["field"]),
+                row["finding"] if row["level"] != "null" else "missing on one side",
                 f"[{colour}]{weight:+.2f}[/]",
-                "; ".join(why),
+                row["note"],
             )
         console.print(table)
         if not fields:
