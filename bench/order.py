@@ -1,20 +1,23 @@
 """Order independence of the clusters: `python -m bench.order --records 20000 [--seed 1]
-[--store sqlite|postgres] [--workdir DIR]`.
+[--store sqlite|postgres] [--trickle 0.1] [--workdir DIR]`.
 
 Issue 3 asks that shuffling the input, or feeding it one record at a time, yields the same
 clusters, or that the disagreement rate is reported and stays under 0.1%. From one seeded
-data set (`bench/matching`'s generator, with ground truth) this builds three stores with the
+data set (`bench/matching`'s generator, with ground truth) this builds four stores with the
 default probabilistic matcher:
 
 - **batch**: the rows staged in the generator's order, then clustered in one batch (`crmhub
   rebuild`, the path a first load takes);
 - **batch, shuffled**: the same rows staged in another order, clustered the same way;
 - **one at a time**: the rows in that other order, each one alone through `SyncEngine.ingest`
-  (map, stage, match against the stored blocking index, merge, commit), as a webhook arrives.
+  (map, stage, match against the stored blocking index, merge, commit), as a webhook arrives,
+  into an empty store;
+- **N in a batch, then one at a time**: the first `1 - trickle` of them loaded in a batch, the
+  rest one at a time: a first load followed by the day-to-day changes.
 
 It prints, for each store, pairwise and B-cubed F1 against the truth, and for each pair of
 stores the disagreement rate: the share of records whose cluster (the set of records it is
-grouped with) differs. For the one-at-a-time store it also prints what `crmhub rebuild
+grouped with) differs. For the stores fed one at a time it also prints what `crmhub rebuild
 --dry-run` would change there (records moved, clusters merged or split): the tool's own answer
 to "how far is this store from a batch of the same records".
 """
@@ -105,7 +108,14 @@ def one_at_a_time(url: str, work: Path, csv_path: Path, rows: list[dict[str, str
         db.dispose()
 
 
-def bench_order(records: int, seed: int, store: str, workdir: Path | None) -> dict[str, float]:
+def bench_order(
+    records: int,
+    seed: int,
+    store: str,
+    trickle: float,
+    workdir: Path | None,
+    from_empty: bool = True,
+) -> dict[str, float]:
     temporary = workdir is None
     work = workdir or Path(tempfile.mkdtemp(prefix="crmhub-bench-order-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -114,27 +124,37 @@ def bench_order(records: int, seed: int, store: str, workdir: Path | None) -> di
         truth = {f"C-{r['unique_id']}": r["cluster"] for r in rows}
         reordered = list(rows)
         random.Random(seed + 1).shuffle(reordered)
+        loaded = round(records * (1 - trickle))
         in_order, shuffled = work / "contacts.csv", work / "contacts-shuffled.csv"
+        first_part = work / "contacts-loaded.csv"
         _write_csv(rows, in_order)
         _write_csv(reordered, shuffled)
+        _write_csv(reordered[:loaded], first_part)
         print(f"{records:,} contacts, seed {seed}, {len(set(truth.values())):,} people, {store}")
         found: dict[str, dict[str, str]] = {}
-        plan: RebuildPlan | None = None
+        plans: dict[str, RebuildPlan] = {}
         for label, csv_path in (("batch", in_order), ("batch, shuffled", shuffled)):
             with _database(store, work, label) as url:
                 staging, clustering = build_store(url, work, csv_path)
                 print(f"  {label}: staged in {staging:.1f} s, clustered in {clustering:.1f} s")
                 found[label] = clusters(url)
-        with _database(store, work, "one at a time") as url:
-            seconds = one_at_a_time(url, work, shuffled, reordered)
-            print(f"  one at a time: {seconds:.0f} s, {1000 * seconds / records:.1f} ms a record")
-            found["one at a time"] = clusters(url)
-            db = make_engine(url)
-            try:
-                plan = preview(db, _settings(url, work, shuffled))
-            finally:
-                db.dispose()
-        return _report(truth, found, plan, records)
+        fed: dict[str, tuple[Path | None, list[dict[str, str]]]] = {}
+        if from_empty:
+            fed["one at a time"] = (None, reordered)
+        fed[f"{loaded:,} in a batch, then one at a time"] = (first_part, reordered[loaded:])
+        for label, (first, rest) in fed.items():
+            with _database(store, work, label) as url:
+                if first is not None:
+                    build_store(url, work, first)
+                seconds = one_at_a_time(url, work, shuffled, rest)
+                print(f"  {label}: {seconds:.0f} s, {1000 * seconds / len(rest):.1f} ms a record")
+                found[label] = clusters(url)
+                db = make_engine(url)
+                try:
+                    plans[label] = preview(db, _settings(url, work, shuffled))
+                finally:
+                    db.dispose()
+        return _report(truth, found, plans, records)
     finally:
         if temporary:
             shutil.rmtree(work, ignore_errors=True)
@@ -157,7 +177,7 @@ def _database(store: str, work: Path, label: str) -> Iterator[str]:
 def _report(
     truth: dict[str, str],
     found: dict[str, dict[str, str]],
-    plan: RebuildPlan | None,
+    plans: dict[str, RebuildPlan],
     records: int,
 ) -> dict[str, float]:
     figures: dict[str, float] = {}
@@ -181,12 +201,12 @@ def _report(
             figures[f"{first} vs {second}"] = rate
             verdict = "met" if rate < TARGET else "NOT met"
             print(f"  {first} vs {second}: {rate:.4%} ({verdict})")
-    if plan is not None:
+    for label, plan in plans.items():
         moved = len(plan.moved)
-        figures["rebuild would move"] = moved
+        figures[f"{label}: rebuild would move"] = moved
         changes = ", ".join(f"{k} {v:,}" for k, v in sorted(plan.clusters.items()))
         print(
-            f"\n`crmhub rebuild --dry-run` on the one-at-a-time store: {moved:,} of {records:,} "
+            f"`crmhub rebuild --dry-run` on the store fed {label}: {moved:,} of {records:,} "
             f"records would move ({moved / records:.4%}); clusters: {changes}"
         )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -199,9 +219,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--records", type=int, default=20_000)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--store", choices=["sqlite", "postgres"], default="sqlite")
+    parser.add_argument(
+        "--trickle", type=float, default=0.1, help="share fed one at a time after a batch load"
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="keep the stores here")
+    parser.add_argument(
+        "--no-empty",
+        action="store_true",
+        help="skip feeding every record one at a time into an empty store (slow at 100k+)",
+    )
     args = parser.parse_args(argv)
-    bench_order(args.records, args.seed, args.store, args.workdir)
+    bench_order(args.records, args.seed, args.store, args.trickle, args.workdir, not args.no_empty)
 
 
 if __name__ == "__main__":

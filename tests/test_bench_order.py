@@ -1,0 +1,25 @@
+"""`python -m bench.order` at a tiny size, so its code path cannot rot (no timings)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench.order import bench_order, disagreement
+
+
+def test_disagreement_compares_clusters_as_sets_of_records() -> None:
+    one = {"a": "1", "b": "1", "c": "2", "d": "3"}
+    assert disagreement(one, {"a": "x", "b": "x", "c": "y", "d": "z"}) == 0.0  # renamed only
+    # c joins a and b: their clusters and c's change, d's does not.
+    assert disagreement(one, {"a": "1", "b": "1", "c": "1", "d": "3"}) == 0.75
+
+
+def test_four_stores_built_and_compared(tmp_path: Path) -> None:
+    figures = bench_order(400, seed=2, store="sqlite", trickle=0.25, workdir=tmp_path)
+    assert figures["batch vs batch, shuffled"] == 0.0  # the batch is order independent
+    fed = ("one at a time", "300 in a batch, then one at a time")
+    for label in ("batch", "batch, shuffled", *fed):
+        assert 0.8 < figures[f"{label}: B-cubed F1"] <= 1.0
+    for label in fed:
+        assert 0.0 <= figures[f"batch vs {label}"] < 0.5
+        assert figures[f"{label}: rebuild would move"] >= 0
