@@ -12,7 +12,7 @@ process does not walk thousands of index entries for "john" again.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from sqlalchemy import Connection, func, literal, select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -63,20 +63,30 @@ class StoreFrequencies:
         # thousands of index entries, and a few more or less do not change its weight.
         self._common: dict[tuple[str, str], int] = {}
         self._conn: Connection | None = None
+        self._own: dict[tuple[str, str], int] = {}  # the page's new records' values
 
     @property
     def total(self) -> int:
         return self._counted + self._since + self._pending
 
-    def prefetch(self, conn: Connection, wanted: Iterable[tuple[str, str]], added: int = 0) -> None:
+    def prefetch(
+        self,
+        conn: Connection,
+        wanted: Iterable[tuple[str, str]],
+        added: int = 0,
+        own: Mapping[tuple[str, str], int] | None = None,
+    ) -> None:
         """Load the contact count and the counts of `wanted` (matcher kind, value) pairs.
 
+        `own`: how many of the page's new records hold each (matcher kind, value); `count`
+        adds them (their rows are not stored yet), `stored` does not.
         `added`: contacts this page staged. The store-wide count is a table scan, so it is
         taken at most every RECOUNT_SECONDS and kept current in between by adding the pages'
         new contacts once their transaction commits (`page_committed`); a page rolled back
         and retried is not counted twice. Other writers' additions show at the next recount.
         """
         self._conn = conn
+        self._own = {(_STORED_AS.get(k, k), v): n for (k, v), n in (own or {}).items()}
         now = time.monotonic()
         if self._counted_at is None or now - self._counted_at > RECOUNT_SECONDS:
             self._counted = int(
@@ -123,6 +133,9 @@ class StoreFrequencies:
 
     def count(self, kind: str, value: str) -> int:
         stored = _STORED_AS.get(kind, kind)
+        return self._stored_count(stored, value) + self._own.get((stored, value), 0)
+
+    def _stored_count(self, stored: str, value: str) -> int:
         found = self._counts.get((stored, value))
         if found is not None:
             return found

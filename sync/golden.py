@@ -7,7 +7,7 @@ items. Steward constraints (do-not-merge) always win.
 
 from __future__ import annotations
 
-from collections import OrderedDict, defaultdict
+from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Callable, Container, Hashable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -335,14 +335,21 @@ def _in_chunks(conn: Connection, query: Any, column: Any, values: Iterable[Any])
 def _prefetch_frequencies(
     conn: Connection, freq: StoreFrequencies, compare: _Comparer, inputs: list[MatchInput]
 ) -> None:
-    """Counts for every value the page's comparisons and key caps will ask about."""
+    """Counts for every value the page's comparisons and key caps will ask about, the page's
+    new records' own values included (as a batch counts every record, the pair's two among
+    them; without, a surname two people hold counted 1 when the second arrived, and the pair
+    weighed a bit more than in a batch). A changed record's values are in the store already."""
     wanted: list[tuple[str, str]] = []
+    own: Counter[tuple[str, str]] = Counter()
     for item in inputs:
         prepared = compare.prepared(item.record_id, item.contact)
         wanted += [(k.kind, k.value) for k in compare.blocking(item)]
         wanted += [(k.kind, k.value) for k in compare.lookup(item)]
-        wanted += [(kind, v) for kind, vs in tf_values(prepared).items() for v in vs]
-    freq.prefetch(conn, wanted, added=sum(1 for i in inputs if i.status == "new"))
+        values = {(kind, v) for kind, vs in tf_values(prepared).items() for v in vs}
+        wanted += values
+        if item.status == "new":
+            own.update(values)
+    freq.prefetch(conn, wanted, added=sum(1 for i in inputs if i.status == "new"), own=own)
 
 
 def _batch_keys(
@@ -545,8 +552,15 @@ def match_and_merge(
     reviews: dict[tuple[int, int], Decision] = {}
     # batch record -> golden record -> its strongest merge decision (and with which member)
     links: dict[int, dict[int, tuple[Decision, int]]] = defaultdict(dict)
+    # batch record -> golden record -> probabilities of its pairs with that one's members
+    against: dict[int, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for a, b in ordered:
         decision = _SHARES_A_KEY if exact else scored.get((a, b)) or compare(a, b, contacts)
+        if (a in batch) != (b in batch):
+            inside, other = (a, b) if a in batch else (b, a)
+            golden = member_of.get(other)
+            if golden is not None:
+                against[inside][golden].append(decision.probability)
         if decision.action == "review":
             reviews[(a, b)] = decision
         elif decision.action == "merge":
@@ -560,20 +574,27 @@ def match_and_merge(
                 best = links[inside].get(golden)
                 if best is None or decision.probability > best[0].probability:
                     links[inside][golden] = (decision, other)
+    review = float(getattr(matcher, "review", 0.0))
+    auto_merge = float(getattr(matcher, "auto_merge", 1.0))
     for rid, linked in links.items():
         ranked = sorted(linked.items(), key=lambda g: -g[1][0].probability)
-        joined = [ranked[0][0]]
-        for golden, (decision, other) in ranked[1:]:
-            # Chain guard (the batch clusterer's rule, dedupe.cluster.should_join): one record
-            # may join two existing clusters only if the clusters themselves agree; otherwise
-            # the weaker link goes to review.
+        joined: list[int] = []
+        for golden, (decision, other) in ranked:
+            # Chain guard (the batch clusterer's rule, dedupe.cluster.should_join): a record
+            # joins a golden record only if its other scored pairs with the members do not
+            # contradict the link, and two golden records only if their members agree;
+            # otherwise the link goes to review.
             if compare.transitive:
                 joined.append(golden)
                 continue
-            contacts.setdefault(rid, batch[rid].contact)
-            scores = _scores_between(conn, compare, rid, joined[0], golden, contacts)
-            review = float(getattr(matcher, "review", 0.0))
-            if should_join(scores, review, float(getattr(matcher, "auto_merge", 1.0))):
+            if joined:
+                contacts.setdefault(rid, batch[rid].contact)
+                scores = _scores_between(conn, compare, rid, joined[0], golden, contacts)
+            elif golden == member_of.get(rid):
+                scores = []  # a changed record's own golden record: it is a member already
+            else:
+                scores = against[rid][golden]
+            if should_join(scores, review, auto_merge):
                 joined.append(golden)
             else:
                 if not decision.explanation:  # a shortcut's decision: explain it now
@@ -583,6 +604,9 @@ def match_and_merge(
                 held = (
                     f"held for review: this record would join two golden records ({joined[0]} "
                     f"and {golden}) whose members match only {average:.2f} on average"
+                    if joined
+                    else f"held for review: this record matches golden record {golden}'s "
+                    f"members only {average:.2f} on average"
                 )
                 reviews[(min(rid, other), max(rid, other))] = Decision(
                     "review", decision.probability, {**decision.explanation, "held": held}

@@ -184,7 +184,18 @@ async def test_candidates_are_compared_through_their_stored_forms(
     assert len(second) == 1  # compared with "Mary Jones" twice: a person of its own
 
     # The stored person's data changes behind its form's back (another process re-mapped
-    # it): the digest no longer fits, and its data is prepared instead.
+    # it): the digest no longer fits, and its data is prepared instead. (The other member of
+    # its golden record gets its true form back first: a member that looks like someone else
+    # would hold the join for review, as the chain guard does.)
+    (joined,) = first - {stored}
+    with db.begin() as conn:
+        data = conn.execute(
+            select(source_record.c.data).where(source_record.c.id == joined)
+        ).scalar_one()
+        true_form = form_json(prepare(Contact.model_validate(data)))
+        conn.execute(
+            update(contact_form).where(contact_form.c.record_id == joined).values(form=true_form)
+        )
     with db.begin() as conn:
         text = conn.execute(
             select(cast(source_record.c.data, Text)).where(source_record.c.id == stored)
