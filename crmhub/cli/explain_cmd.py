@@ -97,7 +97,7 @@ def register(app: typer.Typer) -> None:
         if not fields:
             console.print(f"shared identifiers: {explanation}")
         elif "prior_weight" in explanation:
-            console.print(f"prior for this store's size: {explanation['prior_weight']:+.2f}")
+            console.print(f"prior weight: {explanation['prior_weight']:+.2f}")
         same = left["golden_id"] == right["golden_id"]
         model = explanation.get("model", getattr(matcher, "version", ""))
         console.print(

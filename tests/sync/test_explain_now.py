@@ -47,7 +47,7 @@ def test_explain_gives_the_weights_and_prior_the_sync_decided_with(tmp_path: Pat
 
     table = run("explain", "leads:Q-1", "leads:Q-2", cwd=tmp_path).stdout
     assert "rare value" in table
-    assert "prior for this store's size" in table
+    assert "prior weight" in table
 
 
 def test_a_queued_pair_carries_the_probability_explain_gives_it(tmp_path: Path) -> None:
