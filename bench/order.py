@@ -57,7 +57,7 @@ from sync.rebuild import RebuildPlan
 from sync.rebuild_apply import preview
 from sync.store import make_engine, membership, source_record
 
-__all__ = ["disagreement", "main"]
+__all__ = ["bench_order", "disagreement", "feed", "main"]
 
 TARGET = 0.001  # the bound on the disagreement rate
 
