@@ -26,6 +26,8 @@ from crmhub.errors import CrmHubError
 from crmhub.records import Contact, Cursor, Page, RawRecord
 from crmhub.settings import Settings
 from dedupe import ExactMatcher, Matcher, build_matcher
+from dedupe.matcher import FellegiSunterMatcher
+from dedupe.scoring import MIN_POPULATION
 from sync import first_load, writeback
 from sync.activities import index_activities
 from sync.aliases import apply_aliases
@@ -150,6 +152,7 @@ class SyncEngine:
             )
         self.matcher = matcher
         self._params_checked = self._pending_checked = 0.0
+        self._batch_due = False  # a page marked the store for a batch (`_apply_contacts`)
         self.use_trained_params()
         self.frequencies = StoreFrequencies()
         self.candidates = CandidateCache()
@@ -218,7 +221,8 @@ class SyncEngine:
                     scan if stream == "contacts" else None,
                     deferral if stream == "contacts" else None,
                 )
-                if stream == "contacts" and deferral is not None and deferral.deferred:
+                deferred = deferral is not None and deferral.deferred
+                if stream == "contacts" and (deferred or self._batch_due):
                     # Before the activities, which link to the contacts' golden records.
                     if progress is not None:
                         note = f"matching {counts.contacts:,} contacts in one batch"
@@ -365,7 +369,10 @@ class SyncEngine:
         # In-process: pushed batches are small and their processing already has a process
         # of its own (`crmhub serve`'s processor); a mapping helper would be one more.
         mapped = await self.mapper.map(source.mapping, records, inline=True)
-        return await asyncio.to_thread(self._apply_page, source, None, page, mapped, None)
+        counts = await asyncio.to_thread(self._apply_page, source, None, page, mapped, None)
+        if self._batch_due:
+            await self._cluster_pending(counts, own=name)
+        return counts
 
     def _first_load(self) -> Deferral | None:
         """This run's first-load deferral, when the store has no golden record yet and the
@@ -379,6 +386,7 @@ class SyncEngine:
     async def _cluster_pending(self, counts: RunCounts, own: str | None = None) -> None:
         """Cluster a pending first load (`own`'s, or one interrupted earlier)."""
         self._pending_checked = time.monotonic()
+        self._batch_due = False
         if not first_load.is_pending(self.db):
             return
         stop = threading.Event()
@@ -603,6 +611,17 @@ class SyncEngine:
         outcome = match_and_merge(
             conn, self.matcher, inputs, frequencies=self.frequencies, cache=self.candidates
         )
+        added = sum(1 for i in inputs if i.status == "new")
+        total = self.frequencies.total
+        if (
+            isinstance(self.matcher, FellegiSunterMatcher)
+            and total - added < MIN_POPULATION <= total
+        ):
+            # The store has just grown big enough for term frequencies and a prior for its
+            # size: the contacts matched before without them are clustered again with them,
+            # in one batch (as a first load; right after this page, or by whoever runs next).
+            first_load.mark_pending(conn, source.name, datetime.now(UTC))
+            self._batch_due = True
         counts.reviews_queued += recheck_constraints(conn, self.matcher, inputs)
         counts.goldens_created += outcome.goldens_created
         counts.records_merged += outcome.records_merged
