@@ -370,8 +370,8 @@ class SyncEngine:
         # of its own (`crmhub serve`'s processor); a mapping helper would be one more.
         mapped = await self.mapper.map(source.mapping, records, inline=True)
         counts = await asyncio.to_thread(self._apply_page, source, None, page, mapped, None)
-        if self._batch_due:
-            await self._cluster_pending(counts, own=name)
+        if self._batch_due:  # this page took the store past MIN_POPULATION
+            await self._cluster_pending(counts)
         return counts
 
     def _first_load(self) -> Deferral | None:
@@ -384,7 +384,8 @@ class SyncEngine:
             return None if first_load.has_goldens(conn) else Deferral(after)
 
     async def _cluster_pending(self, counts: RunCounts, own: str | None = None) -> None:
-        """Cluster a pending first load (`own`'s, or one interrupted earlier)."""
+        """Cluster a pending first load (`own`'s, or one interrupted earlier), or a store
+        that has just grown past MIN_POPULATION (`_apply_contacts`)."""
         self._pending_checked = time.monotonic()
         self._batch_due = False
         if not first_load.is_pending(self.db):
