@@ -12,8 +12,7 @@ from sqlalchemy import Connection
 from crmhub.records import Contact
 from dedupe.matcher import Decision, FellegiSunterMatcher, Matcher
 from dedupe.normalize import prepare
-from dedupe.scoring import MIN_POPULATION, tf_values
-from sync.frequencies import StoreFrequencies
+from sync.frequencies import counted_for
 
 __all__ = ["decide_now"]
 
@@ -23,14 +22,10 @@ def decide_now(conn: Connection, matcher: Matcher, a: Contact, b: Contact) -> De
     if not isinstance(matcher, FellegiSunterMatcher):
         return matcher.compare(a, b)  # the exact matcher counts nothing
     left, right = prepare(a), prepare(b)
-    frequencies = StoreFrequencies()
-    frequencies.prefetch(
-        conn, [(kind, v) for r in (left, right) for kind, vs in tf_values(r).items() for v in vs]
-    )
     scoring = FellegiSunterMatcher(
         matcher.params,
         auto_merge=matcher.auto_merge,
         review=matcher.review,
-        frequencies=frequencies if frequencies.total >= MIN_POPULATION else None,
+        frequencies=counted_for(conn, (left, right)),
     )
     return scoring.compare_prepared(left, right)

@@ -17,10 +17,12 @@ from collections.abc import Iterable, Mapping
 from sqlalchemy import Connection, func, literal, select
 from sqlalchemy.dialects import postgresql, sqlite
 
+from dedupe.normalize import Prepared
+from dedupe.scoring import MIN_POPULATION, tf_values
 from sync.key_lookup import key_counts
 from sync.store import key_frequency, match_key, source_record
 
-__all__ = ["TF_ROW_KINDS", "StoreFrequencies", "store_common_counts", "tf_rows"]
+__all__ = ["TF_ROW_KINDS", "StoreFrequencies", "counted_for", "store_common_counts", "tf_rows"]
 
 # Matcher kind -> the match_key kind its counts are stored under.
 _STORED_AS = {
@@ -151,6 +153,17 @@ class StoreFrequencies:
         )
         self._counts[(stored, value)] = count
         return count
+
+
+def counted_for(conn: Connection, records: Iterable[Prepared]) -> StoreFrequencies | None:
+    """The store's counts of `records`' values for a matcher, or None below MIN_POPULATION
+    contacts (the matcher then keeps its shipped prior and no term frequencies, as the
+    pipeline does)."""
+    frequencies = StoreFrequencies()
+    frequencies.prefetch(
+        conn, [(kind, v) for r in records for kind, vs in tf_values(r).items() for v in vs]
+    )
+    return frequencies if frequencies.total >= MIN_POPULATION else None
 
 
 def store_common_counts(conn: Connection, contacts: int) -> None:

@@ -556,21 +556,17 @@ def match_and_merge(
     against: dict[int, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for a, b in ordered:
         decision = _SHARES_A_KEY if exact else scored.get((a, b)) or compare(a, b, contacts)
-        if (a in batch) != (b in batch):
-            inside, other = (a, b) if a in batch else (b, a)
-            golden = member_of.get(other)
-            if golden is not None:
-                against[inside][golden].append(decision.probability)
+        both = a in batch and b in batch  # else one is stored (pairs come from the batch)
+        inside, other = (a, b) if a in batch else (b, a)
+        golden = None if both else member_of.get(other)  # None: a staged record without one
+        if golden is not None:
+            against[inside][golden].append(decision.probability)
         if decision.action == "review":
             reviews[(a, b)] = decision
         elif decision.action == "merge":
-            if a in batch and b in batch:
+            if both:
                 uf.union(("r", a), ("r", b))
-            else:
-                inside, other = (a, b) if a in batch else (b, a)
-                golden = member_of.get(other)
-                if golden is None:
-                    continue  # a staged record without a golden record: nothing to join
+            elif golden is not None:
                 best = links[inside].get(golden)
                 if best is None or decision.probability > best[0].probability:
                     links[inside][golden] = (decision, other)

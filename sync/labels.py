@@ -29,8 +29,8 @@ from crmhub.records import Contact
 from dedupe.comparators import COMPARISONS, compare_levels
 from dedupe.matcher import FellegiSunterMatcher
 from dedupe.normalize import Prepared, prepare
-from dedupe.scoring import MIN_POPULATION, Params, tf_values
-from sync.frequencies import StoreFrequencies
+from dedupe.scoring import Params
+from sync.frequencies import counted_for
 from sync.staging import chunks
 from sync.store import merge_constraint, one_of, source_record
 
@@ -112,13 +112,7 @@ def labelled_pairs(conn: Connection, labels: list[Label], base: Params) -> Label
             )
         ):
             records[int(rid)] = prepare(Contact.model_validate(data))
-    frequencies = StoreFrequencies()
-    frequencies.prefetch(
-        conn,
-        [(kind, v) for rec in records.values() for kind, vs in tf_values(rec).items() for v in vs],
-    )
-    enough = frequencies.total >= MIN_POPULATION
-    matcher = FellegiSunterMatcher(base, frequencies=frequencies if enough else None)
+    matcher = FellegiSunterMatcher(base, frequencies=counted_for(conn, records.values()))
     levels = np.empty((len(labels), len(COMPARISONS)), dtype=np.int8)
     offsets = np.empty(len(labels), dtype=np.float64)
     for k, label in enumerate(labels):
