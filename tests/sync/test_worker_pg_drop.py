@@ -19,7 +19,6 @@ from sqlalchemy import func, select
 
 from crmhub.settings import load_settings
 from sync.jobs import enqueue_sync
-from sync.locks import fence_key
 from sync.store import make_engine, membership, source_record
 from tests.conftest import PG_ADMIN_URL
 from tests.sync.worker_kit import (
@@ -44,26 +43,34 @@ pytestmark = [
 ROWS = 2000
 PAGE = 50
 
-# The backend inside a page's transaction: it holds the connector's page fence (`sync.locks`)
-# and has written (a transaction id). Matching the last statement's text could also pick a reader
-# idle in its transaction (the likely cause of a CI run where the run went on and pulled all).
-_PAGE_WRITER = """
-SELECT a.pid FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-WHERE a.datname = %s AND a.backend_xid IS NOT NULL
-  AND l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
-  AND l.classid::bigint = %s AND l.objid::bigint = %s
+# The page writer, caught where it cannot commit: the test holds the connector's cursor row
+# (`FOR UPDATE`), so a page's transaction, having written its records, waits at its checkpoint.
+# Killing a backend seen in its transaction a moment earlier could land just after its commit
+# (a CI run where the dead pooled connection was simply replaced and the run pulled all).
+_HOLD_CURSOR = "SELECT 1 FROM connector_state WHERE connector = %s FOR UPDATE"
+_WAITING_ON_US = """
+SELECT pid FROM pg_stat_activity
+WHERE datname = %s AND backend_xid IS NOT NULL AND %s = ANY(pg_blocking_pids(pid))
 LIMIT 1
 """
 
 
-def terminate_page_writer(admin: psycopg.Connection, database: str) -> int | None:
-    key = fence_key("leads")
-    high, low = (key >> 32) & 0xFFFFFFFF, key & 0xFFFFFFFF
-    row = admin.execute(_PAGE_WRITER, [database, high, low]).fetchone()
-    if row is None:
-        return None
-    killed = admin.execute("SELECT pg_terminate_backend(%s)", [row[0]]).fetchone()
-    return int(row[0]) if killed and killed[0] else None
+async def terminate_page_writer(database: str) -> int:
+    """Terminate a worker's backend in the middle of a page's transaction; its pid."""
+    with psycopg.connect(PG_ADMIN_URL, dbname=database) as holder:
+        assert holder.execute(_HOLD_CURSOR, ["leads"]).fetchall(), "no cursor committed yet"
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+            deadline = time.monotonic() + 60
+            while (
+                row := admin.execute(_WAITING_ON_US, [database, holder.info.backend_pid]).fetchone()
+            ) is None:
+                assert time.monotonic() < deadline, "no page waited at its checkpoint in 60 s"
+                await asyncio.sleep(0.01)
+            killed = admin.execute("SELECT pg_terminate_backend(%s)", [row[0]]).fetchone()
+            assert killed is not None
+            assert killed[0], f"backend {row[0]} not terminated"
+        holder.rollback()
+    return int(row[0])
 
 
 async def test_dropped_connection_mid_page_retries_the_page_and_loses_nothing(
@@ -81,13 +88,7 @@ async def test_dropped_connection_mid_page_retries_the_page_and_loses_nothing(
     run_id = await enqueue_sync(queue, settings, db, "leads")
     await wait_for("a quarter of the rows", lambda: staged(db) >= ROWS // 4, 120, pool)
 
-    database = pg_url.rsplit("/", 1)[1]
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-        deadline = time.monotonic() + 60
-        while (killed := terminate_page_writer(admin, database)) is None:
-            assert time.monotonic() < deadline, "no page transaction seen in 60 s"
-            assert staged(db) < ROWS, "the run finished before a page could be cut off"
-            await asyncio.sleep(0.01)
+    killed = await terminate_page_writer(pg_url.rsplit("/", 1)[1])
     # Taken at once, in one snapshot: the retry waits at least half a second.
     with db.connect() as conn:
         at_kill, merged = conn.execute(
