@@ -9,7 +9,8 @@ form too, and a candidate's form is read back instead of worked out again.
 A form is used only for the data it was made from: each row carries a digest of the record's
 stored data text, salted with FORM_VERSION and the versions of the name data `prepare` uses,
 and a candidate whose data no longer gives that digest (re-staged or re-mapped since by any
-process, or prepared by other code) is prepared from its data as before. Bump FORM_VERSION
+process, or prepared by other code) is prepared from its data as before, and that form is
+stored in place of the stale or missing one (`mend_forms`). Bump FORM_VERSION
 whenever `prepare` gives other output for the same contact (tests/sync/test_forms.py holds a
 digest of dedupe/normalize.py that fails on any change to it, as a reminder).
 """
@@ -24,6 +25,7 @@ from operator import attrgetter
 
 import orjson
 from sqlalchemy import Connection
+from sqlalchemy.dialects import postgresql, sqlite
 
 from dedupe.normalize import Prepared
 from sync.store import contact_form, insert_rows
@@ -36,6 +38,7 @@ __all__ = [
     "form_from_json",
     "form_json",
     "form_row",
+    "mend_forms",
     "prepared_values",
     "split_row",
     "store_forms",
@@ -105,4 +108,24 @@ def store_forms(conn: Connection, rows: Iterable[tuple[int, str, Prepared]]) -> 
         contact_form,
         FORM_COLUMNS,
         [(rid, data_digest(text), form_json(record)) for rid, text, record in rows],
+    )
+
+
+def mend_forms(conn: Connection, rows: list[tuple[int, str, Prepared]]) -> None:
+    """Store (id, data text, form) rows over whatever form those records had: candidates a
+    probe had to prepare itself, so the next probe reads them. An upsert, as another process
+    may mend the same candidate at the same time."""
+    if not rows:
+        return
+    insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    statement = insert(contact_form)
+    conn.execute(
+        statement.on_conflict_do_update(
+            index_elements=["record_id"],
+            set_={"digest": statement.excluded.digest, "form": statement.excluded.form},
+        ),
+        [
+            {"record_id": rid, "digest": data_digest(text), "form": form_json(record)}
+            for rid, text, record in sorted(rows, key=lambda row: row[0])
+        ],
     )

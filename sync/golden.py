@@ -26,7 +26,7 @@ from dedupe.normalize import Prepared, prepare
 from dedupe.scoring import MIN_POPULATION, tf_values
 from sync import writeback
 from sync.configure import survivorship_for
-from sync.forms import data_digest, form_from_json, store_forms
+from sync.forms import data_digest, form_from_json, mend_forms, store_forms
 from sync.frequencies import StoreFrequencies, tf_rows
 from sync.key_lookup import key_counts, key_holders
 from sync.staging import LONG_CHUNK, chunks
@@ -243,16 +243,18 @@ def _load_contacts(
     into: _Contacts,
     compare: _Comparer | None = None,
     cache: CandidateCache | None = None,
-) -> None:
+) -> list[tuple[int, str, Prepared]]:
     """Stored contacts `ids` into `into`; with a `cache`, their prepared forms into `compare`
     too: from the cache, else from their stored form (`contact_form`) when it was made from
-    the data they hold, else prepared here."""
+    the data they hold, else prepared here. Returns (id, data text, form) of the candidates
+    whose stored form is missing or stale, for the caller to store (`mend_forms`)."""
     wanted = ids - into.known()
+    mended: list[tuple[int, str, Prepared]] = []
     if cache is None or compare is None:
         query = select(source_record.c.id, source_record.c.data)
         for rid, data in _in_chunks(conn, query, source_record.c.id, wanted):
             into[rid] = Contact.model_validate(data)
-        return
+        return mended
     query = select(
         source_record.c.id,
         cast(source_record.c.data, Text),
@@ -271,7 +273,11 @@ def _load_contacts(
             else:  # no form, or one made from other data or by other code
                 prepared = compare.prepared(rid, into[rid])
             cache.put((rid, digest), prepared)
+        if stored != digest:
+            # A store upgraded to stored forms, or a newer FORM_VERSION: mended as it is used.
+            mended.append((rid, data_text, prepared))
         compare.remember(rid, prepared)
+    return mended
 
 
 def _scores_between(
@@ -529,7 +535,7 @@ def match_and_merge(
     contacts = _Contacts()
     if not exact:
         contacts.update((rid, batch[rid].contact) for rid in candidate_ids & set(batch))
-        _load_contacts(conn, candidate_ids - set(batch), contacts, compare, cache)
+        mend_forms(conn, _load_contacts(conn, candidate_ids - set(batch), contacts, compare, cache))
     forbidden = _do_not_merge(conn, set(batch))
     ordered = [pair for pair in sorted(pairs) if frozenset(pair) not in forbidden]
     scored = (

@@ -61,8 +61,9 @@ def _write_csv(path: Path, rows: list[dict[str, str]]) -> None:
         writer.writerows(rows)
 
 
-def _forms_match_data(db: Engine) -> int:
-    """Checks every live contact has a form made from the data it holds; returns how many."""
+def _forms_match_data(db: Engine, stored_only: bool = False) -> int:
+    """Checks every live contact (`stored_only`: with a form) has a form made from the data it
+    holds; returns how many."""
     with db.connect() as conn:
         rows = conn.execute(
             select(
@@ -71,7 +72,11 @@ def _forms_match_data(db: Engine) -> int:
                 contact_form.c.digest,
                 contact_form.c.form,
             )
-            .outerjoin(contact_form, contact_form.c.record_id == source_record.c.id)
+            .join(
+                contact_form,
+                contact_form.c.record_id == source_record.c.id,
+                isouter=not stored_only,
+            )
             .where(source_record.c.kind == "contact", source_record.c.deleted == 0)
         ).all()
     for rid, text, digest, form in rows:
@@ -206,6 +211,38 @@ async def test_candidates_are_compared_through_their_stored_forms(
     third = await _probe(tmp_path, store_url, db, "third", {"id": "p3", **PERSON})
     assert stored in third
     assert [c.city for c in prepared] == [None, "La Mancha"]  # the probe, then the stale one
+    # ... and its form was mended: the next probe prepares only itself.
+    prepared.clear()
+    assert stored in await _probe(tmp_path, store_url, db, "fourth", {"id": "p4", **PERSON})
+    assert [c.city for c in prepared] == [None]
+
+
+async def test_a_store_without_forms_gets_them_as_its_records_are_candidates(
+    tmp_path, db, store_url, monkeypatch
+):
+    """A store upgraded to stored forms (migration 0013) has none until its records are
+    matched again: a probe prepares the candidates that lack one and stores their forms, so
+    the next probe with the same candidates prepares only itself."""
+    await _sync_csv(tmp_path, store_url, db, "people", [*OTHERS, {"id": "9", **PERSON}])
+    with db.begin() as conn:
+        conn.execute(contact_form.delete())
+    prepared: list[Contact] = []
+
+    def counting(contact: Contact) -> Prepared:
+        prepared.append(contact)
+        return prepare(contact)
+
+    monkeypatch.setattr(sync.golden, "prepare", counting)
+    await _probe(tmp_path, store_url, db, "first", {"id": "p1", **PERSON})
+    candidates = len(prepared) - 1
+    assert candidates >= 1
+    with db.connect() as conn:
+        mended = set(conn.execute(select(contact_form.c.record_id)).scalars())
+    assert len(mended) == candidates + 1  # the candidates' forms, and the probe's own
+    assert _forms_match_data(db, stored_only=True) == len(mended)
+    prepared.clear()
+    await _probe(tmp_path, store_url, db, "second", {"id": "p2", **PERSON})
+    assert len(prepared) == 1
 
 
 def test_the_digest_is_salted_with_the_form_version(monkeypatch):
