@@ -112,6 +112,13 @@ def test_config_errors_are_one_clear_line_and_exit_1(tmp_path):
     unknown = run("sync", "nope", cwd=tmp_path)
     assert unknown.returncode == 1
     assert "unknown connector(s): nope" in unknown.stderr
+    # A bad value outside the connectors fails as the settings load, past the command.
+    (tmp_path / "crmhub.toml").write_text("[matching]\nauto_merge = 2\n", encoding="utf-8")
+    for command in (["sync"], ["review", "list"]):
+        bad = run(*command, cwd=tmp_path)
+        assert bad.returncode == 1, command
+        assert "'matching.auto_merge': Input should be less than or equal to 1" in bad.stderr
+        assert "Traceback" not in bad.stderr, command
 
 
 def test_connectors_list_and_check(tmp_path):

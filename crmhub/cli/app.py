@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
@@ -20,7 +21,7 @@ from crmhub.cli import (
     sync_cmd,
     worker_cmd,
 )
-from crmhub.cli.common import AppState, die, setup_logging
+from crmhub.cli.common import EXIT_ERROR, AppState, print_error, setup_logging
 from crmhub.errors import CrmHubError
 
 __all__ = ["app", "main"]
@@ -80,5 +81,6 @@ def main() -> None:
     """Console entry point: crmhub errors become one clear line and exit code 1."""
     try:
         app()
-    except CrmHubError as exc:
-        die(str(exc))
+    except CrmHubError as exc:  # raised past the command (settings loaded on first use)
+        print_error(str(exc))
+        sys.exit(EXIT_ERROR)  # not typer.Exit: outside the app nothing turns it into a status

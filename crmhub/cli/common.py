@@ -24,6 +24,7 @@ __all__ = [
     "die",
     "err_console",
     "open_store",
+    "print_error",
     "print_json",
     "setup_logging",
     "state",
@@ -58,9 +59,14 @@ def state(ctx: typer.Context) -> AppState:
     return obj
 
 
-def die(message: str, code: int = EXIT_ERROR) -> NoReturn:
+def print_error(message: str) -> None:
     # Messages quote config keys such as [connectors.hs]: never read them as Rich markup.
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+
+
+def die(message: str, code: int = EXIT_ERROR) -> NoReturn:
+    """End a command with `message` on stderr and exit status `code`."""
+    print_error(message)
     raise typer.Exit(code)
 
 
