@@ -36,6 +36,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from itertools import takewhile
 from pathlib import Path
 
 from sqlalchemy import select
@@ -51,13 +52,15 @@ from bench.incremental import (
 from bench.matching.generate import generate
 from bench.matching.metrics import scores
 from crmhub.records import RawRecord
+from crmhub.settings import Settings
 from sync.engine import SyncEngine
+from sync.first_load import batch_sizes
 from sync.migrate import upgrade
 from sync.rebuild import RebuildPlan
 from sync.rebuild_apply import preview
 from sync.store import make_engine, membership, source_record
 
-__all__ = ["bench_order", "disagreement", "feed", "main"]
+__all__ = ["bench_order", "disagreement", "feed", "last_batch", "main"]
 
 TARGET = 0.001  # the issue's bound on the disagreement rate
 
@@ -162,6 +165,12 @@ def bench_order(
                     build_store(url, work, first)
                 seconds = feed(url, work, shuffled, rest, page)
                 print(f"  {label}: {seconds:.0f} s, {1000 * seconds / len(rest):.1f} ms a record")
+                last = last_batch(records - len(rest), records, _settings(url, work, shuffled))
+                print(
+                    f"  {label}: last clustered in a batch at {last:,} contacts; "
+                    f"{records - last:,} ({(records - last) / records:.2%}) decided one at a "
+                    "time since"
+                )
                 found[label] = clusters(url)
                 db = make_engine(url)
                 try:
@@ -172,6 +181,13 @@ def bench_order(
     finally:
         if temporary:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def last_batch(start: int, end: int, settings: Settings) -> int:
+    """The store's size at its last batch when fed from `start` contacts (0: empty; else a
+    batch of that many) to `end`: the last of `first_load.batch_sizes` it went past."""
+    sizes = takewhile(lambda size: size <= end, batch_sizes(settings.matching.recluster_growth))
+    return max([start, *(size for size in sizes if size > start)])
 
 
 @contextmanager

@@ -106,6 +106,25 @@ class MatchingSettings(_Section):
         "end of its contacts (probabilistic matcher; 0: always match page by page)",
     )
 
+    recluster_growth: float = Field(
+        0.1,
+        ge=0,
+        le=10,
+        description="the store is clustered again in one batch when it reaches 2,000 contacts "
+        "and each time it has grown by this share since (probabilistic matcher), so records "
+        "decided one at a time weigh as a batch of the same records would; 0: only at 2,000",
+    )
+
+    @field_validator("recluster_growth")
+    @classmethod
+    def _growth(cls, value: float) -> float:
+        if 0 < value < 0.01:
+            raise ValueError(
+                f"{value} would re-cluster the store almost every page: use 0.01 or more (0.1 "
+                "is the default), or 0 to cluster it in one batch only at 2,000 contacts"
+            )
+        return value
+
     @field_validator("train_schedule")
     @classmethod
     def _cron(cls, value: str | None) -> str | None:

@@ -27,7 +27,6 @@ from crmhub.records import Contact, Cursor, Page, RawRecord
 from crmhub.settings import Settings
 from dedupe import ExactMatcher, Matcher, build_matcher
 from dedupe.matcher import FellegiSunterMatcher
-from dedupe.scoring import MIN_POPULATION
 from sync import first_load, writeback
 from sync.activities import index_activities
 from sync.aliases import apply_aliases
@@ -370,7 +369,7 @@ class SyncEngine:
         # of its own (`crmhub serve`'s processor); a mapping helper would be one more.
         mapped = await self.mapper.map(source.mapping, records, inline=True)
         counts = await asyncio.to_thread(self._apply_page, source, None, page, mapped, None)
-        if self._batch_due:  # this page took the store past MIN_POPULATION
+        if self._batch_due:  # this page took the store past a size `recluster_due` names
             await self._cluster_pending(counts)
         return counts
 
@@ -385,7 +384,7 @@ class SyncEngine:
 
     async def _cluster_pending(self, counts: RunCounts, own: str | None = None) -> None:
         """Cluster a pending first load (`own`'s, or one interrupted earlier), or a store
-        that has just grown past MIN_POPULATION (`_apply_contacts`)."""
+        that has just grown past a size `first_load.recluster_due` names (`_apply_contacts`)."""
         self._pending_checked = time.monotonic()
         self._batch_due = False
         if not first_load.is_pending(self.db):
@@ -614,13 +613,16 @@ class SyncEngine:
         )
         added = sum(1 for i in inputs if i.status == "new")
         total = self.frequencies.total
-        if (
-            isinstance(self.matcher, FellegiSunterMatcher)
-            and total - added < MIN_POPULATION <= total
+        growth = self.settings.matching.recluster_growth
+        if isinstance(self.matcher, FellegiSunterMatcher) and first_load.recluster_due(
+            total - added, total, growth
         ):
             # The store has just grown big enough for term frequencies and a prior for its
-            # size: the contacts matched before without them are clustered again with them,
-            # in one batch (as a first load; right after this page, or by whoever runs next).
+            # size, or by another `recluster_growth` since: the contacts decided one at a
+            # time with the counts and size of a smaller store are clustered again with
+            # today's, in one batch (as a first load; right after this page, or by whoever
+            # runs next).
+            log.info("store due for a batch", extra={"contacts": total, "connector": source.name})
             first_load.mark_pending(conn, source.name, datetime.now(UTC))
             self._batch_due = True
         counts.reviews_queued += recheck_constraints(conn, self.matcher, inputs)

@@ -23,12 +23,14 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import Connection, Engine, exists, insert, select
 
 from crmhub.settings import Settings
+from dedupe.scoring import MIN_POPULATION
 from sync.golden import MERGE_LOCK
 from sync.rebuild import plan_rebuild
 from sync.rebuild_apply import apply_plan, write_keys
@@ -44,10 +46,12 @@ from sync.store import (
 __all__ = [
     "BatchOutcome",
     "Deferral",
+    "batch_sizes",
     "cluster_pending",
     "has_goldens",
     "is_pending",
     "mark_pending",
+    "recluster_due",
 ]
 
 log = logging.getLogger("crmhub.sync")
@@ -99,6 +103,29 @@ def mark_pending(conn: Connection, source: str, now: datetime) -> None:
         conn.execute(insert(pending_match).values(source=source, since=now))
 
 
+def batch_sizes(growth: float) -> Iterator[int]:
+    """The store sizes at which the whole store is clustered again in one batch:
+    MIN_POPULATION, then each `growth` more (2,000, 2,200, 2,420, ... at 0.1; only 2,000 at 0).
+    The ladder is fixed, so every process agrees on it and nothing needs storing."""
+    size = MIN_POPULATION
+    yield size
+    while growth > 0:
+        size = max(size + 1, round(size * (1 + growth)))
+        yield size
+
+
+def recluster_due(before: int, after: int, growth: float) -> bool:
+    """Whether a page that took the store from `before` to `after` contacts went past one of
+    the `batch_sizes` (one batch however many it passed; a process whose count is a little off
+    batches a page early or late). Records decided one at a time weighed with the store's
+    size and counts when they arrived; a batch weighs them all with today's
+    (docs/matching.md, "Growing stores")."""
+    for size in batch_sizes(growth):
+        if size > before:
+            return size <= after
+    return False
+
+
 def cluster_pending(
     db: Engine,
     settings: Settings,
@@ -142,7 +169,7 @@ def cluster_pending(
         committing = time.perf_counter()
     plan.timings["commit_seconds"] = round(time.perf_counter() - committing, 1)
     log.info(
-        "first load clustered in one batch",
+        "store clustered in one batch",
         extra={"contacts": outcome.contacts, **plan.timings},
     )
     return outcome

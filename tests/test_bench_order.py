@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.order import bench_order, disagreement
+from bench.order import bench_order, disagreement, last_batch
+from crmhub.settings import Settings
 
 
 def test_disagreement_compares_clusters_as_sets_of_records() -> None:
@@ -23,3 +24,13 @@ def test_four_stores_built_and_compared(tmp_path: Path) -> None:
     for label in fed:
         assert 0.0 <= figures[f"batch vs {label}"] < 0.5
         assert figures[f"{label}: rebuild would move"] >= 0
+
+
+def test_last_batch_follows_the_store_sizes_of_recluster_growth() -> None:
+    settings = Settings()
+    assert last_batch(0, 20_000, settings) == 19_706  # ... 17,915, 19,706, 21,677 at 0.1
+    assert last_batch(18_000, 20_000, settings) == 19_706
+    assert last_batch(90_000, 90_500, settings) == 90_000  # the batch it was loaded in
+    assert last_batch(0, 1_999, settings) == 0
+    settings.matching = settings.matching.model_copy(update={"recluster_growth": 0})
+    assert last_batch(0, 20_000, settings) == 2_000

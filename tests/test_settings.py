@@ -78,3 +78,11 @@ def test_secret_values_never_appear_in_errors(tmp_path):
     with pytest.raises(SettingsError) as err:
         load_source(load_settings(path), "m")
     assert "page_size" in str(err.value)
+
+
+def test_a_recluster_growth_that_would_batch_every_page_is_refused(tmp_path):
+    with pytest.raises(SettingsError) as err:
+        load_settings(write(tmp_path, "[matching]\nrecluster_growth = 0.001\n"))
+    assert "matching.recluster_growth" in str(err.value)
+    assert "use 0.01 or more" in str(err.value)
+    assert load_settings(write(tmp_path, "[matching]\nrecluster_growth = 0\n")).matching

@@ -3,9 +3,11 @@ matched before under the shipped prior, without term frequencies, are weighed ag
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import Engine
+import pytest
+from sqlalchemy import Engine, func, insert, select, update
 
 from bench.incremental import CSV_COLUMNS, _write_csv
 from bench.matching.generate import generate
@@ -14,6 +16,7 @@ from dedupe.scoring import MIN_POPULATION
 from sync import first_load
 from sync.engine import SyncEngine
 from sync.rebuild_apply import preview
+from sync.store import golden_record, membership
 from tests.conftest import make_settings
 
 
@@ -43,3 +46,75 @@ async def test_the_contact_that_reaches_min_population_has_the_store_clustered_i
     assert plan.contacts == MIN_POPULATION
     assert plan.moved == []
     assert plan.clusters.get("merged", 0) == plan.clusters.get("new", 0) == 0
+
+
+def _split_off_a_member(db: Engine) -> int:
+    """Move one member of a golden record with several into a golden record of its own, as
+    no batch would (a stand-in for a decision made with a smaller store's counts)."""
+    with db.begin() as conn:
+        golden, record = conn.execute(
+            select(membership.c.golden_id, func.max(membership.c.record_id))
+            .group_by(membership.c.golden_id)
+            .having(func.count() > 1)
+            .order_by(membership.c.golden_id)
+            .limit(1)
+        ).one()
+        now = datetime.now(UTC)
+        fields = conn.execute(
+            select(golden_record.c.fields).where(golden_record.c.id == golden)
+        ).scalar_one()
+        alone = conn.execute(
+            insert(golden_record).values(fields=fields, lineage={}, created_at=now, updated_at=now)
+        ).inserted_primary_key[0]
+        conn.execute(
+            update(membership).where(membership.c.record_id == record).values(golden_id=alone)
+        )
+    return int(record)
+
+
+@pytest.mark.parametrize("growth", [0.1, 0.0])
+async def test_the_contact_that_grows_the_store_by_recluster_growth_has_it_clustered_again(
+    tmp_path: Path, db: Engine, store_url: str, growth: float
+) -> None:
+    """Past MIN_POPULATION the store is clustered again each `recluster_growth` it grows
+    (2,200 contacts at 0.1): what was decided since, here a doctored split, is as a batch of
+    today's store has it. At 0 it is not."""
+    rows = generate(round(MIN_POPULATION * 1.1), seed=5)
+    export = tmp_path / "contacts.csv"
+    _write_csv(rows[:-1], export)
+    settings = make_settings(
+        tmp_path, store_url, {"contacts": {"type": "csv", "path": str(export)}}
+    )
+    settings.matching = settings.matching.model_copy(update={"recluster_growth": growth})
+    engine = SyncEngine(settings, db)
+    try:
+        await engine.run("contacts")  # 2,199 contacts: clustered in a batch at 2,000
+        assert preview(db, settings).moved == []
+        split = _split_off_a_member(db)
+        assert preview(db, settings).moved == [split]
+        last = rows[-1]
+        payload = {"id": f"C-{last['unique_id']}", **{c: last[c] for c in CSV_COLUMNS[1:]}}
+        await engine.ingest("contacts", [RawRecord("", "contact", payload)])
+    finally:
+        engine.close()
+    assert not first_load.is_pending(db)
+    assert preview(db, settings).moved == ([] if growth else [split])
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "due"),
+    [
+        (1_998, 1_999, False),
+        (1_999, 2_000, True),  # MIN_POPULATION, at any growth
+        (0, 5_000, True),
+        (2_000, 2_199, False),
+        (2_199, 2_200, True),
+        (2_100, 2_500, True),  # past 2,200 and 2,420 in one page: one batch
+        (2_420, 2_661, False),
+        (2_661, 2_662, True),
+        (1_000_000, 1_000_500, False),
+    ],
+)
+def test_the_sizes_at_which_the_store_is_clustered_again(before: int, after: int, due: bool):
+    assert first_load.recluster_due(before, after, 0.1) is due
+    assert first_load.recluster_due(before, after, 0.0) is (before < MIN_POPULATION <= after)
