@@ -1,4 +1,5 @@
-"""A first load of many contacts into an empty store is clustered in one batch.
+"""A first load of many contacts into an empty store is clustered in one batch; so is a store
+that grows past one of `batch_sizes` a page at a time (docs/matching.md, "Growing stores").
 
 Matching contacts against the store a page at a time costs the probabilistic matcher about half
 a millisecond a contact (candidate lookups, loading and preparing candidates, comparisons, a
@@ -56,7 +57,7 @@ __all__ = [
 
 log = logging.getLogger("crmhub.sync")
 
-ACTOR = "sync (first load)"
+ACTOR = "sync (batch)"  # a first load, or a store grown past one of `batch_sizes`
 
 
 @dataclass(slots=True)
