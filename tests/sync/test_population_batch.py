@@ -12,6 +12,7 @@ from sqlalchemy import Engine, func, insert, select, update
 from bench.incremental import CSV_COLUMNS, _write_csv
 from bench.matching.generate import generate
 from crmhub.records import RawRecord
+from crmhub.settings import Settings
 from dedupe.scoring import MIN_POPULATION
 from sync import first_load
 from sync.engine import SyncEngine
@@ -20,24 +21,31 @@ from sync.store import golden_record, membership
 from tests.conftest import make_settings
 
 
-async def test_the_contact_that_reaches_min_population_has_the_store_clustered_in_a_batch(
-    tmp_path: Path, db: Engine, store_url: str
-) -> None:
-    rows = generate(MIN_POPULATION, seed=5)
+def _all_but_the_last(tmp_path: Path, store_url: str, contacts: int) -> tuple[Settings, RawRecord]:
+    """Settings of a CSV source holding all but the last of `contacts` generated contacts, and
+    that last one as a pushed record."""
+    rows = generate(contacts, seed=5)
     export = tmp_path / "contacts.csv"
     _write_csv(rows[:-1], export)
     settings = make_settings(
         tmp_path, store_url, {"contacts": {"type": "csv", "path": str(export)}}
     )
+    last = rows[-1]
+    payload = {"id": f"C-{last['unique_id']}", **{c: last[c] for c in CSV_COLUMNS[1:]}}
+    return settings, RawRecord("", "contact", payload)
+
+
+async def test_the_contact_that_reaches_min_population_has_the_store_clustered_in_a_batch(
+    tmp_path: Path, db: Engine, store_url: str
+) -> None:
+    settings, last = _all_but_the_last(tmp_path, store_url, MIN_POPULATION)
     engine = SyncEngine(settings, db)
     try:
         # One page of MIN_POPULATION - 1 contacts: matched page by page, no batch due.
         first = await engine.run("contacts")
         assert first.counts.contacts == MIN_POPULATION - 1
         assert not first_load.is_pending(db)
-        last = rows[-1]
-        payload = {"id": f"C-{last['unique_id']}", **{c: last[c] for c in CSV_COLUMNS[1:]}}
-        await engine.ingest("contacts", [RawRecord("", "contact", payload)])
+        await engine.ingest("contacts", [last])
     finally:
         engine.close()
     assert not first_load.is_pending(db)
@@ -64,8 +72,10 @@ def _split_off_a_member(db: Engine) -> int:
             select(golden_record.c.fields).where(golden_record.c.id == golden)
         ).scalar_one()
         alone = conn.execute(
-            insert(golden_record).values(fields=fields, lineage={}, created_at=now, updated_at=now)
-        ).inserted_primary_key[0]
+            insert(golden_record)
+            .values(fields=fields, lineage={}, created_at=now, updated_at=now)
+            .returning(golden_record.c.id)
+        ).scalar_one()
         conn.execute(
             update(membership).where(membership.c.record_id == record).values(golden_id=alone)
         )
@@ -79,12 +89,7 @@ async def test_the_contact_that_grows_the_store_by_recluster_growth_has_it_clust
     """Past MIN_POPULATION the store is clustered again each `recluster_growth` it grows
     (2,200 contacts at 0.1): what was decided since, here a doctored split, is as a batch of
     today's store has it. At 0 it is not."""
-    rows = generate(round(MIN_POPULATION * 1.1), seed=5)
-    export = tmp_path / "contacts.csv"
-    _write_csv(rows[:-1], export)
-    settings = make_settings(
-        tmp_path, store_url, {"contacts": {"type": "csv", "path": str(export)}}
-    )
+    settings, last = _all_but_the_last(tmp_path, store_url, round(MIN_POPULATION * 1.1))
     settings.matching = settings.matching.model_copy(update={"recluster_growth": growth})
     engine = SyncEngine(settings, db)
     try:
@@ -92,9 +97,7 @@ async def test_the_contact_that_grows_the_store_by_recluster_growth_has_it_clust
         assert preview(db, settings).moved == []
         split = _split_off_a_member(db)
         assert preview(db, settings).moved == [split]
-        last = rows[-1]
-        payload = {"id": f"C-{last['unique_id']}", **{c: last[c] for c in CSV_COLUMNS[1:]}}
-        await engine.ingest("contacts", [RawRecord("", "contact", payload)])
+        await engine.ingest("contacts", [last])
     finally:
         engine.close()
     assert not first_load.is_pending(db)
@@ -115,6 +118,8 @@ async def test_the_contact_that_grows_the_store_by_recluster_growth_has_it_clust
         (1_000_000, 1_000_500, False),
     ],
 )
-def test_the_sizes_at_which_the_store_is_clustered_again(before: int, after: int, due: bool):
+def test_the_sizes_at_which_the_store_is_clustered_again(
+    before: int, after: int, due: bool
+) -> None:
     assert first_load.recluster_due(before, after, 0.1) is due
     assert first_load.recluster_due(before, after, 0.0) is (before < MIN_POPULATION <= after)
