@@ -25,10 +25,9 @@ from operator import attrgetter
 
 import orjson
 from sqlalchemy import Connection
-from sqlalchemy.dialects import postgresql, sqlite
 
 from dedupe.normalize import Prepared
-from sync.store import contact_form, insert_rows
+from sync.store import contact_form, insert_rows, upsert
 
 __all__ = [
     "DIGEST_CHARS",
@@ -117,8 +116,7 @@ def mend_forms(conn: Connection, rows: list[tuple[int, str, Prepared]]) -> None:
     may mend the same candidate at the same time."""
     if not rows:
         return
-    insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-    statement = insert(contact_form)
+    statement = upsert(conn, contact_form)
     conn.execute(
         statement.on_conflict_do_update(
             index_elements=["record_id"],

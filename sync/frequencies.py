@@ -15,12 +15,11 @@ import time
 from collections.abc import Iterable, Mapping
 
 from sqlalchemy import Connection, func, literal, select
-from sqlalchemy.dialects import postgresql, sqlite
 
 from dedupe.normalize import Prepared
 from dedupe.scoring import MIN_POPULATION, tf_values
 from sync.key_lookup import key_counts
-from sync.store import key_frequency, match_key, source_record
+from sync.store import key_frequency, match_key, source_record, upsert
 
 __all__ = ["TF_ROW_KINDS", "StoreFrequencies", "counted_for", "store_common_counts", "tf_rows"]
 
@@ -201,8 +200,7 @@ def _kept_counts(conn: Connection, contacts: int) -> dict[tuple[str, str], int]:
 
 def _keep_counts(conn: Connection, counts: dict[tuple[str, str], int], contacts: int) -> None:
     """Store (or refresh) counts just taken, with the store's contact count now."""
-    insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-    statement = insert(key_frequency)
+    statement = upsert(conn, key_frequency)
     conn.execute(
         statement.on_conflict_do_update(
             index_elements=["key_kind", "key_value"],

@@ -25,11 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, event, inspect, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.sql.dml import Insert
 
-from sync.store import inbox, make_engine, write_transaction
+from sync.store import inbox, make_engine, upsert, write_transaction
 
 __all__ = ["InboxStore", "fsync_commits", "inbox_path", "insert_new"]
 
@@ -57,9 +55,8 @@ def inbox_path(db: Engine) -> Path | None:
 def insert_new(conn: Connection) -> Insert:
     """INSERT one inbox row, doing nothing if its (connector, delivery_id) is there already;
     RETURNING the new id (no row for a duplicate)."""
-    dialect_insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
     return (
-        dialect_insert(inbox)
+        upsert(conn, inbox)
         .on_conflict_do_nothing(index_elements=["connector", "delivery_id"])
         .returning(inbox.c.id)
     )

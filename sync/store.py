@@ -40,6 +40,7 @@ from sqlalchemy import (
     literal_column,
     select,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.sql import Select
@@ -87,6 +88,7 @@ __all__ = [
     "sync_run",
     "update_rows",
     "update_rows_at_once",
+    "upsert",
     "web_session",
     "write_transaction",
     "writeback_ledger",
@@ -589,6 +591,12 @@ def bulk_insert(
         for name in columns
     ]
     insert_rows(conn, table, columns, list(zip(*values, strict=True)))
+
+
+def upsert(conn: Connection, table: Table) -> postgresql.Insert | sqlite.Insert:
+    """An INSERT into `table` in `conn`'s dialect, which takes ON CONFLICT clauses
+    (`on_conflict_do_update`, `on_conflict_do_nothing`) and names the new row `excluded`."""
+    return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
 
 
 def insert_rows(
