@@ -608,14 +608,22 @@ class SyncEngine:
             for s in staged
             if s.status != "unchanged"
         ]
+        known = self.frequencies.known  # before the page's prefetch, which may recount
         outcome = match_and_merge(
             conn, self.matcher, inputs, frequencies=self.frequencies, cache=self.candidates
         )
         added = sum(1 for i in inputs if i.status == "new")
         total = self.frequencies.total
-        growth = self.settings.matching.recluster_growth
-        if isinstance(self.matcher, FellegiSunterMatcher) and first_load.recluster_due(
-            total - added, total, growth
+        # From what this process last knew: a recount that finds other writers' pages took
+        # the store past a size (which none of them saw: each counts its own pages between
+        # recounts) has this page batch it.
+        before = total - added if known is None else min(known, total - added)
+        size = first_load.passed_size(before, total, self.settings.matching.recluster_growth)
+        if (
+            isinstance(self.matcher, FellegiSunterMatcher)
+            and size is not None
+            # Not if another writer, that saw it first, or `crmhub rebuild` batched it since.
+            and first_load.last_batch_size(conn) < size
         ):
             # The store has just grown big enough for term frequencies and a prior for its
             # size, or by another `recluster_growth` since: the contacts decided one at a

@@ -36,6 +36,7 @@ from sync.golden import MERGE_LOCK
 from sync.rebuild import plan_rebuild
 from sync.rebuild_apply import apply_plan, write_keys
 from sync.store import (
+    audit_log,
     golden_record,
     membership,
     pending_match,
@@ -51,7 +52,9 @@ __all__ = [
     "cluster_pending",
     "has_goldens",
     "is_pending",
+    "last_batch_size",
     "mark_pending",
+    "passed_size",
     "recluster_due",
 ]
 
@@ -115,16 +118,36 @@ def batch_sizes(growth: float) -> Iterator[int]:
         yield size
 
 
+def passed_size(before: int, after: int, growth: float) -> int | None:
+    """The largest of the `batch_sizes` a store that grew from `before` to `after` contacts
+    went past, if any (one batch however many it passed). Records decided one at a time
+    weighed with the store's size and counts when they arrived; a batch weighs them all with
+    today's (docs/matching.md, "Growing stores")."""
+    passed = None
+    for size in batch_sizes(growth):
+        if size > after:
+            break
+        if size > before:
+            passed = size
+    return passed
+
+
 def recluster_due(before: int, after: int, growth: float) -> bool:
     """Whether a page that took the store from `before` to `after` contacts went past one of
-    the `batch_sizes` (one batch however many it passed; a process whose count is a little off
-    batches a page early or late). Records decided one at a time weighed with the store's
-    size and counts when they arrived; a batch weighs them all with today's
-    (docs/matching.md, "Growing stores")."""
-    for size in batch_sizes(growth):
-        if size > before:
-            return size <= after
-    return False
+    the `batch_sizes`."""
+    return passed_size(before, after, growth) is not None
+
+
+def last_batch_size(conn: Connection) -> int:
+    """Contacts the newest batch clustered (a first load's, a growing store's, or `crmhub
+    rebuild`'s: each leaves a "rebuild.apply" line in the audit log); 0 if none did."""
+    details = conn.execute(
+        select(audit_log.c.details)
+        .where(audit_log.c.action == "rebuild.apply")
+        .order_by(audit_log.c.id.desc())
+        .limit(1)
+    ).scalar()
+    return int(details.get("contacts", 0)) if details else 0
 
 
 def cluster_pending(

@@ -14,7 +14,7 @@ from bench.matching.generate import generate
 from crmhub.records import RawRecord
 from crmhub.settings import Settings
 from dedupe.scoring import MIN_POPULATION
-from sync import first_load
+from sync import first_load, frequencies
 from sync.engine import SyncEngine
 from sync.rebuild_apply import preview
 from sync.store import golden_record, membership
@@ -104,6 +104,51 @@ async def test_the_contact_that_grows_the_store_by_recluster_growth_has_it_clust
     assert preview(db, settings).moved == ([] if growth else [split])
 
 
+def _pushed(rows: list[dict[str, str]]) -> list[RawRecord]:
+    return [
+        RawRecord(
+            "", "contact", {"id": f"C-{r['unique_id']}", **{c: r[c] for c in CSV_COLUMNS[1:]}}
+        )
+        for r in rows
+    ]
+
+
+async def test_a_size_passed_by_other_writers_is_batched_by_the_next_to_recount(
+    tmp_path: Path, db: Engine, store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two processes feeding one store each count only their own pages between recounts, so
+    the page that takes the store to 2,200 contacts may be one whose writer believes it holds
+    fewer. The next writer to recount sees the store past the size and batches it; the other,
+    recounting later, finds it batched since and does not batch it again."""
+    rows = generate(2_202, seed=5)
+    export = tmp_path / "contacts.csv"
+    _write_csv(rows[:2_190], export)
+    settings = make_settings(
+        tmp_path, store_url, {"contacts": {"type": "csv", "path": str(export)}}
+    )
+    first, second = SyncEngine(settings, db), SyncEngine(settings, db)
+    try:
+        await first.run("contacts")  # 2,190 contacts: clustered in a batch at 2,000
+        await second.ingest("contacts", _pushed(rows[2_190:2_191]))  # counts 2,191
+        await first.ingest("contacts", _pushed(rows[2_191:2_192]))  # counts 2,192
+        for record in _pushed(rows[2_192:2_200]):  # the 2,200th is `second`'s: it counts 2,199
+            await second.ingest("contacts", [record])
+        assert not first_load.is_pending(db)
+        split = _split_off_a_member(db)  # a decision no batch of these 2,200 would take
+        assert preview(db, settings).moved == [split]
+        monkeypatch.setattr(frequencies, "RECOUNT_SECONDS", 0.0)  # `first`'s count is old
+        await first.ingest("contacts", _pushed(rows[2_200:2_201]))
+        assert not first_load.is_pending(db)
+        assert preview(db, settings).moved == []
+        split = _split_off_a_member(db)
+        await second.ingest("contacts", _pushed(rows[2_201:]))  # its count was 2,199 too
+    finally:
+        first.close()
+        second.close()
+    assert not first_load.is_pending(db)
+    assert preview(db, settings).moved == [split]
+
+
 @pytest.mark.parametrize(
     ("before", "after", "due"),
     [
@@ -123,3 +168,9 @@ def test_the_sizes_at_which_the_store_is_clustered_again(
 ) -> None:
     assert first_load.recluster_due(before, after, 0.1) is due
     assert first_load.recluster_due(before, after, 0.0) is (before < MIN_POPULATION <= after)
+
+
+def test_a_page_past_several_sizes_names_the_largest() -> None:
+    assert first_load.passed_size(2_100, 2_500, 0.1) == 2_420
+    assert first_load.passed_size(2_200, 2_419, 0.1) is None
+    assert first_load.passed_size(0, 1_000_000, 0.0) == 2_000
