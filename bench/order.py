@@ -1,5 +1,6 @@
 """Order independence of the clusters: `python -m bench.order --records 20000 [--seed 1]
-[--store sqlite|postgres] [--trickle 0.1] [--page 1] [--no-empty] [--workdir DIR]`.
+[--store sqlite|postgres] [--trickle 0.1] [--page 1] [--no-empty] [--recluster-growth 0.1]
+[--workdir DIR]`.
 
 Issue 3 asks that shuffling the input, or feeding it one record at a time, yields the same
 clusters, or that the disagreement rate is reported and stays under 0.1%. From one seeded
@@ -60,7 +61,7 @@ from sync.rebuild import RebuildPlan
 from sync.rebuild_apply import preview
 from sync.store import make_engine, membership, source_record
 
-__all__ = ["bench_order", "disagreement", "feed", "last_batch", "main"]
+__all__ = ["bench_order", "disagreement", "fed_settings", "feed", "last_batch", "main"]
 
 TARGET = 0.001  # the issue's bound on the disagreement rate
 
@@ -108,12 +109,28 @@ async def _feed(engine: SyncEngine, rows: list[dict[str, str]], page: int) -> No
             print(f"  fed {done:,} records, {time.perf_counter() - started:.0f} s")
 
 
-def feed(url: str, work: Path, csv_path: Path, rows: list[dict[str, str]], page: int = 1) -> float:
+def fed_settings(url: str, work: Path, csv_path: Path, growth: float | None) -> Settings:
+    """The benchmark's settings, with `[matching] recluster_growth` if given."""
+    settings = _settings(url, work, csv_path)
+    if growth is not None:  # validated as a config file's value would be
+        matching = {**settings.matching.model_dump(), "recluster_growth": growth}
+        settings.matching = settings.matching.model_validate(matching)
+    return settings
+
+
+def feed(
+    url: str,
+    work: Path,
+    csv_path: Path,
+    rows: list[dict[str, str]],
+    page: int = 1,
+    growth: float | None = None,
+) -> float:
     """Feed `rows` into the store `page` at a time (each page one `ingest`, one transaction);
     returns the seconds taken."""
     db = make_engine(url)
     upgrade(db)
-    engine = SyncEngine(_settings(url, work, csv_path), db)
+    engine = SyncEngine(fed_settings(url, work, csv_path, growth), db)
     try:
         started = time.perf_counter()
         asyncio.run(_feed(engine, rows, page))
@@ -131,6 +148,7 @@ def bench_order(
     workdir: Path | None,
     from_empty: bool = True,
     page: int = 1,
+    growth: float | None = None,
 ) -> dict[str, float]:
     temporary = workdir is None
     work = workdir or Path(tempfile.mkdtemp(prefix="crmhub-bench-order-"))
@@ -163,9 +181,11 @@ def bench_order(
             with _database(store, work, label) as url:
                 if first is not None:
                     build_store(url, work, first)
-                seconds = feed(url, work, shuffled, rest, page)
+                seconds = feed(url, work, shuffled, rest, page, growth)
                 print(f"  {label}: {seconds:.0f} s, {1000 * seconds / len(rest):.1f} ms a record")
-                last = last_batch(records - len(rest), records, _settings(url, work, shuffled))
+                last = last_batch(
+                    records - len(rest), records, fed_settings(url, work, shuffled, growth)
+                )
                 print(
                     f"  {label}: last clustered in a batch at {last:,} contacts; "
                     f"{records - last:,} ({(records - last) / records:.2%}) decided one at a "
@@ -174,7 +194,7 @@ def bench_order(
                 found[label] = clusters(url)
                 db = make_engine(url)
                 try:
-                    plans[label] = preview(db, _settings(url, work, shuffled))
+                    plans[label] = preview(db, fed_settings(url, work, shuffled, growth))
                 finally:
                     db.dispose()
         return _report(truth, found, plans, records)
@@ -261,6 +281,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--page", type=int, default=1, help="records per ingest when fed (1: one at a time)"
     )
+    parser.add_argument(
+        "--recluster-growth",
+        type=float,
+        default=None,
+        help="[matching] recluster_growth of the fed stores (default: the setting's default)",
+    )
     args = parser.parse_args(argv)
     bench_order(
         args.records,
@@ -270,6 +296,7 @@ def main(argv: list[str] | None = None) -> None:
         args.workdir,
         not args.no_empty,
         args.page,
+        args.recluster_growth,
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.order import bench_order, disagreement, last_batch
+from bench.order import bench_order, disagreement, fed_settings, last_batch
 from crmhub.settings import Settings
 
 
@@ -34,3 +34,9 @@ def test_last_batch_follows_the_store_sizes_of_recluster_growth() -> None:
     assert last_batch(0, 1_999, settings) == 0
     settings.matching = settings.matching.model_copy(update={"recluster_growth": 0})
     assert last_batch(0, 20_000, settings) == 2_000
+
+
+def test_the_fed_stores_take_the_recluster_growth_asked_for(tmp_path: Path) -> None:
+    url, csv = "sqlite:///x.db", tmp_path / "x.csv"
+    assert fed_settings(url, tmp_path, csv, 0.025).matching.recluster_growth == 0.025
+    assert fed_settings(url, tmp_path, csv, None).matching.recluster_growth == 0.1
