@@ -151,7 +151,8 @@ class SyncEngine:
             )
         self.matcher = matcher
         self._params_checked = self._pending_checked = 0.0
-        self._batch_due = False  # a page marked the store for a batch (`_apply_contacts`)
+        self._batch_due = False  # a page marked the store for a batch (`_store_due`)
+        self._batched: int | None = None  # contacts the newest batch covered, as last read
         self.use_trained_params()
         self.frequencies = StoreFrequencies()
         self.candidates = CandidateCache()
@@ -369,7 +370,7 @@ class SyncEngine:
         # of its own (`crmhub serve`'s processor); a mapping helper would be one more.
         mapped = await self.mapper.map(source.mapping, records, inline=True)
         counts = await asyncio.to_thread(self._apply_page, source, None, page, mapped, None)
-        if self._batch_due:  # this page took the store past a size `recluster_due` names
+        if self._batch_due:  # this page found the store due for a batch (`_store_due`)
             await self._cluster_pending(counts)
         return counts
 
@@ -384,7 +385,7 @@ class SyncEngine:
 
     async def _cluster_pending(self, counts: RunCounts, own: str | None = None) -> None:
         """Cluster a pending first load (`own`'s, or one interrupted earlier), or a store
-        that has just grown past a size `first_load.recluster_due` names (`_apply_contacts`)."""
+        that has reached a size no batch covered (`_store_due`)."""
         self._pending_checked = time.monotonic()
         self._batch_due = False
         if not first_load.is_pending(self.db):
@@ -608,30 +609,10 @@ class SyncEngine:
             for s in staged
             if s.status != "unchanged"
         ]
-        known = self.frequencies.known  # before the page's prefetch, which may recount
         outcome = match_and_merge(
             conn, self.matcher, inputs, frequencies=self.frequencies, cache=self.candidates
         )
-        added = sum(1 for i in inputs if i.status == "new")
-        total = self.frequencies.total
-        # From what this process last knew: a recount that finds other writers' pages took
-        # the store past a size (which none of them saw: each counts its own pages between
-        # recounts) has this page batch it.
-        before = total - added if known is None else min(known, total - added)
-        size = first_load.passed_size(before, total, self.settings.matching.recluster_growth)
-        if (
-            isinstance(self.matcher, FellegiSunterMatcher)
-            and size is not None
-            # Not if another writer, that saw it first, or `crmhub rebuild` batched it since.
-            and first_load.last_batch_size(conn) < size
-        ):
-            # The store has just grown big enough for term frequencies and a prior for its
-            # size, or by another `recluster_growth` since: the contacts decided one at a
-            # time with the counts and size of a smaller store are clustered again with
-            # today's, in one batch (as a first load; right after this page, or by whoever
-            # runs next).
-            log.info("store due for a batch", extra={"contacts": total, "connector": source.name})
-            first_load.mark_pending(conn, source.name, datetime.now(UTC))
+        if isinstance(self.matcher, FellegiSunterMatcher) and self._store_due(conn, source):
             self._batch_due = True
         counts.reviews_queued += recheck_constraints(conn, self.matcher, inputs)
         counts.goldens_created += outcome.goldens_created
@@ -639,6 +620,28 @@ class SyncEngine:
         counts.goldens_merged += outcome.goldens_merged
         counts.reviews_queued += outcome.reviews_queued
         counts.reviews_settled += outcome.reviews_settled
+
+    def _store_due(self, conn: Connection, source: Source) -> bool:
+        """Whether the store has reached a size of the `recluster_growth` ladder that no batch
+        has covered (a first load's, a growing store's or `crmhub rebuild`'s, as the audit log
+        has them); if so it is marked pending in this page's transaction. The contacts decided
+        one at a time with a smaller store's size and counts are then clustered again with
+        today's, in one batch (right after this page, or at the end of this run's contacts).
+        Judged from the store's state, not from this page alone, so that a size passed by
+        another writer's page (each process counts its own pages between recounts) or before
+        this process started is batched too, and by one writer only."""
+        if self._batch_due:
+            return False  # marked already; the batch comes after this page or this stream
+        total = self.frequencies.total
+        size = first_load.size_reached(total, self.settings.matching.recluster_growth)
+        if size is None or (self._batched is not None and self._batched >= size):
+            return False
+        self._batched = first_load.last_batch_size(conn)  # read only when a size seems due
+        if self._batched >= size:
+            return False
+        log.info("store due for a batch", extra={"contacts": total, "connector": source.name})
+        first_load.mark_pending(conn, source.name, datetime.now(UTC))
+        return True
 
     @staticmethod
     def _without_erased(

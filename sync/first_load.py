@@ -54,8 +54,7 @@ __all__ = [
     "is_pending",
     "last_batch_size",
     "mark_pending",
-    "passed_size",
-    "recluster_due",
+    "size_reached",
 ]
 
 log = logging.getLogger("crmhub.sync")
@@ -118,24 +117,16 @@ def batch_sizes(growth: float) -> Iterator[int]:
         yield size
 
 
-def passed_size(before: int, after: int, growth: float) -> int | None:
-    """The largest of the `batch_sizes` a store that grew from `before` to `after` contacts
-    went past, if any (one batch however many it passed). Records decided one at a time
-    weighed with the store's size and counts when they arrived; a batch weighs them all with
-    today's (docs/matching.md, "Growing stores")."""
-    passed = None
+def size_reached(contacts: int, growth: float) -> int | None:
+    """The largest of the `batch_sizes` a store of `contacts` contacts has reached, if any.
+    Records decided one at a time weighed with the store's size and counts when they arrived;
+    a batch weighs them all with today's (docs/matching.md, "Growing stores")."""
+    reached = None
     for size in batch_sizes(growth):
-        if size > after:
+        if size > contacts:
             break
-        if size > before:
-            passed = size
-    return passed
-
-
-def recluster_due(before: int, after: int, growth: float) -> bool:
-    """Whether a page that took the store from `before` to `after` contacts went past one of
-    the `batch_sizes`."""
-    return passed_size(before, after, growth) is not None
+        reached = size
+    return reached
 
 
 def last_batch_size(conn: Connection) -> int:

@@ -70,16 +70,6 @@ class StoreFrequencies:
     def total(self) -> int:
         return self._counted + self._since + self._pending
 
-    @property
-    def known(self) -> int | None:
-        """The store's contacts as this process knew them after its last committed page: the
-        last count plus its own pages since. None before the first count, or once a recount
-        was asked for (`recount`). The next prefetch may recount; the difference is what
-        other writers added meanwhile."""
-        if self._counted_at is None:
-            return None
-        return self._counted + self._since
-
     def prefetch(
         self,
         conn: Connection,

@@ -21,6 +21,15 @@ from sync.store import golden_record, membership
 from tests.conftest import make_settings
 
 
+def _pushed(rows: list[dict[str, str]]) -> list[RawRecord]:
+    return [
+        RawRecord(
+            "", "contact", {"id": f"C-{r['unique_id']}", **{c: r[c] for c in CSV_COLUMNS[1:]}}
+        )
+        for r in rows
+    ]
+
+
 def _all_but_the_last(tmp_path: Path, store_url: str, contacts: int) -> tuple[Settings, RawRecord]:
     """Settings of a CSV source holding all but the last of `contacts` generated contacts, and
     that last one as a pushed record."""
@@ -30,9 +39,7 @@ def _all_but_the_last(tmp_path: Path, store_url: str, contacts: int) -> tuple[Se
     settings = make_settings(
         tmp_path, store_url, {"contacts": {"type": "csv", "path": str(export)}}
     )
-    last = rows[-1]
-    payload = {"id": f"C-{last['unique_id']}", **{c: last[c] for c in CSV_COLUMNS[1:]}}
-    return settings, RawRecord("", "contact", payload)
+    return settings, _pushed(rows[-1:])[0]
 
 
 async def test_the_contact_that_reaches_min_population_has_the_store_clustered_in_a_batch(
@@ -104,22 +111,14 @@ async def test_the_contact_that_grows_the_store_by_recluster_growth_has_it_clust
     assert preview(db, settings).moved == ([] if growth else [split])
 
 
-def _pushed(rows: list[dict[str, str]]) -> list[RawRecord]:
-    return [
-        RawRecord(
-            "", "contact", {"id": f"C-{r['unique_id']}", **{c: r[c] for c in CSV_COLUMNS[1:]}}
-        )
-        for r in rows
-    ]
-
-
-async def test_a_size_passed_by_other_writers_is_batched_by_the_next_to_recount(
+async def test_a_size_other_writers_passed_is_batched_once(
     tmp_path: Path, db: Engine, store_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Two processes feeding one store each count only their own pages between recounts, so
-    the page that takes the store to 2,200 contacts may be one whose writer believes it holds
-    fewer. The next writer to recount sees the store past the size and batches it; the other,
-    recounting later, finds it batched since and does not batch it again."""
+    """Processes feeding one store each count only their own pages between recounts, so the
+    page that takes the store to 2,200 contacts may be one whose writer believes it holds
+    fewer. The next process to find the store at that size with no batch of it in the audit
+    log batches it, here a `crmhub sync` started afterwards; the writer that passed the size
+    unawares, once it recounts, finds it batched and does not batch it again."""
     rows = generate(2_202, seed=5)
     export = tmp_path / "contacts.csv"
     _write_csv(rows[:2_190], export)
@@ -130,47 +129,47 @@ async def test_a_size_passed_by_other_writers_is_batched_by_the_next_to_recount(
     try:
         await first.run("contacts")  # 2,190 contacts: clustered in a batch at 2,000
         await second.ingest("contacts", _pushed(rows[2_190:2_191]))  # counts 2,191
-        await first.ingest("contacts", _pushed(rows[2_191:2_192]))  # counts 2,192
+        await first.ingest("contacts", _pushed(rows[2_191:2_192]))  # 2,192
         for record in _pushed(rows[2_192:2_200]):  # the 2,200th is `second`'s: it counts 2,199
             await second.ingest("contacts", [record])
         assert not first_load.is_pending(db)
         split = _split_off_a_member(db)  # a decision no batch of these 2,200 would take
         assert preview(db, settings).moved == [split]
-        monkeypatch.setattr(frequencies, "RECOUNT_SECONDS", 0.0)  # `first`'s count is old
-        await first.ingest("contacts", _pushed(rows[2_200:2_201]))
-        assert not first_load.is_pending(db)
-        assert preview(db, settings).moved == []
-        split = _split_off_a_member(db)
-        await second.ingest("contacts", _pushed(rows[2_201:]))  # its count was 2,199 too
     finally:
         first.close()
+    later = SyncEngine(settings, db)  # a process started since: it counts 2,201
+    try:
+        await later.ingest("contacts", _pushed(rows[2_200:2_201]))
+    finally:
+        later.close()
+    assert not first_load.is_pending(db)
+    assert preview(db, settings).moved == []
+    split = _split_off_a_member(db)
+    monkeypatch.setattr(frequencies, "RECOUNT_SECONDS", 0.0)  # `second` recounts: 2,202
+    try:
+        await second.ingest("contacts", _pushed(rows[2_201:]))
+    finally:
         second.close()
     assert not first_load.is_pending(db)
-    assert preview(db, settings).moved == [split]
+    assert preview(db, settings).moved == [split]  # batched once: the split stays
 
 
 @pytest.mark.parametrize(
-    ("before", "after", "due"),
+    ("contacts", "growth", "size"),
     [
-        (1_998, 1_999, False),
-        (1_999, 2_000, True),  # MIN_POPULATION, at any growth
-        (0, 5_000, True),
-        (2_000, 2_199, False),
-        (2_199, 2_200, True),
-        (2_100, 2_500, True),  # past 2,200 and 2,420 in one page: one batch
-        (2_420, 2_661, False),
-        (2_661, 2_662, True),
-        (1_000_000, 1_000_500, False),
+        (1_999, 0.1, None),
+        (2_000, 0.1, 2_000),  # MIN_POPULATION, at any growth
+        (2_199, 0.1, 2_000),
+        (2_200, 0.1, 2_200),
+        (2_500, 0.1, 2_420),  # past 2,200 and 2,420: the largest
+        (2_661, 0.1, 2_420),
+        (2_662, 0.1, 2_662),
+        (1_000_000, 0.1, 981_112),
+        (1_999, 0.0, None),
+        (1_000_000, 0.0, 2_000),
     ],
 )
 def test_the_sizes_at_which_the_store_is_clustered_again(
-    before: int, after: int, due: bool
+    contacts: int, growth: float, size: int | None
 ) -> None:
-    assert first_load.recluster_due(before, after, 0.1) is due
-    assert first_load.recluster_due(before, after, 0.0) is (before < MIN_POPULATION <= after)
-
-
-def test_a_page_past_several_sizes_names_the_largest() -> None:
-    assert first_load.passed_size(2_100, 2_500, 0.1) == 2_420
-    assert first_load.passed_size(2_200, 2_419, 0.1) is None
-    assert first_load.passed_size(0, 1_000_000, 0.0) == 2_000
+    assert first_load.size_reached(contacts, growth) == size
