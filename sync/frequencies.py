@@ -19,7 +19,7 @@ from sqlalchemy import Connection, func, literal, select
 from dedupe.normalize import Prepared
 from dedupe.scoring import MIN_POPULATION, tf_values
 from sync.key_lookup import key_counts
-from sync.store import key_frequency, match_key, source_record, upsert
+from sync.store import key_frequency, live_contact, match_key, source_record, upsert
 
 __all__ = ["TF_ROW_KINDS", "StoreFrequencies", "counted_for", "store_common_counts", "tf_rows"]
 
@@ -92,9 +92,7 @@ class StoreFrequencies:
         if self._counted_at is None or now - self._counted_at > RECOUNT_SECONDS:
             self._counted = int(
                 conn.execute(
-                    select(func.count())
-                    .select_from(source_record)
-                    .where(source_record.c.kind == "contact", source_record.c.deleted == 0)
+                    select(func.count()).select_from(source_record).where(live_contact)
                 ).scalar_one()
             )
             self._counted_at = now

@@ -14,7 +14,14 @@ from typing import Any
 from sqlalchemy import Connection, case, func, select
 
 from sync.blanks import is_empty
-from sync.store import blank_overwrite, dead_letter, golden_record, membership, source_record
+from sync.store import (
+    blank_overwrite,
+    dead_letter,
+    golden_record,
+    live_contact,
+    membership,
+    source_record,
+)
 
 __all__ = ["BLANKS_WINDOW", "QUALITY_FIELDS", "blank_incidents", "blank_summary", "source_quality"]
 
@@ -35,7 +42,7 @@ def source_quality(conn: Connection) -> list[dict[str, Any]]:
     rows = conn.execute(
         select(source_record.c.source, source_record.c.data, membership.c.golden_id)
         .join(membership, membership.c.record_id == source_record.c.id)
-        .where(source_record.c.kind == "contact", source_record.c.deleted == 0)
+        .where(live_contact)
         .execution_options(yield_per=5000)
     )
     for source, data, golden_id in rows:

@@ -13,6 +13,7 @@ from sync.store import (
     activity_participant,
     dead_letter,
     golden_record,
+    live_contact,
     match_key,
     membership,
     review_item,
@@ -45,11 +46,7 @@ def store_totals(conn: Connection) -> dict[str, int]:
         return int(conn.execute(query).scalar_one())
 
     return {
-        "contacts": count(
-            select(func.count())
-            .select_from(source_record)
-            .where(source_record.c.kind == "contact", source_record.c.deleted == 0)
-        ),
+        "contacts": count(select(func.count()).select_from(source_record).where(live_contact)),
         "activities": count(select(func.count()).select_from(activity)),
         "golden_records": count(select(func.count()).select_from(golden_record).where(_live)),
         "open_reviews": count(

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pytest
-from sqlalchemy import Connection, Engine, select
+from sqlalchemy import Connection, Engine, event, select
 
 import sync.frequencies as frequencies
 from sync.frequencies import StoreFrequencies
+from sync.migrate import upgrade
 from sync.rebuild import KeyRows
 from sync.rebuild_apply import write_keys
-from sync.store import bulk_insert, key_frequency, match_key, write_transaction
+from sync.store import bulk_insert, key_frequency, make_engine, match_key, write_transaction
 from tests.sync.test_key_lookup import _records
 
 
@@ -95,3 +99,25 @@ def test_kept_counts_expire_when_the_store_has_grown(
         grown.prefetch(conn, [("last", "smith")])
     assert grown.count("last", "smith") == 5
     assert _kept(db) == {("tf:last", "smith"): (5, 12)}
+
+
+def test_the_store_wide_count_reads_the_live_contact_index(tmp_path: Path) -> None:
+    """Every process counts the store's live contacts every 10 minutes, inside a page's write
+    transaction: the count reads the partial index of their ids, not every row (SQLite's plan;
+    PostgreSQL's planner picks by table statistics)."""
+    db = make_engine(f"sqlite:///{tmp_path / 'store.db'}")
+    upgrade(db)
+    ran: list[tuple[str, Any]] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        if "count(" in statement.lower() and "source_record" in statement:
+            ran.append((statement, parameters))
+
+    event.listen(db, "before_cursor_execute", record)
+    with db.connect() as conn:
+        StoreFrequencies().prefetch(conn, [])
+        assert len(ran) == 1
+        statement, parameters = ran[0]
+        plan = conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters).all()
+    db.dispose()
+    assert any("ix_source_record_live_contact" in str(row) for row in plan), plan
