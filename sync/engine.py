@@ -151,7 +151,7 @@ class SyncEngine:
             )
         self.matcher = matcher
         self._params_checked = self._pending_checked = 0.0
-        self._batch_due = False  # a page marked the store for a batch (`_store_due`)
+        self._batch_due = False  # a page marked the store for a batch (`_mark_batch_if_due`)
         self._batched: int | None = None  # contacts the newest batch covered, as last read
         self.use_trained_params()
         self.frequencies = StoreFrequencies()
@@ -370,7 +370,7 @@ class SyncEngine:
         # of its own (`crmhub serve`'s processor); a mapping helper would be one more.
         mapped = await self.mapper.map(source.mapping, records, inline=True)
         counts = await asyncio.to_thread(self._apply_page, source, None, page, mapped, None)
-        if self._batch_due:  # this page found the store due for a batch (`_store_due`)
+        if self._batch_due:  # this page found the store due for a batch (`_mark_batch_if_due`)
             await self._cluster_pending(counts)
         return counts
 
@@ -385,7 +385,7 @@ class SyncEngine:
 
     async def _cluster_pending(self, counts: RunCounts, own: str | None = None) -> None:
         """Cluster a pending first load (`own`'s, or one interrupted earlier), or a store
-        that has reached a size no batch covered (`_store_due`)."""
+        that has reached a size no batch covered (`_mark_batch_if_due`)."""
         self._pending_checked = time.monotonic()
         self._batch_due = False
         if not first_load.is_pending(self.db):
@@ -612,7 +612,7 @@ class SyncEngine:
         outcome = match_and_merge(
             conn, self.matcher, inputs, frequencies=self.frequencies, cache=self.candidates
         )
-        if isinstance(self.matcher, FellegiSunterMatcher) and self._store_due(conn, source):
+        if isinstance(self.matcher, FellegiSunterMatcher) and self._mark_batch_if_due(conn, source):
             self._batch_due = True
         counts.reviews_queued += recheck_constraints(conn, self.matcher, inputs)
         counts.goldens_created += outcome.goldens_created
@@ -621,7 +621,7 @@ class SyncEngine:
         counts.reviews_queued += outcome.reviews_queued
         counts.reviews_settled += outcome.reviews_settled
 
-    def _store_due(self, conn: Connection, source: Source) -> bool:
+    def _mark_batch_if_due(self, conn: Connection, source: Source) -> bool:
         """Whether the store has reached a size of the `recluster_growth` ladder that no batch
         has covered (a first load's, a growing store's or `crmhub rebuild`'s, as the audit log
         has them); if so it is marked pending in this page's transaction. The contacts decided
