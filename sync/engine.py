@@ -639,6 +639,10 @@ class SyncEngine:
         self._batched = first_load.last_batch_size(conn)  # read only when a size seems due
         if self._batched >= size:
             return False
+        if first_load.any_pending(conn):
+            # A batch is coming already (a first load's, at its end): it covers this size.
+            # Another here would cluster a store half loaded, and again at each size it grows.
+            return False
         log.info("store due for a batch", extra={"contacts": total, "connector": source.name})
         first_load.mark_pending(conn, source.name, datetime.now(UTC))
         return True

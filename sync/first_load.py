@@ -48,6 +48,7 @@ from sync.store import (
 __all__ = [
     "BatchOutcome",
     "Deferral",
+    "any_pending",
     "batch_sizes",
     "cluster_pending",
     "has_goldens",
@@ -96,7 +97,12 @@ def has_goldens(conn: Connection) -> bool:
 def is_pending(db: Engine) -> bool:
     """Whether a first load's staged contacts wait for their batch (one tiny-table read)."""
     with db.connect() as conn:
-        return conn.execute(select(pending_match.c.source).limit(1)).first() is not None
+        return any_pending(conn)
+
+
+def any_pending(conn: Connection) -> bool:
+    """Whether some source waits for a batch, as `conn` sees the store."""
+    return conn.execute(select(pending_match.c.source).limit(1)).first() is not None
 
 
 def mark_pending(conn: Connection, source: str, now: datetime) -> None:

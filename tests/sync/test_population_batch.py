@@ -17,7 +17,7 @@ from dedupe.scoring import MIN_POPULATION
 from sync import first_load, frequencies
 from sync.engine import SyncEngine
 from sync.rebuild_apply import preview
-from sync.store import golden_record, membership
+from sync.store import audit_log, golden_record, membership, pending_match, sync_run
 from tests.conftest import make_settings
 
 
@@ -152,6 +152,41 @@ async def test_a_size_other_writers_passed_is_batched_once(
         second.close()
     assert not first_load.is_pending(db)
     assert preview(db, settings).moved == [split]  # batched once: the split stays
+
+
+async def test_a_size_reached_while_a_first_load_runs_is_left_to_its_batch(
+    tmp_path: Path, db: Engine, store_url: str
+) -> None:
+    """While another source's first load is staging contacts (pending, its run running), the
+    store grows past sizes no batch covered; a delivery then must not cluster the half-loaded
+    store (and again at each size it passes): the load's own batch, at its end, covers them."""
+    rows = generate(2_200, seed=5)
+    export = tmp_path / "contacts.csv"
+    _write_csv(rows[:2_190], export)
+    settings = make_settings(
+        tmp_path, store_url, {"contacts": {"type": "csv", "path": str(export)}}
+    )
+    engine = SyncEngine(settings, db)
+    try:
+        await engine.run("contacts")  # 2,190 contacts: clustered in a batch at 2,000
+        now = datetime.now(UTC)
+        with db.begin() as conn:  # a first load of "crm" under way elsewhere
+            conn.execute(insert(sync_run).values(connector="crm", state="running", started_at=now))
+            first_load.mark_pending(conn, "crm", now)
+        batches = _batches(db)
+        for record in _pushed(rows[2_190:]):  # to 2,200 contacts
+            await engine.ingest("contacts", [record])
+    finally:
+        engine.close()
+    assert _batches(db) == batches
+    with db.connect() as conn:
+        assert conn.execute(select(pending_match.c.source)).scalars().all() == ["crm"]
+
+
+def _batches(db: Engine) -> int:
+    with db.connect() as conn:
+        query = select(func.count()).where(audit_log.c.action == "rebuild.apply")
+        return int(conn.execute(query).scalar_one())
 
 
 @pytest.mark.parametrize(
