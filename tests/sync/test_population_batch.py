@@ -30,16 +30,18 @@ def _pushed(rows: list[dict[str, str]]) -> list[RawRecord]:
     ]
 
 
+def _csv_source(tmp_path: Path, store_url: str, rows: list[dict[str, str]]) -> Settings:
+    """Settings of a CSV source "contacts" holding `rows`."""
+    export = tmp_path / "contacts.csv"
+    _write_csv(rows, export)
+    return make_settings(tmp_path, store_url, {"contacts": {"type": "csv", "path": str(export)}})
+
+
 def _all_but_the_last(tmp_path: Path, store_url: str, contacts: int) -> tuple[Settings, RawRecord]:
     """Settings of a CSV source holding all but the last of `contacts` generated contacts, and
     that last one as a pushed record."""
     rows = generate(contacts, seed=5)
-    export = tmp_path / "contacts.csv"
-    _write_csv(rows[:-1], export)
-    settings = make_settings(
-        tmp_path, store_url, {"contacts": {"type": "csv", "path": str(export)}}
-    )
-    return settings, _pushed(rows[-1:])[0]
+    return _csv_source(tmp_path, store_url, rows[:-1]), _pushed(rows[-1:])[0]
 
 
 async def test_the_contact_that_reaches_min_population_has_the_store_clustered_in_a_batch(
@@ -120,14 +122,10 @@ async def test_a_size_other_writers_passed_is_batched_once(
     log batches it, here a `crmhub sync` started afterwards; the writer that passed the size
     unawares, once it recounts, finds it batched and does not batch it again."""
     rows = generate(2_202, seed=5)
-    export = tmp_path / "contacts.csv"
-    _write_csv(rows[:2_190], export)
-    settings = make_settings(
-        tmp_path, store_url, {"contacts": {"type": "csv", "path": str(export)}}
-    )
+    settings = _csv_source(tmp_path, store_url, rows[:2_190])
     first, second = SyncEngine(settings, db), SyncEngine(settings, db)
     try:
-        await first.run("contacts")  # 2,190 contacts: clustered in a batch at 2,000
+        await first.run("contacts")  # 2,190 contacts, clustered in a batch (past 2,000)
         await second.ingest("contacts", _pushed(rows[2_190:2_191]))  # counts 2,191
         await first.ingest("contacts", _pushed(rows[2_191:2_192]))  # 2,192
         for record in _pushed(rows[2_192:2_200]):  # the 2,200th is `second`'s: it counts 2,199
@@ -161,14 +159,10 @@ async def test_a_size_reached_while_a_first_load_runs_is_left_to_its_batch(
     store grows past sizes no batch covered; a delivery then must not cluster the half-loaded
     store (and again at each size it passes): the load's own batch, at its end, covers them."""
     rows = generate(2_200, seed=5)
-    export = tmp_path / "contacts.csv"
-    _write_csv(rows[:2_190], export)
-    settings = make_settings(
-        tmp_path, store_url, {"contacts": {"type": "csv", "path": str(export)}}
-    )
+    settings = _csv_source(tmp_path, store_url, rows[:2_190])
     engine = SyncEngine(settings, db)
     try:
-        await engine.run("contacts")  # 2,190 contacts: clustered in a batch at 2,000
+        await engine.run("contacts")  # 2,190 contacts, clustered in a batch (past 2,000)
         now = datetime.now(UTC)
         with db.begin() as conn:  # a first load of "crm" under way elsewhere
             conn.execute(insert(sync_run).values(connector="crm", state="running", started_at=now))
