@@ -37,7 +37,6 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from itertools import takewhile
 from pathlib import Path
 
 from sqlalchemy import select
@@ -55,7 +54,7 @@ from bench.matching.metrics import scores
 from crmhub.records import RawRecord
 from crmhub.settings import Settings
 from sync.engine import SyncEngine
-from sync.first_load import batch_sizes
+from sync.first_load import size_reached
 from sync.migrate import upgrade
 from sync.rebuild import RebuildPlan
 from sync.rebuild_apply import preview
@@ -205,9 +204,9 @@ def bench_order(
 
 def last_batch(start: int, end: int, settings: Settings) -> int:
     """The store's size at its last batch when fed from `start` contacts (0: empty; else a
-    batch of that many) to `end`: the last of `first_load.batch_sizes` it went past."""
-    sizes = takewhile(lambda size: size <= end, batch_sizes(settings.matching.recluster_growth))
-    return max([start, *(size for size in sizes if size > start)])
+    batch of that many) to `end`: the last of `first_load.batch_sizes` it reached, if past
+    `start`."""
+    return max(start, size_reached(end, settings.matching.recluster_growth) or 0)
 
 
 @contextmanager

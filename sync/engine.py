@@ -612,8 +612,7 @@ class SyncEngine:
         outcome = match_and_merge(
             conn, self.matcher, inputs, frequencies=self.frequencies, cache=self.candidates
         )
-        if isinstance(self.matcher, FellegiSunterMatcher) and self._mark_batch_if_due(conn, source):
-            self._batch_due = True
+        self._mark_batch_if_due(conn, source)
         counts.reviews_queued += recheck_constraints(conn, self.matcher, inputs)
         counts.goldens_created += outcome.goldens_created
         counts.records_merged += outcome.records_merged
@@ -621,31 +620,31 @@ class SyncEngine:
         counts.reviews_queued += outcome.reviews_queued
         counts.reviews_settled += outcome.reviews_settled
 
-    def _mark_batch_if_due(self, conn: Connection, source: Source) -> bool:
-        """Whether the store has reached a size of the `recluster_growth` ladder that no batch
-        has covered (a first load's, a growing store's or `crmhub rebuild`'s, as the audit log
-        has them); if so it is marked pending in this page's transaction. The contacts decided
-        one at a time with a smaller store's size and counts are then clustered again with
-        today's, in one batch (right after this page, or at the end of this run's contacts).
-        Judged from the store's state, not from this page alone, so that a size passed by
-        another writer's page (each process counts its own pages between recounts) or before
-        this process started is batched too, and by one writer only."""
-        if self._batch_due:
-            return False  # marked already; the batch comes after this page or this stream
+    def _mark_batch_if_due(self, conn: Connection, source: Source) -> None:
+        """If the store has reached a size of the `recluster_growth` ladder that no batch has
+        covered (a first load's, a growing store's or `crmhub rebuild`'s, as the audit log has
+        them), mark it pending in this page's transaction (probabilistic matcher only). The
+        contacts decided one at a time with a smaller store's size and counts are then
+        clustered again with today's, in one batch (right after this page, or at the end of
+        this run's contacts). Judged from the store's state, not from this page alone, so that
+        a size passed by another writer's page (each process counts its own pages between
+        recounts) or before this process started is batched too, and by one writer only."""
+        if self._batch_due or not isinstance(self.matcher, FellegiSunterMatcher):
+            return  # marked already (the batch comes after this page or this stream), or exact
         total = self.frequencies.total
         size = first_load.size_reached(total, self.settings.matching.recluster_growth)
         if size is None or (self._batched is not None and self._batched >= size):
-            return False
+            return
         self._batched = first_load.last_batch_size(conn)  # read only when a size seems due
         if self._batched >= size:
-            return False
+            return
         if first_load.any_pending(conn):
             # A batch is coming already (a first load's, at its end): it covers this size.
             # Another here would cluster a store half loaded, and again at each size it grows.
-            return False
+            return
         log.info("store due for a batch", extra={"contacts": total, "connector": source.name})
         first_load.mark_pending(conn, source.name, datetime.now(UTC))
-        return True
+        self._batch_due = True
 
     @staticmethod
     def _without_erased(
