@@ -115,6 +115,16 @@ class MatchingSettings(_Section):
         "decided one at a time weigh as a batch of the same records would; 0: only at 2,000",
     )
 
+    recheck_growth: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="each time the store has grown by this share since its last batch or "
+        "recheck, the golden records a borderline merge link made (within 0.03 of auto_merge) "
+        "and the open review items within 0.03 below it are decided again with the store's size "
+        "and counts (probabilistic matcher); 0: never",
+    )
+
     @field_validator("recluster_growth")
     @classmethod
     def _growth(cls, value: float) -> float:

@@ -44,6 +44,7 @@ from dedupe.scoring import (
 )
 
 __all__ = [
+    "BORDERLINE",
     "CandidatePairs",
     "ClusterResult",
     "KeyIndex",
@@ -52,6 +53,7 @@ __all__ = [
     "cluster_prepared",
     "collection_paused",
     "frequency_table",
+    "kept_probability",
     "link",
     "prepare_all",
     "should_join",
@@ -64,6 +66,16 @@ PAIRS_PER_STEP = 1 << 22  # candidate pairs built per NumPy step (bounds the tem
 SCORING_THREADS = min(4, os.cpu_count() or 1)
 LINKS_PER_CHECK = 65_536  # strong links taken between two calls of a `check_stop`
 PROBE_MARKERS = frozenset(PROBE_KINDS.values())
+# A merge link this close above `auto_merge` is borderline: a store that grows moves its weight
+# (its size sets the prior, its counts the term frequencies), so the store keeps it and
+# re-decides it as it grows (sync/borderline.py). A 10% growth moved such links by up to 0.02.
+BORDERLINE = 0.03
+
+
+def kept_probability(p: float, auto_merge: float) -> float | None:
+    """What a merge link of probability `p` leaves on its records' memberships: `p` (to four
+    places) when borderline, None when sure."""
+    return round(p, 4) if p < auto_merge + BORDERLINE else None
 
 
 @dataclass(slots=True)
@@ -78,13 +90,16 @@ class CandidatePairs:
 @dataclass(slots=True)
 class ClusterResult:
     """Clusters (lists of record indices, singletons included), pairs sent to review, and
-    what blocking skipped. `probabilities` is aligned with `pairs`."""
+    what blocking skipped. `probabilities` is aligned with `pairs`. `borderline`: each record
+    a borderline merge link joined, with the weakest such link's probability
+    (`kept_probability`)."""
 
     clusters: list[list[int]]
     review: list[tuple[int, int, float]]
     capped: list[tuple[MatchKey, int]]
     pairs: CandidatePairs
     probabilities: npt.NDArray[np.float64] = field(repr=False)
+    borderline: dict[int, float] = field(default_factory=dict)
 
 
 @contextmanager
@@ -555,6 +570,7 @@ def cluster_prepared(
     must_link: Sequence[tuple[int, int]] = (),
     cannot_link: Sequence[tuple[int, int]] = (),
     check_stop: Callable[[], None] | None = None,
+    threads: int = SCORING_THREADS,
 ) -> ClusterResult:
     """Block, score and cluster prepared records with `matcher`'s params and thresholds.
 
@@ -567,8 +583,8 @@ def cluster_prepared(
     scored link (a confirmed merge); no link ever joins two clusters holding a `cannot_link`
     pair (a do-not-merge), and such a link is not sent to review either (a steward decided).
     `index`: the records' blocking keys when the caller built them already (`KeyIndex`).
-    Pairs are scored on SCORING_THREADS threads, so `matcher.frequencies`, if any, must be
-    in memory (`frequency_table`), not counted through a database connection.
+    Pairs are scored on `threads` threads, so with more than one `matcher.frequencies`, if
+    any, must be in memory (`frequency_table`), not counted through a database connection.
     `check_stop` is called between steps, before each chunk of pairs scored and every
     `LINKS_PER_CHECK` links; what it raises abandons the clustering (a caller asked to stop:
     at 1M records this function runs for over a minute).
@@ -577,7 +593,7 @@ def cluster_prepared(
     pairs = candidate_pairs(records, max_block, index=index)
     stop()
     probs = matcher.probabilities(
-        Columns.of(records), pairs.ia, pairs.ib, threads=SCORING_THREADS, check_stop=stop
+        Columns.of(records), pairs.ia, pairs.ib, threads=threads, check_stop=stop
     )
     stop()
     # Strongest first; ties broken by the records' content, not their position, so that the
@@ -606,6 +622,7 @@ def cluster_prepared(
             clusters.union(ra, rb)
     clusters.forbid(cannot_link)
     review: list[tuple[int, int, float]] = []
+    borderline: dict[int, float] = {}
     links = zip(
         pairs.ia[strong].tolist(), pairs.ib[strong].tolist(), probs[strong].tolist(), strict=True
     )
@@ -624,7 +641,10 @@ def cluster_prepared(
             review.append((a, b, p))
             continue
         clusters.union(ra, rb)
-    return ClusterResult(clusters.groups(), review, pairs.capped, pairs, probs)
+        weak = kept_probability(p, matcher.auto_merge)
+        if weak is not None:  # links come strongest first: a later one is the weakest
+            borderline[a] = borderline[b] = weak
+    return ClusterResult(clusters.groups(), review, pairs.capped, pairs, probs, borderline)
 
 
 def _go_on() -> None:

@@ -27,7 +27,7 @@ from crmhub.records import Contact, Cursor, Page, RawRecord
 from crmhub.settings import Settings
 from dedupe import ExactMatcher, Matcher, build_matcher
 from dedupe.matcher import FellegiSunterMatcher
-from sync import first_load, writeback
+from sync import borderline, first_load, writeback
 from sync.activities import index_activities
 from sync.aliases import apply_aliases
 from sync.collector import bulk_collection
@@ -153,6 +153,7 @@ class SyncEngine:
         self._params_checked = self._pending_checked = 0.0
         self._batch_due = False  # a page marked the store for a batch (`_mark_batch_if_due`)
         self._batched: int | None = None  # contacts the newest batch covered, as last read
+        self._rechecked: int | None = None  # store size at the newest batch or recheck, as read
         self.use_trained_params()
         self.frequencies = StoreFrequencies()
         self.candidates = CandidateCache()
@@ -613,6 +614,7 @@ class SyncEngine:
             conn, self.matcher, inputs, frequencies=self.frequencies, cache=self.candidates
         )
         self._mark_batch_if_due(conn, source)
+        self._recheck_borderline_if_due(conn, counts)
         counts.reviews_queued += recheck_constraints(conn, self.matcher, inputs)
         counts.goldens_created += outcome.goldens_created
         counts.records_merged += outcome.records_merged
@@ -645,6 +647,27 @@ class SyncEngine:
         log.info("store due for a batch", extra={"contacts": total, "connector": source.name})
         first_load.mark_pending(conn, source.name, datetime.now(UTC))
         self._batch_due = True
+
+    def _recheck_borderline_if_due(self, conn: Connection, counts: RunCounts) -> None:
+        """Each `recheck_growth` the store grows since its last batch or recheck (as the audit
+        log has them, read only when one seems due), decide its borderline merges and reviews
+        again with its size and counts now, in this page's transaction (sync/borderline.py).
+        Not when a batch is coming: it decides everything again."""
+        growth = self.settings.matching.recheck_growth
+        if self._batch_due or not isinstance(self.matcher, FellegiSunterMatcher):
+            return
+        total = self.frequencies.total
+        if self._rechecked is not None and not borderline.due(total, self._rechecked, growth):
+            return
+        self._rechecked = borderline.last_size(conn)
+        if not borderline.due(total, self._rechecked, growth) or first_load.any_pending(conn):
+            return
+        done = borderline.decide_again(conn, self.settings, total, datetime.now(UTC))
+        self._rechecked = total
+        counts.goldens_created += done.goldens_created
+        counts.goldens_merged += done.goldens_merged
+        counts.reviews_queued += done.reviews_queued
+        counts.reviews_settled += done.reviews_settled
 
     @staticmethod
     def _without_erased(

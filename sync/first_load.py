@@ -33,7 +33,7 @@ from sqlalchemy import Connection, Engine, exists, insert, select
 from crmhub.settings import Settings
 from dedupe.scoring import MIN_POPULATION
 from sync.golden import MERGE_LOCK
-from sync.rebuild import plan_rebuild
+from sync.rebuild import RebuildPlan, plan_rebuild
 from sync.rebuild_apply import apply_plan, write_keys
 from sync.store import (
     audit_log,
@@ -88,6 +88,20 @@ class BatchOutcome:
     records_merged: int = 0
     reviews_queued: int = 0
     reviews_settled: int = 0  # open reviews of its first pages whose records it merged
+
+    @classmethod
+    def of(cls, plan: RebuildPlan) -> BatchOutcome:
+        """What `plan` will do, taken before it is applied (the apply gives new golden
+        records their ids); `reviews_settled` is the apply's to fill in."""
+        new = [r for r in plan.target if r not in plan.current]
+        sizes = Counter(plan.target.values())
+        return cls(
+            contacts=plan.contacts,
+            goldens_created=len({g for g in plan.target.values() if g < 0}),
+            goldens_merged=len(plan.aliases),
+            records_merged=sum(1 for r in new if sizes[plan.target[r]] > 1),
+            reviews_queued=len(plan.reviews),
+        )
 
 
 def has_goldens(conn: Connection) -> bool:
@@ -172,15 +186,7 @@ def cluster_pending(
         if not pending - loading:
             return None
         plan = plan_rebuild(conn, settings, remap=False, write_keys=write_keys, stop=stop)
-        new = [r for r in plan.target if r not in plan.current]
-        sizes = Counter(plan.target.values())
-        outcome = BatchOutcome(
-            contacts=plan.contacts,
-            goldens_created=len({g for g in plan.target.values() if g < 0}),
-            goldens_merged=len(plan.aliases),
-            records_merged=sum(1 for r in new if sizes[plan.target[r]] > 1),
-            reviews_queued=len(plan.reviews),
-        )
+        outcome = BatchOutcome.of(plan)
         applying = time.perf_counter()
         apply_plan(conn, plan, ACTOR, now, stop)
         outcome.reviews_settled = plan.reviews_settled

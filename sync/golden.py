@@ -11,6 +11,7 @@ from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Callable, Container, Hashable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
@@ -19,7 +20,7 @@ from sqlalchemy import Connection, Text, cast, or_, select, text
 
 from crmhub.records import Contact
 from dedupe import Decision, ExactMatcher, Matcher, Member, survive
-from dedupe.cluster import should_join
+from dedupe.cluster import kept_probability, should_join
 from dedupe.comparators import Columns
 from dedupe.matcher import FellegiSunterMatcher, MatchKey, blocking_keys, lookup_keys
 from dedupe.normalize import Prepared, prepare
@@ -556,6 +557,9 @@ def match_and_merge(
             if rid in member_of:
                 uf.union(("g", member_of[rid]), ("r", rid))
     reviews: dict[tuple[int, int], Decision] = {}
+    # batch record -> the weakest borderline link that placed it (membership.probability)
+    weak: dict[int, float] = {}
+    borderline = _borderline_of(matcher)
     # batch record -> golden record -> its strongest merge decision (and with which member)
     links: dict[int, dict[int, tuple[Decision, int]]] = defaultdict(dict)
     # batch record -> golden record -> probabilities of its pairs with that one's members
@@ -572,6 +576,7 @@ def match_and_merge(
         elif decision.action == "merge":
             if both:
                 uf.union(("r", a), ("r", b))
+                _note_link(weak, borderline(decision.probability), a, b)
             elif golden is not None:
                 best = links[inside].get(golden)
                 if best is None or decision.probability > best[0].probability:
@@ -615,10 +620,11 @@ def match_and_merge(
                 )
         for golden_id in joined:
             uf.union(("g", golden_id), ("r", rid))
+            _note_link(weak, borderline(linked[golden_id][0].probability), rid)
 
     stamp = bind_values(conn, membership.c.decided_at, [now])[0]  # `now`, as the driver takes it
     new_members: list[tuple[int, int, str, float | None, Any]] = []
-    moved: list[tuple[int, Any, int]] = []  # (golden id, decided at, record id)
+    moved: list[tuple[int, float | None, Any, int]] = []  # golden, probability, at, record
     fresh: list[list[int]] = [[rid] for rid in lone]  # batch records needing a golden record
     for group in uf.groups():
         goldens = sorted(g for kind, g in group if kind == "g")
@@ -637,9 +643,9 @@ def match_and_merge(
             outcome.goldens_merged += 1
         for r in records:
             if r not in member_of:
-                new_members.append((r, golden_id, "auto", None, stamp))
+                new_members.append((r, golden_id, "auto", weak.get(r), stamp))
             elif member_of[r] != golden_id:
-                moved.append((golden_id, stamp, r))
+                moved.append((golden_id, weak.get(r), stamp, r))
     if fresh:
         # New golden records in batch order, whichever way they were found (stable ids).
         order = {rid: i for i, rid in enumerate(batch)}
@@ -680,13 +686,28 @@ def match_and_merge(
             )
         for records, golden_id in zip(fresh, ids, strict=True):
             method = "new" if len(records) == 1 else "auto"
-            new_members.extend((r, golden_id, method, None, stamp) for r in records)
+            new_members.extend((r, golden_id, method, weak.get(r), stamp) for r in records)
     insert_rows(conn, membership, MEMBERSHIP_COLUMNS, new_members)
-    update_rows(conn, membership, ("golden_id", "decided_at"), "record_id", moved)
+    update_rows(conn, membership, ("golden_id", "probability", "decided_at"), "record_id", moved)
     _queue_reviews(conn, reviews, now, outcome)
     outcome.reviews_settled += _settle_reviews(conn, set(batch), outcome.touched_goldens, now)
     recompute_goldens(conn, outcome.touched_goldens, now)
     return outcome
+
+
+def _borderline_of(matcher: Matcher) -> Callable[[float], float | None]:
+    """What a merge link leaves on its records' memberships (`kept_probability`): only the
+    probabilistic matcher's borderline links are kept (the exact matcher's are all sure)."""
+    if isinstance(matcher, FellegiSunterMatcher):
+        return partial(kept_probability, auto_merge=matcher.auto_merge)
+    return lambda _: None
+
+
+def _note_link(weak: dict[int, float], p: float | None, *records: int) -> None:
+    """Remember a borderline link `p` (None: a sure one) on `records`, the weakest kept."""
+    if p is not None:
+        for r in records:
+            weak[r] = min(weak.get(r, p), p)
 
 
 # The columns new golden records and memberships are inserted with (`insert_rows`).

@@ -35,18 +35,34 @@ from crmhub.errors import DedupeError
 from crmhub.records import RawRecord
 from crmhub.settings import Settings
 from dedupe import ExactMatcher
-from dedupe.cluster import KeyIndex, cluster_prepared, collection_paused, frequency_table, link
+from dedupe.cluster import (
+    SCORING_THREADS,
+    KeyIndex,
+    cluster_prepared,
+    collection_paused,
+    frequency_table,
+    link,
+)
 from dedupe.matcher import FellegiSunterMatcher
 from dedupe.normalize import Prepared
-from dedupe.scoring import MIN_POPULATION, Params
+from dedupe.scoring import MIN_POPULATION, Frequencies, Params
 from dedupe.survivorship import Member
 from sync.batch_prepare import BatchPreparer, Staged, contact_of, rows_json
 from sync.forms import split_row
+from sync.frequencies import counted_for
 from sync.golden import MAX_BLOCK
+from sync.key_lookup import key_counts
 from sync.mapping_step import MappedRecord, Rejected, map_records
 from sync.model_params import active_params
 from sync.sources import load_source
-from sync.store import match_key, membership, merge_constraint, review_item, source_record
+from sync.store import (
+    match_key,
+    membership,
+    merge_constraint,
+    one_of,
+    review_item,
+    source_record,
+)
 
 __all__ = [
     "BatchStopped",
@@ -202,11 +218,18 @@ class RebuildPlan:
     unconfigured: list[str] = field(default_factory=list)  # sources kept as staged
     target: dict[int, int] = field(default_factory=dict)  # contact -> golden id
     current: dict[int, int] = field(default_factory=dict)  # contact -> golden id now
+    # contact -> the borderline link that placed it (`dedupe.cluster.kept_probability`):
+    # as the clustering found it, and as its membership has it now (any probability kept)
+    borderline: dict[int, float] = field(default_factory=dict)
+    kept: dict[int, float] = field(default_factory=dict)
     steward: set[int] = field(default_factory=set)  # contacts with a steward membership
     aliases: dict[int, int] = field(default_factory=dict)  # old golden -> survivor
     keys: KeyRows = field(default_factory=KeyRows)  # match_key rows per contact
     keys_outdated: int = 0
     keys_written: bool = False  # `plan_rebuild(write_keys=...)` stored them already
+    # A local batch (`plan_rebuild(only=...)`, sync/borderline.py): these contacts only, weighed
+    # with the whole store's size and counts; their match_key rows are left as stored.
+    local: bool = False
     staged: StagedData | None = None  # kept for an apply (`plan_rebuild(write_keys=...)`)
     reviews_settled: int = 0  # open review items the apply closed: their records merged
     # uncertain pairs (record a < record b, probability, the matcher's explanation)
@@ -284,15 +307,22 @@ def _mapping_of(settings: Settings, name: str) -> tuple[str, int] | None:
 
 
 def _remap(
-    conn: Connection, settings: Settings, plan: RebuildPlan, remap: bool = True
+    conn: Connection,
+    settings: Settings,
+    plan: RebuildPlan,
+    remap: bool = True,
+    only: Sequence[int] | None = None,
 ) -> Iterator[Staged]:
     """Map every live record's payload again, `CHUNK_ROWS` rows at a time in id order, and
     yield each contact's (id, source, data); activities are counted. Rows (payloads) are
     dropped chunk by chunk: a 1M-record store never holds them all at once. Without `remap`
     the staged data is taken as it is, and the columns only a re-mapping needs are not read.
     Staged data comes as the store's JSON text: validating a contact from text is faster
-    than decoding it first."""
+    than decoding it first. `only`: these records alone."""
     only_remap = (source_record.c.external_id, source_record.c.payload)
+    live = source_record.c.deleted == 0
+    if only is not None:
+        live = live & one_of(conn, source_record.c.id, only)
     rows = conn.execute(
         select(
             source_record.c.id,
@@ -302,7 +332,7 @@ def _remap(
             source_record.c.source_updated_at,
             *(c if remap else literal(None).label(c.name) for c in only_remap),
         )
-        .where(source_record.c.deleted == 0)
+        .where(live)
         .order_by(source_record.c.id)
         .execution_options(yield_per=CHUNK_ROWS)
     )
@@ -402,6 +432,8 @@ class _Batch:
     records: list[Prepared] = field(default_factory=list)
     staged: StagedData | None = None  # their data too (the same ids and sources lists)
     index: KeyIndex = field(default_factory=KeyIndex)
+    # a local batch's blocking keys, per contact: indexed once the store's counts are known
+    keys: list[tuple[list[tuple[str, str]], bytes]] = field(default_factory=list)
     holders: dict[tuple[str, str], list[int]] = field(default_factory=lambda: defaultdict(list))
 
 
@@ -425,14 +457,15 @@ def _collect(
     remap: bool = True,
     stop: threading.Event | None = None,
     keep_data: bool = False,
+    only: Sequence[int] | None = None,
 ) -> _Batch:
     """Re-map, validate and prepare every contact (a share on a helper process in a big
     batch: sync/batch_prepare.py), keeping only what matching and the match_key rows need (a
     contact's payload and `Contact` are dropped as soon as it is prepared; its data too
-    unless `keep_data`, for survivorship)."""
+    unless `keep_data`, for survivorship). `only`: these contacts alone (a local batch)."""
     batch = _Batch()
     kept = batch.staged = StagedData(batch.ids, batch.sources) if keep_data else None
-    staged = _remap(conn, settings, plan, remap)
+    staged = _remap(conn, settings, plan, remap, only)
     # millions of small objects that stay alive: see collection_paused's docstring
     with collection_paused(), BatchPreparer() as preparer:
         if settings.matching.method == "exact":
@@ -451,7 +484,10 @@ def _collect(
         for one, record, keys in preparer.prepared(staged):
             if len(batch.ids) % STOP_CHECK_EVERY == 0:
                 stop_if_asked(stop)
-            batch.index.add_parts(len(batch.ids), keys.used, keys.flags)
+            if only is None:
+                batch.index.add_parts(len(batch.ids), keys.used, keys.flags)
+            else:
+                batch.keys.append((keys.used, keys.flags))
             batch.ids.append(one.record_id)
             batch.sources.append(one.source)
             if kept is not None:
@@ -471,9 +507,12 @@ def _cluster(
     cannot: list[tuple[int, int]],
     plan: RebuildPlan,
     stop: threading.Event | None = None,
+    conn: Connection | None = None,
 ) -> list[list[int]]:
-    """Clusters of indices into `batch.ids`; fills the plan's reviews and matcher. A set
-    `stop` ends it with `BatchStopped` at the clustering's next step."""
+    """Clusters of indices into `batch.ids`; fills the plan's reviews, borderline links and
+    matcher. A set `stop` ends it with `BatchStopped` at the clustering's next step. A local
+    batch (`conn`: the store it is weighed against) takes the store's size and counts, and
+    blocks on the keys the store holds at most MAX_BLOCK times, as a page does."""
     m = settings.matching
     if m.method == "exact":
         pairs = [
@@ -485,12 +524,15 @@ def _cluster(
         plan.matcher = ExactMatcher().version
         return link(len(batch.ids), pairs, must_link=must, cannot_link=cannot)
     records = batch.records
-    enough = len(records) >= MIN_POPULATION
+    frequencies: Frequencies | None
+    if conn is None:
+        enough = len(records) >= MIN_POPULATION
+        frequencies = frequency_table(records, blocking=False) if enough else None
+    else:
+        frequencies = counted_for(conn, records)
+        batch.index = _store_blocked(conn, batch.keys)
     matcher = FellegiSunterMatcher(
-        params,
-        auto_merge=m.auto_merge,
-        review=m.review,
-        frequencies=frequency_table(records, blocking=False) if enough else None,
+        params, auto_merge=m.auto_merge, review=m.review, frequencies=frequencies
     )
     plan.matcher = matcher.version
     result = cluster_prepared(
@@ -501,13 +543,28 @@ def _cluster(
         must_link=must,
         cannot_link=cannot,
         check_stop=partial(stop_if_asked, stop),
+        threads=SCORING_THREADS if conn is None else 1,  # store counts: one connection
     )
     ids = batch.ids
+    plan.borderline = {ids[i]: p for i, p in result.borderline.items()}
     plan.reviews = [
         (ids[a], ids[b], p, matcher.compare_prepared(records[a], records[b]).explanation)
         for a, b, p in result.review
     ]
     return result.clusters
+
+
+def _store_blocked(conn: Connection, keys: list[tuple[list[tuple[str, str]], bytes]]) -> KeyIndex:
+    """A local batch's blocking keys, without those whose block the store's batch skips
+    (`candidate_pairs`): an ordinary key the store holds more than MAX_BLOCK times, a probe
+    key (flag set) more than the probe blocks' budget."""
+    counts = key_counts(conn, sorted({k for used, _ in keys for k in used}))
+    limits = (MAX_BLOCK, MAX_BLOCK * MAX_BLOCK // 2)
+    index = KeyIndex()
+    for owner, (used, flags) in enumerate(keys):
+        kept = [i for i, k in enumerate(used) if counts.get(k, 0) <= limits[flags[i] != 0]]
+        index.add_parts(owner, [used[i] for i in kept], bytes(flags[i] for i in kept))
+    return index
 
 
 def _outdated_keys(conn: Connection, wanted: KeyRows) -> int:
@@ -577,6 +634,7 @@ def plan_rebuild(
     remap: bool = True,
     write_keys: KeyWriter | None = None,
     stop: threading.Event | None = None,
+    only: Sequence[int] | None = None,
 ) -> RebuildPlan:
     """What `crmhub rebuild` would change, computed from the store and the settings; reads
     only, unless the apply passes its `write_keys`: then the plan's match_key rows are
@@ -587,10 +645,15 @@ def plan_rebuild(
     exactly what was planned. Without `remap` the records keep their staged data and only
     the matching is done again. A set `stop` ends it with `BatchStopped` at its next step
     (between phases, every `STOP_CHECK_EVERY` contacts collected, and within the
-    clustering: `cluster_prepared`'s `check_stop`)."""
-    plan = RebuildPlan()
+    clustering: `cluster_prepared`'s `check_stop`).
+
+    `only`: a local batch of these contacts (sync/borderline.py), for an apply: they are weighed
+    with the whole store's size and counts and clustered among themselves; their match_key
+    rows stay as stored (`write_keys` is not used), and the plan is `local`."""
+    plan = RebuildPlan(local=only is not None)
     started = time.perf_counter()
-    batch = _collect(conn, settings, plan, remap, stop, keep_data=write_keys is not None)
+    keep_data = write_keys is not None or plan.local
+    batch = _collect(conn, settings, plan, remap, stop, keep_data=keep_data, only=only)
     stop_if_asked(stop)
     clustering = time.perf_counter()
     plan.timings["collect_seconds"] = round(clustering - started, 1)
@@ -599,7 +662,9 @@ def plan_rebuild(
     index = {rid: i for i, rid in enumerate(ids)}
     must, cannot, plan.steward = _constraints(conn, index)
     params = active_params(conn)
-    if write_keys is None:
+    if plan.local:
+        clusters = _cluster(settings, params, batch, must, cannot, plan, stop, conn)
+    elif write_keys is None:
         clusters = _cluster(settings, params, batch, must, cannot, plan, stop)
     else:
         plan.keys_outdated = _outdated_keys(conn, plan.keys)  # what is stored before it goes
@@ -614,11 +679,18 @@ def plan_rebuild(
     plan.timings["cluster_seconds"] = round(time.perf_counter() - clustering, 1)
     batch.records, batch.holders = [], {}  # prepared forms are done with: release them
     plan.staged = batch.staged
-    plan.current = {
-        int(r): int(g)
-        for r, g in conn.execute(select(membership.c.record_id, membership.c.golden_id))
-        if r in index
-    }
+    members = select(
+        membership.c.record_id,
+        membership.c.golden_id,
+        membership.c.probability,
+    )
+    if plan.local:
+        members = members.where(one_of(conn, membership.c.record_id, ids))
+    for r, g, p in conn.execute(members):
+        if r in index:
+            plan.current[int(r)] = int(g)
+            if p is not None:
+                plan.kept[int(r)] = float(p)
     _assign([[ids[i] for i in c] for c in clusters], plan.current, plan)
     del clusters
     for rid in plan.moved:
@@ -631,6 +703,6 @@ def plan_rebuild(
         for r in plan.reviews
         if plan.target[r[0]] != plan.target[r[1]] and (r[0], r[1]) not in asked
     ]
-    if not plan.keys_written:
+    if not plan.keys_written and not plan.local:
         plan.keys_outdated = _outdated_keys(conn, plan.keys)
     return plan

@@ -107,13 +107,16 @@ def apply_plan(
     actor: str,
     now: datetime,
     stop: threading.Event | None = None,
+    details: dict[str, Any] | None = None,
 ) -> None:
-    """Write `plan` (from `plan_rebuild` in this transaction); `actor` goes to the audit log.
-    A set `stop` ends it with `BatchStopped` after any slice of golden records."""
+    """Write `plan` (from `plan_rebuild` in this transaction); `actor` goes to the audit log,
+    with `details` beside the plan's summary. A set `stop` ends it with `BatchStopped` after
+    any slice of golden records. A local plan's audit line is "rebuild.borderline", so that it
+    is not taken for a batch of the store (`sync.first_load.last_batch_size`)."""
     stop_if_asked(stop)
     _write_data(conn, plan)
     _write_letters(conn, plan, now)
-    if not plan.keys_written:
+    if not plan.keys_written and not plan.local:
         write_keys(conn, plan.keys, stop)
     created = _write_goldens(conn, plan, now, stop)
     for alias, survivor in sorted(plan.aliases.items()):
@@ -125,8 +128,8 @@ def apply_plan(
         audit_log.insert().values(
             at=now,
             actor=actor,
-            action="rebuild.apply",
-            details={**plan.summary(), "created": created},
+            action="rebuild.borderline" if plan.local else "rebuild.apply",
+            details={**plan.summary(), "created": created, **(details or {})},
         )
     )
 
@@ -284,28 +287,32 @@ def _write_goldens(
 
 
 Rows = tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]  # (to insert, to update)
-_MOVED_COLUMNS = ("golden_id", "method", "decided_at")  # a moved membership's update
+# a moved membership's update, or a staying one's whose borderline link changed
+_MOVED_COLUMNS = ("golden_id", "method", "probability", "decided_at")
 
 
 def _membership_rows(
     plan: RebuildPlan, ids: list[int], goldens: list[tuple[int, list[int]]], stamp: Any
 ) -> Rows:
     """Membership rows for `goldens` (golden id, its members' positions in `ids`):
-    `MEMBERSHIP_COLUMNS` rows for records with no golden record yet, (golden_id, method,
-    decided_at, record_id) for records that move; records that stay are left alone."""
+    `MEMBERSHIP_COLUMNS` rows for records with no golden record yet, `_MOVED_COLUMNS` rows
+    (and the record id) for records that move; records that stay are left alone unless the
+    borderline link that placed them changed (their membership's probability)."""
     fresh: list[tuple[Any, ...]] = []
     moved: list[tuple[Any, ...]] = []
     for golden, members in goldens:
         for i in members:
             rid = ids[i]
             before = plan.current.get(rid)
-            if before == golden:
+            steward = rid in plan.steward  # a steward's membership keeps its probability
+            weak = plan.kept.get(rid) if steward else plan.borderline.get(rid)
+            if before == golden and weak == plan.kept.get(rid):
                 continue
-            method = "steward" if rid in plan.steward else "auto" if len(members) > 1 else "new"
+            method = "steward" if steward else "auto" if len(members) > 1 else "new"
             if before is None:
-                fresh.append((rid, golden, method, None, stamp))
+                fresh.append((rid, golden, method, weak, stamp))
             else:
-                moved.append((golden, method, stamp, rid))
+                moved.append((golden, method, weak, stamp, rid))
     return fresh, moved
 
 

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, func, insert, select, update
 
-from bench.incremental import CSV_COLUMNS, _write_csv
 from bench.matching.generate import generate
 from crmhub.records import RawRecord
 from crmhub.settings import Settings
@@ -18,30 +17,14 @@ from sync import first_load, frequencies
 from sync.engine import SyncEngine
 from sync.rebuild_apply import preview
 from sync.store import audit_log, golden_record, membership, pending_match, sync_run
-from tests.conftest import make_settings
-
-
-def _pushed(rows: list[dict[str, str]]) -> list[RawRecord]:
-    return [
-        RawRecord(
-            "", "contact", {"id": f"C-{r['unique_id']}", **{c: r[c] for c in CSV_COLUMNS[1:]}}
-        )
-        for r in rows
-    ]
-
-
-def _csv_source(tmp_path: Path, store_url: str, rows: list[dict[str, str]]) -> Settings:
-    """Settings of a CSV source "contacts" holding `rows`."""
-    export = tmp_path / "contacts.csv"
-    _write_csv(rows, export)
-    return make_settings(tmp_path, store_url, {"contacts": {"type": "csv", "path": str(export)}})
+from tests.sync.growing_store import csv_source, pushed
 
 
 def _all_but_the_last(tmp_path: Path, store_url: str, contacts: int) -> tuple[Settings, RawRecord]:
     """Settings of a CSV source holding all but the last of `contacts` generated contacts, and
     that last one as a pushed record."""
     rows = generate(contacts, seed=5)
-    return _csv_source(tmp_path, store_url, rows[:-1]), _pushed(rows[-1:])[0]
+    return csv_source(tmp_path, store_url, rows[:-1]), pushed(rows[-1:])[0]
 
 
 async def test_the_contact_that_reaches_min_population_has_the_store_clustered_in_a_batch(
@@ -122,13 +105,13 @@ async def test_a_size_other_writers_passed_is_batched_once(
     log batches it, here a `crmhub sync` started afterwards; the writer that passed the size
     unawares, once it recounts, finds it batched and does not batch it again."""
     rows = generate(2_202, seed=5)
-    settings = _csv_source(tmp_path, store_url, rows[:2_190])
+    settings = csv_source(tmp_path, store_url, rows[:2_190])
     first, second = SyncEngine(settings, db), SyncEngine(settings, db)
     try:
         await first.run("contacts")  # 2,190 contacts, clustered in a batch (past 2,000)
-        await second.ingest("contacts", _pushed(rows[2_190:2_191]))  # counts 2,191
-        await first.ingest("contacts", _pushed(rows[2_191:2_192]))  # 2,192
-        for record in _pushed(rows[2_192:2_200]):  # the 2,200th is `second`'s: it counts 2,199
+        await second.ingest("contacts", pushed(rows[2_190:2_191]))  # counts 2,191
+        await first.ingest("contacts", pushed(rows[2_191:2_192]))  # 2,192
+        for record in pushed(rows[2_192:2_200]):  # the 2,200th is `second`'s: it counts 2,199
             await second.ingest("contacts", [record])
         assert not first_load.is_pending(db)
         split = _split_off_a_member(db)  # a decision no batch of these 2,200 would take
@@ -137,7 +120,7 @@ async def test_a_size_other_writers_passed_is_batched_once(
         first.close()
     later = SyncEngine(settings, db)  # a process started since: it counts 2,201
     try:
-        await later.ingest("contacts", _pushed(rows[2_200:2_201]))
+        await later.ingest("contacts", pushed(rows[2_200:2_201]))
     finally:
         later.close()
     assert not first_load.is_pending(db)
@@ -145,7 +128,7 @@ async def test_a_size_other_writers_passed_is_batched_once(
     split = _split_off_a_member(db)
     monkeypatch.setattr(frequencies, "RECOUNT_SECONDS", 0.0)  # `second` recounts: 2,202
     try:
-        await second.ingest("contacts", _pushed(rows[2_201:]))
+        await second.ingest("contacts", pushed(rows[2_201:]))
     finally:
         second.close()
     assert not first_load.is_pending(db)
@@ -159,7 +142,7 @@ async def test_a_size_reached_while_a_first_load_runs_is_left_to_its_batch(
     store grows past sizes no batch covered; a delivery then must not cluster the half-loaded
     store (and again at each size it passes): the load's own batch, at its end, covers them."""
     rows = generate(2_200, seed=5)
-    settings = _csv_source(tmp_path, store_url, rows[:2_190])
+    settings = csv_source(tmp_path, store_url, rows[:2_190])
     engine = SyncEngine(settings, db)
     try:
         await engine.run("contacts")  # 2,190 contacts, clustered in a batch (past 2,000)
@@ -168,7 +151,7 @@ async def test_a_size_reached_while_a_first_load_runs_is_left_to_its_batch(
             conn.execute(insert(sync_run).values(connector="crm", state="running", started_at=now))
             first_load.mark_pending(conn, "crm", now)
         batches = _batches(db)
-        for record in _pushed(rows[2_190:]):  # to 2,200 contacts
+        for record in pushed(rows[2_190:]):  # to 2,200 contacts
             await engine.ingest("contacts", [record])
     finally:
         engine.close()
