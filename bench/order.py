@@ -1,6 +1,6 @@
 """Order independence of the clusters: `python -m bench.order --records 20000 [--seed 1]
 [--store sqlite|postgres] [--trickle 0.1] [--page 1] [--no-empty] [--recluster-growth 0.1]
-[--workdir DIR]`.
+[--recheck-growth 0.01] [--workdir DIR]`.
 
 Issue 3 asks that shuffling the input, or feeding it one record at a time, yields the same
 clusters, or that the disagreement rate is reported and stays under 0.1%. From one seeded
@@ -39,7 +39,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import Engine, select
 
 from bench.incremental import (
     CSV_COLUMNS,
@@ -58,9 +58,17 @@ from sync.first_load import size_reached
 from sync.migrate import upgrade
 from sync.rebuild import RebuildPlan
 from sync.rebuild_apply import preview
-from sync.store import make_engine, membership, source_record
+from sync.store import audit_log, make_engine, membership, source_record
 
-__all__ = ["bench_order", "disagreement", "fed_settings", "feed", "last_batch", "main"]
+__all__ = [
+    "bench_order",
+    "disagreement",
+    "fed_settings",
+    "feed",
+    "last_batch",
+    "main",
+    "rechecks",
+]
 
 TARGET = 0.001  # the issue's bound on the disagreement rate
 
@@ -108,12 +116,15 @@ async def _feed(engine: SyncEngine, rows: list[dict[str, str]], page: int) -> No
             print(f"  fed {done:,} records, {time.perf_counter() - started:.0f} s")
 
 
-def fed_settings(url: str, work: Path, csv_path: Path, growth: float | None) -> Settings:
-    """The benchmark's settings, with `[matching] recluster_growth` if given."""
+def fed_settings(
+    url: str, work: Path, csv_path: Path, matching: Mapping[str, float] | None = None
+) -> Settings:
+    """The benchmark's settings, with these `[matching]` values (`recluster_growth`,
+    `recheck_growth`) if given."""
     settings = _settings(url, work, csv_path)
-    if growth is not None:  # validated as a config file's value would be
-        matching = {**settings.matching.model_dump(), "recluster_growth": growth}
-        settings.matching = settings.matching.model_validate(matching)
+    if matching:  # validated as a config file's values would be
+        values = {**settings.matching.model_dump(), **matching}
+        settings.matching = settings.matching.model_validate(values)
     return settings
 
 
@@ -123,13 +134,13 @@ def feed(
     csv_path: Path,
     rows: list[dict[str, str]],
     page: int = 1,
-    growth: float | None = None,
+    matching: Mapping[str, float] | None = None,
 ) -> float:
     """Feed `rows` into the store `page` at a time (each page one `ingest`, one transaction);
     returns the seconds taken."""
     db = make_engine(url)
     upgrade(db)
-    engine = SyncEngine(fed_settings(url, work, csv_path, growth), db)
+    engine = SyncEngine(fed_settings(url, work, csv_path, matching), db)
     try:
         started = time.perf_counter()
         asyncio.run(_feed(engine, rows, page))
@@ -147,7 +158,7 @@ def bench_order(
     workdir: Path | None,
     from_empty: bool = True,
     page: int = 1,
-    growth: float | None = None,
+    matching: Mapping[str, float] | None = None,
 ) -> dict[str, float]:
     temporary = workdir is None
     work = workdir or Path(tempfile.mkdtemp(prefix="crmhub-bench-order-"))
@@ -180,11 +191,10 @@ def bench_order(
             with _database(store, work, label) as url:
                 if first is not None:
                     build_store(url, work, first)
-                seconds = feed(url, work, shuffled, rest, page, growth)
+                seconds = feed(url, work, shuffled, rest, page, matching)
                 print(f"  {label}: {seconds:.0f} s, {1000 * seconds / len(rest):.1f} ms a record")
-                last = last_batch(
-                    records - len(rest), records, fed_settings(url, work, shuffled, growth)
-                )
+                settings = fed_settings(url, work, shuffled, matching)
+                last = last_batch(records - len(rest), records, settings)
                 print(
                     f"  {label}: last clustered in a batch at {last:,} contacts; "
                     f"{records - last:,} ({(records - last) / records:.2%}) decided one at a "
@@ -193,13 +203,29 @@ def bench_order(
                 found[label] = clusters(url)
                 db = make_engine(url)
                 try:
-                    plans[label] = preview(db, fed_settings(url, work, shuffled, growth))
+                    done, taken = rechecks(db)
+                    print(
+                        f"  {label}: {done} borderline rechecks since, of {taken:,} records "
+                        f"in all ({taken / max(done, 1):,.0f} each)"
+                    )
+                    plans[label] = preview(db, settings)
                 finally:
                     db.dispose()
         return _report(truth, found, plans, records)
     finally:
         if temporary:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def rechecks(db: Engine) -> tuple[int, int]:
+    """The borderline rechecks of a store (sync/borderline.py): how many, and how many
+    records they clustered again in all."""
+    with db.connect() as conn:
+        details = conn.execute(
+            select(audit_log.c.details).where(audit_log.c.action == "rebuild.borderline")
+        ).scalars()
+        taken = [int(d.get("contacts", 0)) for d in details]
+    return len(taken), sum(taken)
 
 
 def last_batch(start: int, end: int, settings: Settings) -> int:
@@ -286,7 +312,21 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="[matching] recluster_growth of the fed stores (default: the setting's default)",
     )
+    parser.add_argument(
+        "--recheck-growth",
+        type=float,
+        default=None,
+        help="[matching] recheck_growth of the fed stores (default: the setting's default)",
+    )
     args = parser.parse_args(argv)
+    matching = {
+        name: value
+        for name, value in (
+            ("recluster_growth", args.recluster_growth),
+            ("recheck_growth", args.recheck_growth),
+        )
+        if value is not None
+    }
     bench_order(
         args.records,
         args.seed,
@@ -295,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
         args.workdir,
         not args.no_empty,
         args.page,
-        args.recluster_growth,
+        matching,
     )
 
 

@@ -122,7 +122,7 @@ def apply_plan(
     for alias, survivor in sorted(plan.aliases.items()):
         fold_golden(conn, alias, survivor, now)
     _write_reviews(conn, plan, now)
-    for part in chunks(sorted(set(plan.target.values())), GOLDENS_PER_SLICE):
+    for part in chunks(sorted(_survived(plan)), GOLDENS_PER_SLICE):
         finish_goldens(conn, set(part), now)
     conn.execute(
         audit_log.insert().values(
@@ -261,6 +261,7 @@ def _write_goldens(
     plan.target = {r: real.get(g, g) for r, g in plan.target.items()}
     staged, created = plan.staged, set(ids)
     groups = staged.members_of(plan.target)
+    survived_now = _survived(plan)
     policy = survivorship_for(conn)
     stamp = bind_values(conn, golden_record.c.updated_at, [now])[0]
     # The connection is the writer's alone while it writes a slice: surviving does no I/O.
@@ -274,6 +275,7 @@ def _write_goldens(
             survived = {
                 golden: survive([staged.member(i) for i in groups[golden]], policy)
                 for golden in part
+                if golden in survived_now
             }
             goldens = survived_rows(survived, stamp, created)
             members = _membership_rows(plan, staged.ids, [(g, groups[g]) for g in part], stamp)
@@ -284,6 +286,18 @@ def _write_goldens(
         if writing is not None:
             writing.result()
     return len(ids)
+
+
+def _survived(plan: RebuildPlan) -> set[int]:
+    """The golden records the apply survives (fields, lineage, version) and finishes: every
+    one of a batch of the store (a survivorship setting may have changed), only those whose
+    members change of a local batch (their ids real: after `_write_goldens` began)."""
+    goldens = set(plan.target.values())
+    if not plan.local:
+        return goldens
+    moved = plan.moved
+    left = {plan.current[r] for r in moved if r in plan.current}  # aliases are folded instead
+    return {plan.target[r] for r in moved} | (left & goldens)
 
 
 Rows = tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]  # (to insert, to update)

@@ -36,7 +36,9 @@ def test_last_batch_follows_the_store_sizes_of_recluster_growth() -> None:
     assert last_batch(0, 20_000, settings) == 2_000
 
 
-def test_the_fed_stores_take_the_recluster_growth_asked_for(tmp_path: Path) -> None:
+def test_the_fed_stores_take_the_matching_settings_asked_for(tmp_path: Path) -> None:
     url, csv = "sqlite:///x.db", tmp_path / "x.csv"
-    assert fed_settings(url, tmp_path, csv, 0.025).matching.recluster_growth == 0.025
-    assert fed_settings(url, tmp_path, csv, None).matching.recluster_growth == 0.1
+    asked = fed_settings(url, tmp_path, csv, {"recluster_growth": 0.025, "recheck_growth": 0.02})
+    assert (asked.matching.recluster_growth, asked.matching.recheck_growth) == (0.025, 0.02)
+    default = fed_settings(url, tmp_path, csv).matching
+    assert (default.recluster_growth, default.recheck_growth) == (0.1, 0.01)

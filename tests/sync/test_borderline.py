@@ -101,6 +101,12 @@ def _move(db: Engine, record: int, golden: int | None, probability: float | None
     return int(golden)
 
 
+def _versions(db: Engine) -> dict[int, int]:
+    with db.connect() as conn:
+        rows = conn.execute(select(golden_record.c.id, golden_record.c.version))
+        return {int(g): int(v) for g, v in rows}
+
+
 def _rechecks(db: Engine) -> list[dict[str, Any]]:
     with db.connect() as conn:
         query = select(audit_log.c.details).where(audit_log.c.action == "rebuild.borderline")
@@ -126,6 +132,7 @@ async def test_a_borderline_merge_that_no_longer_holds_is_split_when_the_store_g
         await engine.ingest("contacts", pushed(more[:-1]))  # DUE - 1 contacts: not yet
         assert _golden_of(db)[b] == golden_a
         assert _rechecks(db) == []
+        versions = _versions(db)
         await engine.ingest("contacts", pushed(more[-1:]))  # DUE
     finally:
         engine.close()
@@ -137,6 +144,12 @@ async def test_a_borderline_merge_that_no_longer_holds_is_split_when_the_store_g
         [done] = _rechecks(db)
         assert done["store_contacts"] == DUE
         assert done["records_moved"] == 1
+        # Of the golden records it clustered again only the one that changed is updated
+        # (the last page's own match may have touched one more).
+        assert done["contacts"] > 100
+        changed = {g for g, v in _versions(db).items() if versions.get(g, v) != v}
+        assert golden_a in changed
+        assert len(changed) <= 2
 
 
 async def test_an_open_review_item_that_weighs_enough_now_is_merged_when_the_store_grows(
