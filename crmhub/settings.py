@@ -135,6 +135,16 @@ class MatchingSettings(_Section):
             )
         return value
 
+    @field_validator("recheck_growth")
+    @classmethod
+    def _recheck(cls, value: float) -> float:
+        if 0 < value < 0.002:
+            raise ValueError(
+                f"{value} would decide the borderline again almost every page: use 0.002 or "
+                "more (0.01 is the default), or 0 to never do it"
+            )
+        return value
+
     @field_validator("train_schedule")
     @classmethod
     def _cron(cls, value: str | None) -> str | None:

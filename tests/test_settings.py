@@ -86,3 +86,11 @@ def test_a_recluster_growth_that_would_batch_every_page_is_refused(tmp_path):
     assert "matching.recluster_growth" in str(err.value)
     assert "use 0.01 or more" in str(err.value)
     assert load_settings(write(tmp_path, "[matching]\nrecluster_growth = 0\n")).matching
+
+
+def test_a_recheck_growth_that_would_recheck_every_page_is_refused(tmp_path):
+    with pytest.raises(SettingsError) as err:
+        load_settings(write(tmp_path, "[matching]\nrecheck_growth = 0.0001\n"))
+    assert "matching.recheck_growth" in str(err.value)
+    assert "use 0.002 or more" in str(err.value)
+    assert load_settings(write(tmp_path, "[matching]\nrecheck_growth = 0\n")).matching
