@@ -52,9 +52,11 @@ def tf_rows(values: dict[str, tuple[str, ...]]) -> list[tuple[str, str]]:
 
 
 class StoreFrequencies:
-    """`Frequencies` over the store, prefetched for one page at a time."""
+    """`Frequencies` over the store, prefetched for one page at a time. `exact`: count every
+    value afresh, common ones too (no kept count, which may be up to KEPT_WITHIN stale)."""
 
-    def __init__(self) -> None:
+    def __init__(self, exact: bool = False) -> None:
+        self._exact = exact
         self._counted = 0  # contacts at the last full count
         self._counted_at: float | None = None
         self._since = 0  # contacts committed by our pages since that count
@@ -97,7 +99,7 @@ class StoreFrequencies:
             )
             self._counted_at = now
             self._since = self._pending = 0  # the count includes this page's staged rows
-            self._common = _kept_counts(conn, self._counted)
+            self._common = {} if self._exact else _kept_counts(conn, self._counted)
         else:
             self._pending = added
         wanted_keys = {(_STORED_AS.get(kind, kind), value) for kind, value in wanted}
@@ -152,11 +154,13 @@ class StoreFrequencies:
         return count
 
 
-def counted_for(conn: Connection, records: Iterable[Prepared]) -> StoreFrequencies | None:
+def counted_for(
+    conn: Connection, records: Iterable[Prepared], exact: bool = False
+) -> StoreFrequencies | None:
     """The store's counts of `records`' values for a matcher, or None below MIN_POPULATION
     contacts (the matcher then keeps its shipped prior and no term frequencies, as the
-    pipeline does)."""
-    frequencies = StoreFrequencies()
+    pipeline does). `exact`: common values counted afresh too (`StoreFrequencies`)."""
+    frequencies = StoreFrequencies(exact)
     frequencies.prefetch(
         conn, [(kind, v) for r in records for kind, vs in tf_values(r).items() for v in vs]
     )

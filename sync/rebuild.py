@@ -529,7 +529,9 @@ def _cluster(
         enough = len(records) >= MIN_POPULATION
         frequencies = frequency_table(records, blocking=False) if enough else None
     else:
-        frequencies = counted_for(conn, records)
+        # Exact counts, as a batch takes them: near `auto_merge` a common value's kept count
+        # (up to 10% stale) tips pairs (docs/benchmarks.md, "Order independence").
+        frequencies = counted_for(conn, records, exact=True)
         batch.index = _store_blocked(conn, batch.keys)
     matcher = FellegiSunterMatcher(
         params, auto_merge=m.auto_merge, review=m.review, frequencies=frequencies

@@ -16,12 +16,20 @@ from crmhub.records import Contact, RawRecord
 from crmhub.settings import Settings
 from dedupe import build_matcher
 from dedupe.cluster import BORDERLINE
+from sync import frequencies
 from sync import rebuild as rebuild_module
 from sync.borderline import borderline_contacts
 from sync.engine import SyncEngine
 from sync.rebuild import plan_rebuild
 from sync.rebuild_apply import rebuild
-from sync.store import audit_log, golden_record, match_key, membership, review_item
+from sync.store import (
+    audit_log,
+    golden_record,
+    key_frequency,
+    match_key,
+    membership,
+    review_item,
+)
 from tests.conftest import make_settings
 from tests.sync.growing_store import csv_source, pushed
 
@@ -267,14 +275,19 @@ async def test_a_local_batch_weighs_as_the_batch_of_the_store(
     tmp_path: Path, db: Engine, store_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Right after a batch of the store, a local batch of its borderline golden records (with
-    the store's size and counts) decides nothing else; its blocks leave out the keys whose
-    blocks the store's batch skips, however few of their holders it has."""
+    the store's size and exact counts, not the kept counts of common values, here made 20%
+    stale) decides nothing else; its blocks leave out the keys whose blocks the store's batch
+    skips, however few of their holders it has."""
+    monkeypatch.setattr(frequencies, "COMMON", 20)  # values held 20 times or more are kept
     settings, _ = _grown_settings(tmp_path, store_url, 0.01)
     engine = SyncEngine(settings, db)
     try:
         await engine.run("contacts")
     finally:
         engine.close()
+    with db.begin() as conn:
+        stale = update(key_frequency).values(holders=key_frequency.c.holders * 4 / 5)
+        assert conn.execute(stale).rowcount > 20
     with db.connect() as conn:
         ids = borderline_contacts(conn, settings.matching.auto_merge)
         plan = plan_rebuild(conn, settings, remap=False, only=ids)

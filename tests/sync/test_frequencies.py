@@ -101,6 +101,40 @@ def test_kept_counts_expire_when_the_store_has_grown(
     assert _kept(db) == {("tf:last", "smith"): (5, 12)}
 
 
+def test_exact_counts_take_no_kept_count_and_keep_theirs(
+    db: Engine, counted: list[tuple[str, str]]
+) -> None:
+    """A borderline recheck weighs with exact counts (`counted_for(exact=True)`): a kept
+    count still within KEPT_WITHIN of the store's size, but stale, is counted afresh, and
+    the fresh count kept for the pages after it."""
+    with write_transaction(db) as conn:
+        _records(conn, list(range(1, 11)))
+        bulk_insert(
+            conn,
+            match_key,
+            [
+                {"record_id": rid, "key_kind": "tf:last", "key_value": "smith"}
+                for rid in range(1, 6)
+            ],
+        )
+        conn.execute(
+            key_frequency.insert().values(
+                key_kind="tf:last", key_value="smith", holders=4, contacts=10
+            )
+        )
+    kept = StoreFrequencies()
+    with db.connect() as conn:
+        kept.prefetch(conn, [("last", "smith")])
+    assert kept.count("last", "smith") == 4  # the kept count, not counted again
+    assert counted == []
+    exact = StoreFrequencies(exact=True)
+    with write_transaction(db) as conn:
+        exact.prefetch(conn, [("last", "smith")])
+    assert exact.count("last", "smith") == 5
+    assert counted == [("tf:last", "smith")]
+    assert _kept(db) == {("tf:last", "smith"): (5, 10)}
+
+
 def test_the_store_wide_count_reads_the_live_contact_index(tmp_path: Path) -> None:
     """Every process counts the store's live contacts every 10 minutes, inside a page's write
     transaction: the count reads the partial index of their ids, not every row (SQLite's plan;
