@@ -1,4 +1,5 @@
-"""A growing store decides its borderline merges again (docs/matching.md, "Growing stores").
+"""A growing store decides its borderline merges again (docs/matching.md, "Borderline
+rechecks").
 
 A merge is decided with the store as it is then: its size sets the prior, its counts the term
 frequencies. As the store grows both move, and a link a little above `auto_merge` (merged by a
@@ -9,9 +10,9 @@ probability on their membership (`dedupe.cluster.kept_probability`), and each `[
 recheck_growth` (1%) the store grows since its last batch or recheck, the golden records they
 are in, with those of the two records of each open review item within `BORDERLINE` below
 `auto_merge`, are clustered again in one local batch (`plan_rebuild(only=...)`): weighed with
-the whole store's size and counts, steward constraints winning, golden ids stable, in the
-page's transaction. That is a small share of the store (a few percent of its records), where
-a batch of the store (`sync.first_load`, each `recluster_growth`) takes all of it.
+the whole store's size and exact counts, steward constraints winning, golden ids stable, in
+the page's transaction. That is a small share of the store (about 5% of its records), where a
+batch of the store (`sync.first_load`, each `recluster_growth`) takes all of it.
 """
 
 from __future__ import annotations

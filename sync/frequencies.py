@@ -21,7 +21,14 @@ from dedupe.scoring import MIN_POPULATION, tf_values
 from sync.key_lookup import key_counts
 from sync.store import key_frequency, live_contact, match_key, source_record, upsert
 
-__all__ = ["TF_ROW_KINDS", "StoreFrequencies", "counted_for", "store_common_counts", "tf_rows"]
+__all__ = [
+    "TF_ROW_KINDS",
+    "StoreFrequencies",
+    "counted_for",
+    "kept_holders",
+    "store_common_counts",
+    "tf_rows",
+]
 
 # Matcher kind -> the match_key kind its counts are stored under.
 _STORED_AS = {
@@ -181,6 +188,16 @@ def store_common_counts(conn: Connection, contacts: int) -> None:
             .having(held >= COMMON),
         )
     )
+
+
+def kept_holders(conn: Connection) -> dict[tuple[str, str], int]:
+    """Every kept count (match_key kind, value -> holders), whenever it was taken: values held
+    COMMON times or more then, for a caller that only asks whether a value is held more than
+    a few hundred times (a local batch's blocking caps)."""
+    rows = conn.execute(
+        select(key_frequency.c.key_kind, key_frequency.c.key_value, key_frequency.c.holders)
+    )
+    return {(kind, value): int(holders) for kind, value, holders in rows}
 
 
 def _kept_counts(conn: Connection, contacts: int) -> dict[tuple[str, str], int]:

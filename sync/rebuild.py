@@ -21,7 +21,7 @@ import threading
 import time
 from array import array
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -49,7 +49,7 @@ from dedupe.scoring import MIN_POPULATION, Frequencies, Params
 from dedupe.survivorship import Member
 from sync.batch_prepare import BatchPreparer, Staged, contact_of, rows_json
 from sync.forms import split_row
-from sync.frequencies import counted_for
+from sync.frequencies import counted_for, kept_holders
 from sync.golden import MAX_BLOCK
 from sync.key_lookup import key_counts
 from sync.mapping_step import MappedRecord, Rejected, map_records
@@ -508,11 +508,12 @@ def _cluster(
     plan: RebuildPlan,
     stop: threading.Event | None = None,
     conn: Connection | None = None,
+    asked: Container[tuple[int, int]] = (),
 ) -> list[list[int]]:
     """Clusters of indices into `batch.ids`; fills the plan's reviews, borderline links and
     matcher. A set `stop` ends it with `BatchStopped` at the clustering's next step. A local
-    batch (`conn`: the store it is weighed against) takes the store's size and counts, and
-    blocks on the keys the store holds at most MAX_BLOCK times, as a page does."""
+    batch (`conn`: the store it is weighed against) takes the store's size and exact counts,
+    and blocks without the keys whose blocks the store's batch skips (`_store_blocked`)."""
     m = settings.matching
     if m.method == "exact":
         pairs = [
@@ -549,23 +550,35 @@ def _cluster(
     )
     ids = batch.ids
     plan.borderline = {ids[i]: p for i, p in result.borderline.items()}
-    plan.reviews = [
+    plan.reviews = [  # explained only if not asked about before: the plan leaves those out
         (ids[a], ids[b], p, matcher.compare_prepared(records[a], records[b]).explanation)
         for a, b, p in result.review
+        if (ids[a], ids[b]) not in asked
     ]
     return result.clusters
 
 
 def _store_blocked(conn: Connection, keys: list[tuple[list[tuple[str, str]], bytes]]) -> KeyIndex:
-    """A local batch's blocking keys, without those whose block the store's batch skips
-    (`candidate_pairs`): an ordinary key the store holds more than MAX_BLOCK times, a probe
-    key (flag set) more than the probe blocks' budget."""
-    counts = key_counts(conn, sorted({k for used, _ in keys for k in used}))
+    """A local batch's blocking keys that two of its contacts or more hold (no pair comes of
+    the others), without those whose block the store's batch skips (`candidate_pairs`): an
+    ordinary key the store holds more than MAX_BLOCK times, a probe key (flag set) more than
+    the probe blocks' budget. Only shared keys are counted (at 1M contacts a local batch's
+    67,000 contacts hold 500,000 keys, most of them their own), and not those with a kept
+    count (held 1,000 times or more when counted): counting walks every holder."""
+    holders = Counter(k for used, _ in keys for k in set(used))
+    kept = kept_holders(conn)
+    shared = [k for k, n in holders.items() if n > 1]
+    counts = {k: kept[k] for k in shared if k in kept}
+    counts.update(key_counts(conn, sorted(k for k in shared if k not in kept)))
     limits = (MAX_BLOCK, MAX_BLOCK * MAX_BLOCK // 2)
     index = KeyIndex()
     for owner, (used, flags) in enumerate(keys):
-        kept = [i for i, k in enumerate(used) if counts.get(k, 0) <= limits[flags[i] != 0]]
-        index.add_parts(owner, [used[i] for i in kept], bytes(flags[i] for i in kept))
+        blocked = [
+            i
+            for i, k in enumerate(used)
+            if holders[k] > 1 and counts.get(k, 0) <= limits[flags[i] != 0]
+        ]
+        index.add_parts(owner, [used[i] for i in blocked], bytes(flags[i] for i in blocked))
     return index
 
 
@@ -653,6 +666,9 @@ def plan_rebuild(
     with the whole store's size and counts and clustered among themselves; their match_key
     rows stay as stored (`write_keys` is not used), and the plan is `local`."""
     plan = RebuildPlan(local=only is not None)
+    asked = {  # pairs a review item asked about already (ids ascending, as the batch's)
+        (a, b) for a, b in conn.execute(select(review_item.c.record_a, review_item.c.record_b))
+    }
     started = time.perf_counter()
     keep_data = write_keys is not None or plan.local
     batch = _collect(conn, settings, plan, remap, stop, keep_data=keep_data, only=only)
@@ -665,15 +681,15 @@ def plan_rebuild(
     must, cannot, plan.steward = _constraints(conn, index)
     params = active_params(conn)
     if plan.local:
-        clusters = _cluster(settings, params, batch, must, cannot, plan, stop, conn)
+        clusters = _cluster(settings, params, batch, must, cannot, plan, stop, conn, asked)
     elif write_keys is None:
-        clusters = _cluster(settings, params, batch, must, cannot, plan, stop)
+        clusters = _cluster(settings, params, batch, must, cannot, plan, stop, asked=asked)
     else:
         plan.keys_outdated = _outdated_keys(conn, plan.keys)  # what is stored before it goes
         # The connection is the writer's alone until it is done: clustering does no I/O.
         with ThreadPoolExecutor(1, thread_name_prefix="crmhub-keys") as pool:
             writing = pool.submit(write_keys, conn, plan.keys, stop)
-            clusters = _cluster(settings, params, batch, must, cannot, plan, stop)
+            clusters = _cluster(settings, params, batch, must, cannot, plan, stop, asked=asked)
             plan.timings["match_seconds"] = round(time.perf_counter() - clustering, 1)
         writing.result()
         plan.keys_written = True
@@ -697,14 +713,7 @@ def plan_rebuild(
     del clusters
     for rid in plan.moved:
         plan.per_source[batch.sources[index[rid]]].moved += 1
-    asked = {
-        (a, b) for a, b in conn.execute(select(review_item.c.record_a, review_item.c.record_b))
-    }
-    plan.reviews = [
-        r
-        for r in plan.reviews
-        if plan.target[r[0]] != plan.target[r[1]] and (r[0], r[1]) not in asked
-    ]
+    plan.reviews = [r for r in plan.reviews if plan.target[r[0]] != plan.target[r[1]]]
     if not plan.keys_written and not plan.local:
         plan.keys_outdated = _outdated_keys(conn, plan.keys)
     return plan

@@ -277,7 +277,7 @@ async def test_a_local_batch_weighs_as_the_batch_of_the_store(
     """Right after a batch of the store, a local batch of its borderline golden records (with
     the store's size and exact counts, not the kept counts of common values, here made 20%
     stale) decides nothing else; its blocks leave out the keys whose blocks the store's batch
-    skips, however few of their holders it has."""
+    skips, however few of their holders it has (below)."""
     monkeypatch.setattr(frequencies, "COMMON", 20)  # values held 20 times or more are kept
     settings, _ = _grown_settings(tmp_path, store_url, 0.01)
     engine = SyncEngine(settings, db)
@@ -295,7 +295,22 @@ async def test_a_local_batch_weighs_as_the_batch_of_the_store(
     assert plan.contacts == len(ids)
     assert plan.moved == []
     assert plan.aliases == {}
-    with db.connect() as conn:
+
+
+async def test_a_local_batch_blocks_only_on_keys_the_stores_batch_would(
+    tmp_path: Path, db: Engine, store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A local batch leaves out the keys the store holds more than MAX_BLOCK times (a probe
+    key: more than the probe blocks' budget), even when it has few of their holders, judged
+    by a kept count when there is one (counting walks every holder), and the keys only one of
+    its contacts holds (no pair comes of them)."""
+    settings, _ = _grown_settings(tmp_path, store_url, 0.01)
+    engine = SyncEngine(settings, db)
+    try:
+        await engine.run("contacts")
+    finally:
+        engine.close()
+    with db.begin() as conn:
         common, count = conn.execute(
             select(match_key.c.key_value, func.count())
             .where(match_key.c.key_kind == "phone")
@@ -303,7 +318,22 @@ async def test_a_local_batch_weighs_as_the_batch_of_the_store(
             .order_by(func.count().desc())
             .limit(1)
         ).one()
-        monkeypatch.setattr(rebuild_module, "MAX_BLOCK", count - 1)
-        keys = [("phone", common), ("email", "someone@example.com"), ("surname", "SM0")]
-        index = rebuild_module._store_blocked(conn, [(keys, bytes([0, 0, 1]))])
-    assert list(index.hashes) == [hash(keys[1]), hash(keys[2])]
+        # held by one contact, but counted 5,000 times when the store was bigger
+        conn.execute(
+            insert(key_frequency).values(
+                key_kind="email", key_value="kept@example.com", holders=5_000, contacts=2_190
+            )
+        )
+    monkeypatch.setattr(rebuild_module, "MAX_BLOCK", count - 1)
+    keys = [
+        ("phone", common),
+        ("email", "kept@example.com"),
+        ("email", "someone@example.com"),
+        ("surname", "SM0"),
+    ]
+    alone = [("email", "no.one.else@example.com")]
+    with db.connect() as conn:
+        index = rebuild_module._store_blocked(
+            conn, [(keys, bytes([0, 0, 0, 1])), (keys + alone, bytes([0, 0, 0, 1, 0]))]
+        )
+    assert list(index.hashes) == [hash(keys[2]), hash(keys[3])] * 2
