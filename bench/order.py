@@ -205,8 +205,8 @@ def bench_order(
                 try:
                     done, taken = rechecks(db)
                     print(
-                        f"  {label}: {done} borderline rechecks since, of {taken:,} records "
-                        f"in all ({taken / max(done, 1):,.0f} each)"
+                        f"  {label}: {done} borderline rechecks while fed, of {taken:,} "
+                        f"records in all ({taken / max(done, 1):,.0f} each)"
                     )
                     plans[label] = preview(db, settings)
                 finally:

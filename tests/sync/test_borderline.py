@@ -51,6 +51,19 @@ def _grown_settings(
     return settings, rows[LOADED:]
 
 
+async def _loaded(tmp_path: Path, store_url: str, db: Engine, **matching: Any) -> Settings:
+    """Settings as `_grown_settings` makes them (and these `[matching]` values), after the
+    first load's run."""
+    settings, _ = _grown_settings(tmp_path, store_url, 0.01)
+    settings.matching = settings.matching.model_copy(update=matching)
+    engine = SyncEngine(settings, db)
+    try:
+        await engine.run("contacts")
+    finally:
+        engine.close()
+    return settings
+
+
 def _golden_of(db: Engine) -> dict[int, int]:
     with db.connect() as conn:
         rows = conn.execute(select(membership.c.record_id, membership.c.golden_id))
@@ -206,13 +219,7 @@ async def test_a_batch_keeps_the_probability_of_its_borderline_links(
     made (and no other); a rebuild finds them the same, and puts back one that was changed.
     Past its first 1,000 contacts the load is staged without matching: the batch makes their
     memberships, as well as deciding those of the first pages again."""
-    settings, _ = _grown_settings(tmp_path, store_url, 0.01)
-    settings.matching = settings.matching.model_copy(update={"batch_first_load": 1_000})
-    engine = SyncEngine(settings, db)
-    try:
-        await engine.run("contacts")
-    finally:
-        engine.close()
+    settings = await _loaded(tmp_path, store_url, db, batch_first_load=1_000)
     auto_merge = settings.matching.auto_merge
     kept = _kept(db)
     assert kept, "the generated store has borderline links"
@@ -279,12 +286,7 @@ async def test_a_local_batch_weighs_as_the_batch_of_the_store(
     stale) decides nothing else; its blocks leave out the keys whose blocks the store's batch
     skips, however few of their holders it has (below)."""
     monkeypatch.setattr(frequencies, "COMMON", 20)  # values held 20 times or more are kept
-    settings, _ = _grown_settings(tmp_path, store_url, 0.01)
-    engine = SyncEngine(settings, db)
-    try:
-        await engine.run("contacts")
-    finally:
-        engine.close()
+    settings = await _loaded(tmp_path, store_url, db)
     with db.begin() as conn:
         stale = update(key_frequency).values(holders=key_frequency.c.holders * 4 / 5)
         assert conn.execute(stale).rowcount > 20
@@ -304,12 +306,7 @@ async def test_a_local_batch_blocks_only_on_keys_the_stores_batch_would(
     key: more than the probe blocks' budget), even when it has few of their holders, judged
     by a kept count when there is one (counting walks every holder), and the keys only one of
     its contacts holds (no pair comes of them)."""
-    settings, _ = _grown_settings(tmp_path, store_url, 0.01)
-    engine = SyncEngine(settings, db)
-    try:
-        await engine.run("contacts")
-    finally:
-        engine.close()
+    await _loaded(tmp_path, store_url, db)
     with db.begin() as conn:
         common, count = conn.execute(
             select(match_key.c.key_value, func.count())

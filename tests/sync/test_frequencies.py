@@ -60,9 +60,9 @@ def test_a_batch_keeps_common_counts_for_later_processes(
     assert counted == [("tf:first", "name7")]  # the kept ones were not counted again
 
 
-def test_kept_counts_expire_when_the_store_has_grown(
-    db: Engine, counted: list[tuple[str, str]]
-) -> None:
+def _smiths(db: Engine, holders: int, kept: int) -> None:
+    """Ten contacts, `holders` of them named Smith, and a kept count of `kept` Smiths taken
+    at 10 contacts."""
     with write_transaction(db) as conn:
         _records(conn, list(range(1, 11)))
         bulk_insert(
@@ -70,14 +70,20 @@ def test_kept_counts_expire_when_the_store_has_grown(
             match_key,
             [
                 {"record_id": rid, "key_kind": "tf:last", "key_value": "smith"}
-                for rid in range(1, 5)
+                for rid in range(1, holders + 1)
             ],
         )
         conn.execute(
             key_frequency.insert().values(
-                key_kind="tf:last", key_value="smith", holders=4, contacts=10
+                key_kind="tf:last", key_value="smith", holders=kept, contacts=10
             )
         )
+
+
+def test_kept_counts_expire_when_the_store_has_grown(
+    db: Engine, counted: list[tuple[str, str]]
+) -> None:
+    _smiths(db, 4, kept=4)
     within = StoreFrequencies()
     with db.connect() as conn:  # 10 contacts: the count taken at 10 holds
         within.prefetch(conn, [("last", "smith")])
@@ -107,21 +113,7 @@ def test_exact_counts_take_no_kept_count_and_keep_theirs(
     """A borderline recheck weighs with exact counts (`counted_for(exact=True)`): a kept
     count still within KEPT_WITHIN of the store's size, but stale, is counted afresh, and
     the fresh count kept for the pages after it."""
-    with write_transaction(db) as conn:
-        _records(conn, list(range(1, 11)))
-        bulk_insert(
-            conn,
-            match_key,
-            [
-                {"record_id": rid, "key_kind": "tf:last", "key_value": "smith"}
-                for rid in range(1, 6)
-            ],
-        )
-        conn.execute(
-            key_frequency.insert().values(
-                key_kind="tf:last", key_value="smith", holders=4, contacts=10
-            )
-        )
+    _smiths(db, 5, kept=4)
     kept = StoreFrequencies()
     with db.connect() as conn:
         kept.prefetch(conn, [("last", "smith")])
