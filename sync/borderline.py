@@ -28,36 +28,21 @@ from dedupe.scoring import MIN_POPULATION
 from sync.first_load import BatchOutcome
 from sync.rebuild import plan_rebuild
 from sync.rebuild_apply import apply_plan
-from sync.store import audit_log, membership, one_of, review_item, source_record
+from sync.store import audit_log, live_contact, membership, one_of, review_item, source_record
 
-__all__ = ["ACTOR", "borderline_contacts", "decide_again", "due", "last_size"]
+__all__ = ["ACTOR", "borderline_contacts", "decide_again", "due"]
 
 log = logging.getLogger("crmhub.sync")
 
 ACTOR = "sync (borderline)"
-_ACTIONS = ("rebuild.apply", "rebuild.borderline")  # a batch of the store, or a recheck
 
 
 def due(contacts: int, last: int, growth: float) -> bool:
-    """Whether a store of `contacts` contacts, last batched or rechecked at `last`, is due
+    """Whether a store of `contacts` contacts, last batched or rechecked at `last`
+    (`first_load.last_batch_size(rechecks=True)`), is due
     for a recheck at `growth` (0: never; below MIN_POPULATION the matcher keeps its shipped
     prior and no term frequencies, so nothing moves)."""
     return growth > 0 and contacts >= MIN_POPULATION and contacts >= last * (1 + growth)
-
-
-def last_size(conn: Connection) -> int:
-    """Contacts the store held at its newest batch or recheck (the audit log's newest
-    "rebuild.apply" or "rebuild.borderline" line); 0 if none."""
-    row = conn.execute(
-        select(audit_log.c.action, audit_log.c.details)
-        .where(audit_log.c.action.in_(_ACTIONS))
-        .order_by(audit_log.c.id.desc())
-        .limit(1)
-    ).first()
-    if row is None:
-        return 0
-    key = "store_contacts" if row.action == "rebuild.borderline" else "contacts"
-    return int(row.details.get(key, 0))
 
 
 def borderline_contacts(conn: Connection, auto_merge: float) -> list[int]:
@@ -91,11 +76,7 @@ def borderline_contacts(conn: Connection, auto_merge: float) -> list[int]:
         conn.execute(
             select(membership.c.record_id)
             .join(source_record, source_record.c.id == membership.c.record_id)
-            .where(
-                one_of(conn, membership.c.golden_id, sorted(goldens)),
-                source_record.c.deleted == 0,
-                source_record.c.kind == "contact",
-            )
+            .where(one_of(conn, membership.c.golden_id, sorted(goldens)), live_contact)
         ).scalars()
     )
 

@@ -659,7 +659,7 @@ class SyncEngine:
         total = self.frequencies.total
         if self._rechecked is not None and not borderline.due(total, self._rechecked, growth):
             return
-        self._rechecked = borderline.last_size(conn)
+        self._rechecked = first_load.last_batch_size(conn, rechecks=True)
         if not borderline.due(total, self._rechecked, growth) or first_load.any_pending(conn):
             return
         done = borderline.decide_again(conn, self.settings, total, datetime.now(UTC))

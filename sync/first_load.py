@@ -149,16 +149,22 @@ def size_reached(contacts: int, growth: float) -> int | None:
     return reached
 
 
-def last_batch_size(conn: Connection) -> int:
-    """Contacts the newest batch clustered (a first load's, a growing store's, or `crmhub
-    rebuild`'s: each leaves a "rebuild.apply" line in the audit log); 0 if none did."""
-    details = conn.execute(
-        select(audit_log.c.details)
-        .where(audit_log.c.action == "rebuild.apply")
+def last_batch_size(conn: Connection, rechecks: bool = False) -> int:
+    """Contacts the store held at its newest batch (a first load's, a growing store's, or
+    `crmhub rebuild`'s: each leaves a "rebuild.apply" line in the audit log), or with
+    `rechecks` at its newest batch or borderline recheck ("rebuild.borderline",
+    sync/borderline.py); 0 if none."""
+    actions = ("rebuild.apply", "rebuild.borderline") if rechecks else ("rebuild.apply",)
+    row = conn.execute(
+        select(audit_log.c.action, audit_log.c.details)
+        .where(audit_log.c.action.in_(actions))
         .order_by(audit_log.c.id.desc())
         .limit(1)
-    ).scalar()
-    return int(details.get("contacts", 0)) if details else 0
+    ).first()
+    if row is None:
+        return 0
+    key = "store_contacts" if row.action == "rebuild.borderline" else "contacts"
+    return int(row.details.get(key, 0))
 
 
 def cluster_pending(

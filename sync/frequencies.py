@@ -25,7 +25,7 @@ __all__ = [
     "TF_ROW_KINDS",
     "StoreFrequencies",
     "counted_for",
-    "kept_holders",
+    "kept_counts",
     "store_common_counts",
     "tf_rows",
 ]
@@ -106,7 +106,7 @@ class StoreFrequencies:
             )
             self._counted_at = now
             self._since = self._pending = 0  # the count includes this page's staged rows
-            self._common = {} if self._exact else _kept_counts(conn, self._counted)
+            self._common = {} if self._exact else kept_counts(conn, self._counted)
         else:
             self._pending = added
         wanted_keys = {(_STORED_AS.get(kind, kind), value) for kind, value in wanted}
@@ -190,18 +190,11 @@ def store_common_counts(conn: Connection, contacts: int) -> None:
     )
 
 
-def kept_holders(conn: Connection) -> dict[tuple[str, str], int]:
-    """Every kept count (match_key kind, value -> holders), whenever it was taken: values held
-    COMMON times or more then, for a caller that only asks whether a value is held more than
-    a few hundred times (a local batch's blocking caps)."""
-    rows = conn.execute(
-        select(key_frequency.c.key_kind, key_frequency.c.key_value, key_frequency.c.holders)
-    )
-    return {(kind, value): int(holders) for kind, value, holders in rows}
-
-
-def _kept_counts(conn: Connection, contacts: int) -> dict[tuple[str, str], int]:
-    """Kept counts taken when the store was within KEPT_WITHIN of `contacts` contacts."""
+def kept_counts(conn: Connection, contacts: int | None = None) -> dict[tuple[str, str], int]:
+    """Kept counts (match_key kind, value -> holders) taken when the store was within
+    KEPT_WITHIN of `contacts` contacts; with None, every one whenever it was taken (values
+    held COMMON times or more then: enough for a caller that only asks whether a value is
+    held more than a few hundred times, a local batch's blocking caps)."""
     rows = conn.execute(
         select(
             key_frequency.c.key_kind,
@@ -213,7 +206,7 @@ def _kept_counts(conn: Connection, contacts: int) -> dict[tuple[str, str], int]:
     return {
         (kind, value): int(holders)
         for kind, value, holders, at in rows
-        if abs(contacts - at) <= KEPT_WITHIN * max(at, 1)
+        if contacts is None or abs(contacts - at) <= KEPT_WITHIN * max(at, 1)
     }
 
 

@@ -49,7 +49,7 @@ from dedupe.scoring import MIN_POPULATION, Frequencies, Params
 from dedupe.survivorship import Member
 from sync.batch_prepare import BatchPreparer, Staged, contact_of, rows_json
 from sync.forms import split_row
-from sync.frequencies import counted_for, kept_holders
+from sync.frequencies import counted_for, kept_counts
 from sync.golden import MAX_BLOCK
 from sync.key_lookup import key_counts
 from sync.mapping_step import MappedRecord, Rejected, map_records
@@ -566,7 +566,7 @@ def _store_blocked(conn: Connection, keys: list[tuple[list[tuple[str, str]], byt
     67,000 contacts hold 500,000 keys, most of them their own), and not those with a kept
     count (held 1,000 times or more when counted): counting walks every holder."""
     holders = Counter(k for used, _ in keys for k in set(used))
-    kept = kept_holders(conn)
+    kept = kept_counts(conn)
     shared = [k for k, n in holders.items() if n > 1]
     counts = {k: kept[k] for k in shared if k in kept}
     counts.update(key_counts(conn, sorted(k for k in shared if k not in kept)))

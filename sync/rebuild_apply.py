@@ -118,11 +118,11 @@ def apply_plan(
     _write_letters(conn, plan, now)
     if not plan.keys_written and not plan.local:
         write_keys(conn, plan.keys, stop)
-    created = _write_goldens(conn, plan, now, stop)
+    created, survived = _write_goldens(conn, plan, now, stop)
     for alias, survivor in sorted(plan.aliases.items()):
         fold_golden(conn, alias, survivor, now)
     _write_reviews(conn, plan, now)
-    for part in chunks(sorted(_survived(plan)), GOLDENS_PER_SLICE):
+    for part in chunks(sorted(survived), GOLDENS_PER_SLICE):
         finish_goldens(conn, set(part), now)
     conn.execute(
         audit_log.insert().values(
@@ -247,12 +247,13 @@ def _write_letters(conn: Connection, plan: RebuildPlan, now: datetime) -> None:
 
 def _write_goldens(
     conn: Connection, plan: RebuildPlan, now: datetime, stop: threading.Event | None
-) -> int:
+) -> tuple[int, set[int]]:
     """The plan's golden records and memberships. Fields and lineage are survived from the
     data the plan read (no member is read back); new golden records get real ids and are
     inserted with them, the others updated. A slice is written on a thread while the next is
     survived: on SQLite each of its statements runs without the GIL (`insert_rows_at_once`),
-    so both cores work. Returns how many golden records were created."""
+    so both cores work. Returns how many golden records were created, and the golden records
+    survived (`_survived`)."""
     if plan.staged is None:
         raise ValueError("apply_plan needs a plan made for an apply: plan_rebuild(write_keys=...)")
     placeholders = sorted({g for g in plan.target.values() if g < 0}, reverse=True)
@@ -261,7 +262,7 @@ def _write_goldens(
     plan.target = {r: real.get(g, g) for r, g in plan.target.items()}
     staged, created = plan.staged, set(ids)
     groups = staged.members_of(plan.target)
-    survived_now = _survived(plan)
+    survived_now = _survived(plan, set(groups))
     policy = survivorship_for(conn)
     stamp = bind_values(conn, golden_record.c.updated_at, [now])[0]
     # The connection is the writer's alone while it writes a slice: surviving does no I/O.
@@ -285,14 +286,13 @@ def _write_goldens(
             writing = pool.submit(_write_slice, conn, goldens, members)
         if writing is not None:
             writing.result()
-    return len(ids)
+    return len(ids), survived_now
 
 
-def _survived(plan: RebuildPlan) -> set[int]:
-    """The golden records the apply survives (fields, lineage, version) and finishes: every
-    one of a batch of the store (a survivorship setting may have changed), only those whose
-    members change of a local batch (their ids real: after `_write_goldens` began)."""
-    goldens = set(plan.target.values())
+def _survived(plan: RebuildPlan, goldens: set[int]) -> set[int]:
+    """Of the plan's golden records (`goldens`, ids real), those the apply survives (fields,
+    lineage, version) and finishes: every one of a batch of the store (a survivorship setting
+    may have changed), only those whose members change of a local batch."""
     if not plan.local:
         return goldens
     moved = plan.moved
